@@ -1,0 +1,304 @@
+"""``BlossomAttention``: the SPEC 4 module around the op, and ``DenseAttention``, its dense baseline.
+
+Both take ``x [B, N, dim]`` plus the padding, given either as a ``[B, N]`` bool mask (True = valid;
+right, left or any single contiguous run per row) or as ``lengths [B]`` with a ``padding_side``.
+Internally a batch is described the way the ops see it (docs/DESIGN.md): ``seq_start [B]`` (row of the
+first valid token) and ``seq_len [B]``, both on the device. Computing ``seq_start`` from the mask on
+the device, instead of deciding "left or right" on the host, is what lets the module run under
+``torch.compile(fullgraph=True)`` without a graph break and without a device-to-host sync.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference
+from . import ops as _ops  # noqa: F401  (registers the fake kernels and autograd of the ops)
+
+BACKENDS = ("ops", "reference")
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding: mask or lengths -> (seq_start, seq_len)
+# --------------------------------------------------------------------------------------------------
+def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
+                    lengths: Optional[Tensor] = None,
+                    padding_side: str = "right") -> tuple[Tensor, Tensor]:
+    """``seq_start [B]`` and ``seq_len [B]`` (int64, on ``x.device``) for ``x [B, N, ...]``.
+
+    ``attention_mask [B, N]`` bool (True = valid) must hold one contiguous run of valid tokens per
+    row; ``lengths [B]`` counts valid tokens placed at the ``padding_side`` end opposite the padding.
+    Neither: every row is fully valid. The mask's contiguity is checked in eager mode only (the check
+    needs the values on the host; while compiling it is skipped, as the op wrappers skip theirs).
+    """
+    B, N = x.shape[0], x.shape[1]
+    if attention_mask is not None and lengths is not None:
+        raise ValueError("pass either attention_mask or lengths, not both")
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(f"attention_mask must be a bool tensor (True = valid token), got "
+                            f"{attention_mask.dtype}; convert it with `mask.bool()`")
+        if tuple(attention_mask.shape) != (B, N):
+            raise ValueError(f"attention_mask must be [B, N] = [{B}, {N}], got "
+                             f"{list(attention_mask.shape)}")
+        mask = attention_mask.to(x.device)
+        seq_len = mask.sum(dim=1)
+        # argmax returns the first maximal entry: the first valid token (0 for an empty row)
+        seq_start = mask.to(torch.int8).argmax(dim=1)
+        if not torch.compiler.is_compiling():
+            _check_contiguous(mask, seq_start, seq_len)
+        return seq_start, seq_len
+    if lengths is None:
+        full = torch.full((B,), N, dtype=torch.long, device=x.device)
+        return torch.zeros_like(full), full
+    seq_len = torch.as_tensor(lengths, device=x.device)
+    if seq_len.dtype not in (torch.int32, torch.int64) or tuple(seq_len.shape) != (B,):
+        raise TypeError(f"lengths must be an integer tensor [B] = [{B}], got {seq_len.dtype} of "
+                        f"shape {list(seq_len.shape)}")
+    seq_len = seq_len.long()
+    if padding_side == "right":
+        return torch.zeros_like(seq_len), seq_len
+    if padding_side == "left":
+        return N - seq_len, seq_len
+    raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+
+
+def _check_contiguous(mask: Tensor, seq_start: Tensor, seq_len: Tensor) -> None:
+    N = mask.shape[1]
+    j = torch.arange(N, device=mask.device)
+    last = torch.where(mask, j, -1).max(dim=1).values
+    bad = (seq_len > 0) & (last - seq_start + 1 != seq_len)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask row {row} has holes: its valid tokens {mask[row].nonzero().flatten().tolist()}"
+            " are not one contiguous run. Move each sequence's valid tokens together (right or left "
+            "padding) or pass lengths instead of a mask.")
+
+
+def valid_mask(seq_start: Tensor, seq_len: Tensor, N: int) -> Tensor:
+    """``[B, N]`` bool: row ``j`` of sequence ``b`` is one of its valid tokens."""
+    j = torch.arange(N, device=seq_start.device)
+    return (j[None, :] >= seq_start[:, None]) & (j[None, :] < (seq_start + seq_len)[:, None])
+
+
+def relative_positions(seq_start: Tensor, N: int) -> Tensor:
+    """``[B, N]`` positions relative to each sequence's first valid token (padding rows: 0)."""
+    j = torch.arange(N, device=seq_start.device)
+    return (j[None, :] - seq_start[:, None]).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared front end: qkv projection and RoPE
+# --------------------------------------------------------------------------------------------------
+class _QKVAttention(nn.Module):
+    """One bias-free ``dim -> (H + 2*KVH) * D`` projection, interleaved RoPE on q and k, and a
+    bias-free ``H*D -> dim`` output projection: the parameters both attention modules share, under the
+    same names so one's projections load into the other."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int, causal: bool,
+                 rope_theta: float) -> None:
+        super().__init__()
+        if heads <= 0 or kv_heads <= 0 or heads % kv_heads != 0:
+            raise ValueError(f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
+        if dim_head % 2 != 0:
+            raise ValueError(f"dim_head must be even for the pairwise RoPE, got {dim_head}")
+        self.dim, self.heads, self.kv_heads, self.dim_head = dim, heads, kv_heads, dim_head
+        self.causal = causal
+        self.rope_theta = rope_theta
+        self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def _qkv(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B, N, dim]`` -> RoPE'd ``q [B, N, H, D]``, ``k [B, N, KVH, D]`` and ``v``, a view of
+        the projection (the ops accept any strides with a contiguous last dimension)."""
+        B, N, _ = x.shape
+        H, KVH, D = self.heads, self.kv_heads, self.dim_head
+        qkv = self.to_qkv(x).view(B, N, H + 2 * KVH, D)
+        q, k, v = qkv.split([H, KVH, KVH], dim=2)
+        pos = relative_positions(seq_start, N)
+        q = reference.apply_rope(q, pos, self.rope_theta)
+        k = reference.apply_rope(k, pos, self.rope_theta)
+        return q, k, v
+
+    def _project_out(self, o: Tensor) -> Tensor:
+        B, N = o.shape[0], o.shape[1]
+        return self.to_out(o.reshape(B, N, self.heads * self.dim_head))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
+                f"dim_head={self.dim_head}, causal={self.causal}")
+
+
+# --------------------------------------------------------------------------------------------------
+# BlossomAttention
+# --------------------------------------------------------------------------------------------------
+class BlossomAttention(_QKVAttention):
+    """BlossomRec sparse attention (SPEC 4): qkv projection -> RoPE at positions relative to each
+    sequence's first valid token -> compressed keys (SPEC 1a) -> the op (LTIS + STIS + gates, SPEC
+    1b-3) -> output projection.
+
+    Parameters that train: ``to_qkv``, ``to_gates`` (weight init 0, bias ``[-2, +2]`` per head, so
+    LTIS starts at sigmoid(-2) ~ 0.12 and STIS at ~0.88) and ``to_out``.
+
+    Parameters that get NO gradient, by the spec: the compressor (``compress_mlp`` and the intra-block
+    position table ``compress_pos``). They only feed the block selection, which is discrete (top-n and a
+    threshold), so no gradient path reaches them; after ``backward`` their ``.grad`` stays ``None``.
+    They keep their initial values unless trained by some other objective; :meth:`no_grad_parameters`
+    lists them (e.g. to freeze them so that DistributedDataParallel does not wait for their gradients).
+
+    ``backend="ops"`` runs ``torch.ops.blossomrec.*`` (CPU or CUDA kernels; works under autocast and
+    ``torch.compile(fullgraph=True)``); ``backend="reference"`` runs :mod:`blossomrec_cuda.reference`
+    (same math, plain PyTorch, a Python loop over sequences: for checking, not for speed).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int,
+                 compress_block_size: int = 32, stride: int = 16, selection_block_size: int = 16,
+                 num_selected_blocks: int = 4, window: int = 8, power_block_size: int = 1,
+                 causal: bool = True, rope_theta: float = 10000.0, *, use_power: bool = True,
+                 use_sink: bool = True, backend: str = "ops") -> None:
+        super().__init__(dim, heads, kv_heads, dim_head, causal, rope_theta)
+        if stride <= 0 or compress_block_size < stride:
+            raise ValueError(f"need 0 < stride <= compress_block_size, got stride={stride}, "
+                             f"compress_block_size={compress_block_size}")
+        if selection_block_size % stride != 0:
+            raise ValueError(f"selection_block_size ({selection_block_size}) must be a multiple of "
+                             f"stride ({stride})")
+        if window < 1 or power_block_size < 1 or num_selected_blocks < 0:
+            raise ValueError(f"need window >= 1, power_block_size >= 1, num_selected_blocks >= 0; "
+                             f"got {window}, {power_block_size}, {num_selected_blocks}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.compress_block_size = compress_block_size
+        self.stride = stride
+        self.selection_block_size = selection_block_size
+        self.num_selected_blocks = num_selected_blocks
+        self.window = window
+        self.power_block_size = power_block_size
+        self.use_power = use_power
+        self.use_sink = use_sink
+        self.backend = backend
+        flat = compress_block_size * dim_head
+        self.compress_pos = nn.Parameter(torch.zeros(kv_heads, compress_block_size, dim_head))
+        self.compress_mlp = nn.Sequential(nn.Linear(flat, flat), nn.ReLU(), nn.Linear(flat, dim_head))
+        self.to_gates = nn.Linear(dim, 2 * heads)
+        self.reset_gate()
+
+    @torch.no_grad()
+    def reset_gate(self) -> None:
+        """SPEC 3: weight 0, bias ``[-2, +2]`` per head (index 0 = LTIS, 1 = STIS). A model that
+        re-initialises its Linear layers must call this afterwards."""
+        self.to_gates.weight.zero_()
+        self.to_gates.bias.copy_(torch.tensor([-2.0, 2.0]).repeat(self.heads))
+
+    def no_grad_parameters(self) -> Iterator[nn.Parameter]:
+        """The compressor's parameters, which by the spec receive no gradient (see the class doc)."""
+        yield self.compress_pos
+        yield from self.compress_mlp.parameters()
+
+    def compress_keys(self, k: Tensor, seq_start: Tensor) -> Tensor:
+        """SPEC 1a, batched: ``k [B, N, KVH, D]`` (RoPE'd) -> ``kc [B, N // stride, KVH, D]``.
+
+        Each sequence's windows are built from its own tokens: rows are first shifted so that the
+        first valid token sits at row 0 (left padding then looks like right padding), so window ``c``
+        covers relative positions ``c*s - (l - s) .. c*s + s - 1`` with zeros below 0, whatever the
+        padding. Windows that reach past a sequence's end are computed but never read by the op
+        (sequence b uses ``c < floor(L_b / s)``).
+        """
+        B, N, KVH, D = k.shape
+        s, l = self.stride, self.compress_block_size
+        C = N // s
+        if C == 0:
+            return k.new_zeros(B, 0, KVH, D)
+        rows = (torch.arange(N, device=k.device)[None, :] + seq_start[:, None]).clamp(max=N - 1)
+        k = k.gather(1, rows[:, :, None, None].expand(B, N, KVH, D))
+        k = torch.cat([k.new_zeros(B, l - s, KVH, D), k[:, : C * s]], dim=1)
+        windows = k.unfold(1, l, s).transpose(-1, -2)  # [B, C, KVH, l, D]
+        windows = windows + self.compress_pos.to(k.dtype)
+        return self.compress_mlp(windows.reshape(B, C, KVH, l * D))
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None, padding_side: str = "right") -> Tensor:
+        """``x [B, N, dim]`` -> ``[B, N, dim]``; padding rows give exactly 0.
+
+        ``attention_mask [B, N]`` bool (True = valid, one contiguous run per row) or ``lengths [B]``
+        with ``padding_side`` ("right" | "left"); neither means every token is valid.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, N, dim], got shape {list(x.shape)}")
+        seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
+        q, k, v = self._qkv(x, seq_start)
+        with torch.no_grad():
+            # detached: the selection is discrete, so the compressor gets no gradient (class doc)
+            kc = self.compress_keys(k.detach(), seq_start).to(q.dtype)
+        B, N = x.shape[0], x.shape[1]
+        gates = torch.sigmoid(self.to_gates(x)).view(B, N, self.heads, 2).to(q.dtype)
+        o = self._attend(q, k, v, kc, gates, seq_start.int(), seq_len.int())
+        return self._project_out(o)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,
+                seq_start: Tensor, seq_len: Tensor) -> Tensor:
+        scale = self.dim_head ** -0.5
+        hp = dict(select_block=self.selection_block_size, window=self.window,
+                  power_block=self.power_block_size, use_power=self.use_power,
+                  use_sink=self.use_sink and not self.causal, causal=self.causal, scale=scale)
+        if self.backend == "reference":
+            return reference.blossom_attention(
+                q, k, v, kc, gates, seq_start, seq_len, compress_stride=self.stride,
+                num_select=self.num_selected_blocks, **hp).out
+        # The raw ops take (seq_start, seq_len), the row-buffer contract of docs/DESIGN.md, so one
+        # call serves right, left and mixed padding without a host-side decision.
+        with torch.no_grad():
+            sel_idx, sel_cnt = torch.ops.blossomrec.select_blocks(
+                q.detach(), kc, seq_start, seq_len, self.stride, self.selection_block_size,
+                self.num_selected_blocks, self.causal, scale)
+        out, _, _, _ = torch.ops.blossomrec.sparse_attention_fwd(
+            q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, hp["select_block"], hp["window"],
+            hp["power_block"], hp["use_power"], hp["use_sink"], hp["causal"], hp["scale"])
+        return out
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", compress_block_size={self.compress_block_size}, "
+                f"stride={self.stride}, selection_block_size={self.selection_block_size}, "
+                f"num_selected_blocks={self.num_selected_blocks}, window={self.window}, "
+                f"power_block_size={self.power_block_size}, backend={self.backend!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# DenseAttention: the baseline
+# --------------------------------------------------------------------------------------------------
+class DenseAttention(_QKVAttention):
+    """Dense (causal by default) GQA softmax attention with the same interface, the same qkv / output
+    projections and the same RoPE as :class:`BlossomAttention`: the baseline (SASRec's attention).
+
+    Costs ``O(N^2)`` per sequence; padding rows give exactly 0, like the sparse module.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int, causal: bool = True,
+                 rope_theta: float = 10000.0) -> None:
+        super().__init__(dim, heads, kv_heads, dim_head, causal, rope_theta)
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None, padding_side: str = "right") -> Tensor:
+        """``x [B, N, dim]`` -> ``[B, N, dim]``; padding as in :meth:`BlossomAttention.forward`."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, N, dim], got shape {list(x.shape)}")
+        B, N, _ = x.shape
+        seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
+        valid = valid_mask(seq_start, seq_len, N)
+        q, k, v = self._qkv(x, seq_start)
+        G = self.heads // self.kv_heads
+        k = k.repeat_interleave(G, dim=2)  # query head h uses kv head h // G
+        v = v.repeat_interleave(G, dim=2)
+        allowed = valid[:, None, :].expand(B, N, N)  # [B, query, key]
+        if self.causal:
+            allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+        # A padding query would see no key and give NaN; let it see itself, then zero it below.
+        allowed = allowed | torch.eye(N, dtype=torch.bool, device=x.device)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=allowed[:, None])
+        o = o.transpose(1, 2) * valid[:, :, None, None].to(o.dtype)
+        return self._project_out(o)

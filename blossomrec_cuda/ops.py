@@ -1,0 +1,242 @@
+"""Typed wrappers over ``torch.ops.blossomrec.*``, their fake (meta) kernels and autograd.
+
+Layouts (docs/DESIGN.md):
+
+- padded: ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``, ``gates [B, N, H, 2]`` with ``lengths [B]``
+  (default: all ``N``) and ``padding_side`` ``"right"`` (valid tokens first) or ``"left"``;
+- packed: ``q [T, H, D]``, ``k, v [T, KVH, D]``, ``gates [T, H, 2]`` with ``cu_seqlens [B + 1]``.
+
+``kc`` is always per sequence: ``[B, C, KVH, D]`` with ``C >= floor(L_b / compress_stride)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Lengths = Optional[Union[Tensor, Sequence[int]]]
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """A batch as the ops see it: a row buffer and each sequence's first row and length."""
+
+    seq_start: Tensor  # [B] int32
+    seq_len: Tensor  # [B] int32
+    packed: bool
+    max_len: Optional[int] = None  # the longest sequence, where known on the host without a sync
+
+    def to_rows(self, x: Tensor) -> Tensor:
+        """``[T, ...] -> [1, T, ...]`` for the packed layout; padded tensors pass through."""
+        return x.unsqueeze(0) if self.packed else x
+
+    def from_rows(self, x: Tensor) -> Tensor:
+        return x.squeeze(0) if self.packed else x
+
+
+def _is_tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
+               cu_seqlens: Optional[Tensor] = None) -> SeqLayout:
+    """Describe a padded (``q [B, N, H, D]``) or packed (``q [T, H, D]`` + ``cu_seqlens``) batch."""
+    if cu_seqlens is not None:
+        if lengths is not None:
+            raise ValueError("pass either lengths (padded layout) or cu_seqlens (packed), not both")
+        if q.dim() != 3:
+            raise ValueError(f"the packed layout takes q as [T, H, D]; got rank {q.dim()}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens must be a 1-D tensor [B + 1] of cumulative lengths")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        start, length = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+        layout = SeqLayout(start, length, packed=True)
+        return SeqLayout(start, length, True, _validate(layout, q.shape[0]))
+    if q.dim() != 4:
+        raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
+                         "(pass cu_seqlens for a packed [T, H, D] batch)")
+    B, N = q.shape[0], q.shape[1]
+    if lengths is None:
+        length = torch.full((B,), N, dtype=torch.int32, device=q.device)
+    else:
+        length = torch.as_tensor(lengths, device=q.device)
+        if length.dtype not in (torch.int32, torch.int64) or length.dim() != 1:
+            raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype} "
+                            f"of rank {length.dim()}")
+        if length.shape[0] != B:
+            raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
+        length = length.to(torch.int32)
+    if padding_side == "right":
+        start = torch.zeros_like(length)
+    elif padding_side == "left":
+        start = N - length
+    else:
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    layout = SeqLayout(start.contiguous(), length.contiguous(), packed=False)
+    if lengths is None:  # full-length batches need no check (and no device sync)
+        return SeqLayout(layout.seq_start, layout.seq_len, False, N)
+    return SeqLayout(layout.seq_start, layout.seq_len, False, _validate(layout, N))
+
+
+def _validate(layout: SeqLayout, N: int) -> Optional[int]:
+    """Value checks that need the lengths on the host (a device sync for CUDA lengths); skipped
+    while tracing or capturing (the kernels clamp lengths, so bad values there cannot go out of
+    bounds). Returns the longest length when it was checked."""
+    if _is_tracing():
+        return None
+    if layout.seq_len.numel() == 0:
+        return 0
+    start, length = layout.seq_start.cpu(), layout.seq_len.cpu()
+    # Messages name what the caller passed: cu_seqlens (packed) or lengths (padded).
+    if layout.packed and bool((length < 0).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got differences {length.tolist()}")
+    if bool((length < 0).any()):
+        raise ValueError(f"lengths must be >= 0, got {length.tolist()}")
+    if layout.packed and bool((start < 0).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing from >= 0, got starts {start.tolist()}")
+    # (a padded start is below 0 only for a left-padded length above N)
+    if bool((start < 0).any()) or bool((start + length > N).any()):
+        raise ValueError(f"lengths must be <= the sequence dimension N = {N}, got "
+                         f"{length.tolist()} at starts {start.tolist()}")
+    return int(length.max())
+
+
+def _check_kc_rows(kc: Tensor, layout: SeqLayout, compress_stride: int) -> None:
+    if compress_stride < 1:  # checked here too: the division below would raise ZeroDivisionError
+        raise ValueError(f"compress_stride must be >= 1, got {compress_stride}")
+    if layout.max_len is None or kc.dim() != 4:
+        return
+    need = layout.max_len // compress_stride
+    if kc.shape[1] < need:
+        raise ValueError(f"kc holds {kc.shape[1]} compressed rows per sequence but the longest "
+                         f"sequence needs floor(L / compress_stride) = {need}")
+
+
+def _scale(q: Tensor, scale: Optional[float]) -> float:
+    return float(q.shape[-1] ** -0.5) if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# The raw ops: fake kernels and autograd
+# --------------------------------------------------------------------------------------------------
+@torch.library.register_fake("blossomrec::select_blocks")
+def _select_blocks_fake(q, kc, seq_start, seq_len, compress_stride, select_block, num_select,
+                        causal, scale):
+    Bq, N, _, _ = q.shape
+    KVH = kc.shape[2]
+    idx = q.new_empty((Bq, N, KVH, max(num_select, 1)), dtype=torch.int32)
+    cnt = q.new_empty((Bq, N, KVH), dtype=torch.int32)
+    return idx, cnt
+
+
+@torch.library.register_fake("blossomrec::sparse_attention_fwd")
+def _sparse_attention_fwd_fake(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block,
+                               window, power_block, use_power, use_sink, causal, scale):
+    Bq, N, H, D = q.shape
+    out = q.new_empty((Bq, N, H, D))
+    lse = q.new_empty((Bq, N, H, 2), dtype=torch.float32)
+    return out, torch.empty_like(out), torch.empty_like(out), lse
+
+
+@torch.library.register_fake("blossomrec::sparse_attention_bwd")
+def _sparse_attention_bwd_fake(dout, q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start,
+                               seq_len, select_block, window, power_block, use_power, use_sink,
+                               causal, scale):
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    dgates = gates.new_empty(gates.shape)
+    return dq, dk, dv, dgates
+
+
+_FWD_ARGS = ("q", "k", "v", "gates", "sel_idx", "sel_cnt", "seq_start", "seq_len", "select_block",
+             "window", "power_block", "use_power", "use_sink", "causal", "scale")
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block, window, power_block,
+     use_power, use_sink, causal, scale) = inputs
+    out, o_sel, o_win, lse = output
+    ctx.save_for_backward(q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start, seq_len)
+    ctx.hparams = (select_block, window, power_block, use_power, use_sink, causal, scale)
+    ctx.mark_non_differentiable(o_sel, o_win, lse)
+
+
+def _fwd_backward(ctx, dout, _do_sel, _do_win, _dlse):
+    q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start, seq_len = ctx.saved_tensors
+    dq, dk, dv, dgates = torch.ops.blossomrec.sparse_attention_bwd(
+        dout.contiguous(), q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start, seq_len,
+        *ctx.hparams)
+    return dq, dk, dv, dgates, None, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("blossomrec::sparse_attention_fwd", _fwd_backward,
+                                setup_context=_fwd_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public wrappers
+# --------------------------------------------------------------------------------------------------
+def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_side: str = "right",
+                  cu_seqlens: Optional[Tensor] = None, compress_stride: int = 16,
+                  select_block: int = 16, num_select: int = 4, causal: bool = True,
+                  scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """LTIS block selection (SPEC 1b). ``q [B, N, H, D]`` (or packed ``[T, H, D]``),
+    ``kc [B, C, KVH, D]`` -> ``sel_idx [B, N, KVH, max(n,1)]`` int32 (-1 past the count) and
+    ``sel_cnt [B, N, KVH]`` int32 (packed: without the leading ``B``)."""
+    layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    _check_kc_rows(kc, layout, compress_stride)
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        layout.to_rows(q), kc, layout.seq_start, layout.seq_len, compress_stride, select_block,
+        num_select, causal, _scale(q, scale))
+    return layout.from_rows(idx), layout.from_rows(cnt)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, sel_idx: Tensor,
+                     sel_cnt: Tensor, *, lengths: Lengths = None, padding_side: str = "right",
+                     cu_seqlens: Optional[Tensor] = None, select_block: int = 16, window: int = 8,
+                     power_block: int = 1, use_power: bool = True, use_sink: bool = True,
+                     causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    """Selected-block + STIS attention with the gated combine (SPEC 1c-3), differentiable w.r.t.
+    ``q``, ``k``, ``v`` and ``gates``. Returns ``out`` shaped like ``q``; padding rows are 0.
+
+    ``use_sink`` is ignored when ``causal`` (the sink is a non-causal rule)."""
+    layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    return _sparse_attention(layout, q, k, v, gates, sel_idx, sel_cnt, select_block, window,
+                             power_block, use_power, use_sink, causal, _scale(q, scale))
+
+
+def _sparse_attention(layout: SeqLayout, q, k, v, gates, sel_idx, sel_cnt, select_block, window,
+                      power_block, use_power, use_sink, causal, scale) -> Tensor:
+    r = layout.to_rows
+    out, _, _, _ = torch.ops.blossomrec.sparse_attention_fwd(
+        r(q), r(k), r(v), r(gates), r(sel_idx), r(sel_cnt), layout.seq_start, layout.seq_len,
+        select_block, window, power_block, use_power, use_sink and not causal, causal, scale)
+    return layout.from_rows(out)
+
+
+def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor, *,
+                      lengths: Lengths = None, padding_side: str = "right",
+                      cu_seqlens: Optional[Tensor] = None, compress_stride: int = 16,
+                      select_block: int = 16, num_select: int = 4, window: int = 8,
+                      power_block: int = 1, use_power: bool = True, use_sink: bool = True,
+                      causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    """The whole BlossomRec op: selection (no gradient) then the fused sparse attention.
+
+    ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``, ``kc [B, C, KVH, D]``, ``gates [B, N, H, 2]`` (or
+    packed ``[T, ...]`` with ``cu_seqlens``) -> ``out`` shaped like ``q``."""
+    layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    _check_kc_rows(kc, layout, compress_stride)
+    sc = _scale(q, scale)
+    with torch.no_grad():
+        idx, cnt = torch.ops.blossomrec.select_blocks(
+            layout.to_rows(q).detach(), kc.detach(), layout.seq_start, layout.seq_len,
+            compress_stride, select_block, num_select, causal, sc)
+    return _sparse_attention(layout, q, k, v, gates, layout.from_rows(idx), layout.from_rows(cnt),
+                             select_block, window, power_block, use_power, use_sink, causal, sc)

@@ -1,0 +1,540 @@
+"""Train and evaluate BlossomRec (or SASRec) with the paper's protocol.
+
+    python -m blossomrec_cuda.rec.train                       # synthetic data, CPU or one GPU
+    python -m blossomrec_cuda.rec.train --data ../shared/data/amazon-beauty.txt --epochs 200
+    torchrun --nproc_per_node 4 -m blossomrec_cuda.rec.train --data ...   # DistributedDataParallel
+
+Leave-one-out split by time, early stopping on validation NDCG@10 (sampled protocol by default), then
+Recall/MRR/NDCG@10 on test under the sampled protocol (100 uniform negatives the user never
+interacted with, 'uni100') and under full ranking over all items (items already in the history do not
+compete). A popularity baseline is evaluated on the same candidates.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from .data import (FORMATS, InteractionData, leave_one_out, load_dataset, pad_batch,
+                   sample_negatives, synthetic_dataset, training_examples)
+from .metrics import metric_sums, rank_of_target
+from .model import ATTENTIONS, BlossomRec, build_model
+
+K = 10
+CHECKPOINT_NAME = "checkpoint.pt"
+# Arguments that shape the data or the model: a checkpoint resumes only under the same values.
+_RESUME_KEYS = ("data", "format", "max_users", "attention", "backend", "hidden", "heads", "kv_heads",
+                "layers", "inner", "max_len", "seed")
+
+
+@dataclass
+class TrainConfig:
+    data: Optional[str] = None  # None: the built-in synthetic dataset
+    format: str = "auto"
+    max_users: Optional[int] = None
+    attention: str = "blossom"
+    backend: str = "ops"
+    hidden: int = 128
+    heads: int = 8
+    kv_heads: int = 2
+    layers: int = 2
+    inner: int = 256
+    dropout: float = 0.2
+    max_len: int = 50
+    epochs: int = 30
+    patience: int = 15
+    batch_size: int = 2048
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    seed: int = 42
+    device: str = "auto"
+    amp: str = "off"
+    compile: bool = False
+    eval_every: int = 1
+    valid_protocol: str = "sampled"
+    num_negatives: int = 100
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    out: Optional[str] = None
+    jsonl: Optional[str] = None
+    progress: bool = True
+    sparse: dict = field(default_factory=dict)  # BlossomAttention block sizes, window, ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes, devices, seeds
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup_runtime(device: str) -> Runtime:
+    """One process, or one of ``WORLD_SIZE`` processes started by ``torchrun`` (NCCL on CUDA, gloo
+    on CPU), each on its own GPU ``LOCAL_RANK`` when CUDA is used."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but no GPU is visible; use --device cpu")
+    if world <= 1:
+        return Runtime(torch.device(device))
+    rank = int(os.environ["RANK"])
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Runtime(dev, rank, world)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _log(rt: Runtime, *msg: object) -> None:
+    if rt.main:
+        print(*msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+class _Examples(Dataset):
+    def __init__(self, histories: list[list[int]], targets: list[int]) -> None:
+        self.histories, self.targets = histories, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.histories[i], self.targets[i]
+
+
+def _collate(max_len: int, fixed_len: bool) -> Callable:
+    def collate(batch: Sequence[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]:
+        items, lengths = pad_batch([h for h, _ in batch], max_len)
+        if fixed_len and items.shape[1] < max_len:
+            # one shape for every batch, so a compiled model is not re-traced per length
+            items = torch.nn.functional.pad(items, (0, max_len - items.shape[1]))
+        return items, lengths, torch.tensor([t for _, t in batch], dtype=torch.long)
+    return collate
+
+
+def popularity_scorer(data: InteractionData, histories: Sequence[Sequence[int]],
+                      seed: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Score items by how often they occur in ``histories``; ties are broken by a fixed random
+    jitter below 1, so equal counts are ranked fairly rather than all against the target."""
+    counts = torch.zeros(data.num_items, dtype=torch.float64)
+    for h in histories:
+        counts.index_add_(0, torch.tensor(h, dtype=torch.long) - 1,
+                          torch.ones(len(h), dtype=torch.float64))
+    jitter = torch.rand(data.num_items, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64) * 0.5
+    scores = counts + jitter
+
+    def score(items: Tensor, lengths: Tensor) -> Tensor:
+        return scores[None, :].expand(items.shape[0], -1).to(items.device)
+    return score
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(scorer: Callable[[Tensor, Tensor], Tensor], examples: Sequence[tuple[int, list[int], int]],
+             negatives: Tensor, num_items: int, max_len: int, batch_size: int, rt: Runtime,
+             k: int = K) -> dict[str, dict[str, float]]:
+    """Mean Recall/MRR/NDCG@k under the sampled protocol (target vs. its row of ``negatives [U, n]``)
+    and under full ranking (target vs. every item not in the history). With several processes each
+    takes every ``world``-th user and the sums are all-reduced."""
+    sums = torch.zeros(2, 3, dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    mine = list(range(rt.rank, len(examples), rt.world))
+    for lo in range(0, len(mine), batch_size):
+        rows = mine[lo:lo + batch_size]
+        histories = [examples[r][1] for r in rows]
+        items, lengths = pad_batch(histories, max_len)
+        targets = torch.tensor([examples[r][2] for r in rows], dtype=torch.long) - 1  # columns
+        scores = scorer(items.to(rt.device), lengths.to(rt.device)).float().cpu()
+        in_history = torch.zeros(len(rows), num_items, dtype=torch.bool)
+        for b, h in enumerate(histories):
+            in_history[b, torch.tensor(h, dtype=torch.long) - 1] = True
+        full = rank_of_target(scores, targets, exclude=in_history)
+        cand = torch.cat([targets[:, None], negatives[rows] - 1], dim=1)
+        sampled = rank_of_target(scores.gather(1, cand), torch.zeros(len(rows), dtype=torch.long))
+        for p, ranks in enumerate((sampled, full)):
+            sums[p] += torch.tensor(list(metric_sums(ranks, k).values()), dtype=torch.float64)
+        count += len(rows)
+    if rt.distributed:
+        packed = torch.cat([sums.flatten(), count[None]]).to(rt.device)
+        dist.all_reduce(packed)
+        sums, count = packed[:-1].cpu().view(2, 3), packed[-1].cpu()
+    names = (f"recall@{k}", f"mrr@{k}", f"ndcg@{k}")
+    n = max(float(count), 1.0)
+    return {protocol: {name: float(sums[p, i]) / n for i, name in enumerate(names)}
+            for p, protocol in enumerate(("sampled", "full"))}
+
+
+def _model_scorer(model: BlossomRec, amp: Callable) -> Callable[[Tensor, Tensor], Tensor]:
+    def score(items: Tensor, lengths: Tensor) -> Tensor:
+        with amp():
+            return model(items, lengths)
+    return score
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def _amp_context(cfg: TrainConfig, device: torch.device) -> Callable:
+    if cfg.amp == "off":
+        return nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _checkpoint_path(cfg: TrainConfig) -> Optional[str]:
+    return os.path.join(cfg.checkpoint_dir, CHECKPOINT_NAME) if cfg.checkpoint_dir else None
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def load_data(cfg: TrainConfig) -> InteractionData:
+    if cfg.data is None:
+        data = synthetic_dataset(seed=0)
+        if cfg.max_users is not None:
+            data.sequences = data.sequences[: cfg.max_users]
+        return data
+    return load_dataset(cfg.data, cfg.format, cfg.max_users)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train with early stopping, evaluate on test, return the result record (also written to
+    ``cfg.out`` / appended to ``cfg.jsonl`` by the main process)."""
+    _check_config(cfg)
+    rt = setup_runtime(cfg.device)
+    try:
+        return _run(cfg, rt)
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, rt: Runtime) -> dict:
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    data = load_data(cfg)
+    split = leave_one_out(data)
+    histories, targets = training_examples(split.train, cfg.max_len)
+    if not histories or not split.test:
+        raise ValueError(f"dataset {data.name} has no users with 3+ items: nothing to train or test")
+    valid_users = [u for u, _, _ in split.valid]
+    valid_neg = sample_negatives(data, valid_users, cfg.num_negatives, seed=cfg.seed)
+    test_neg = sample_negatives(data, [u for u, _, _ in split.test], cfg.num_negatives,
+                                seed=cfg.seed + 1)
+    _log(rt, f"data {data.name}: {data.num_users} users, {data.num_items} items, "
+             f"{data.num_interactions} interactions, {len(histories)} training examples")
+
+    model = build_model(data.num_items, cfg.attention, cfg.backend, cfg.hidden, cfg.heads,
+                        cfg.kv_heads, cfg.layers, cfg.inner, cfg.dropout, cfg.sparse).to(rt.device)
+    # The compressor gets no gradient by the spec (discrete selection); freezing it keeps the
+    # optimizer and DDP from waiting on gradients that never come.
+    for p in model.no_grad_parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16")
+    amp = _amp_context(cfg, rt.device)
+
+    state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "history": [],
+             "best_model": copy.deepcopy(model.state_dict())}
+    ckpt = _checkpoint_path(cfg)
+    if cfg.resume:
+        if ckpt is None:
+            raise ValueError("--resume needs --checkpoint-dir (where the checkpoint is)")
+        if os.path.exists(ckpt):
+            state = _restore(ckpt, cfg, model, optimizer, scaler, rt)
+            _log(rt, f"resumed from {ckpt} after epoch {state['epoch']}")
+        else:
+            _log(rt, f"no checkpoint at {ckpt}; starting from scratch")
+
+    net: nn.Module = model
+    if rt.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    dataset = _Examples(histories, targets)
+    per_process = max(1, cfg.batch_size // rt.world)  # --batch-size is the global batch
+    collate = _collate(cfg.max_len, fixed_len=cfg.compile)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if rt.distributed:
+            sampler = DistributedSampler(dataset, rt.world, rt.rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+        else:
+            # the order depends on (seed, epoch) only, so a resumed run replays the same batches
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        loader = DataLoader(dataset, per_process, sampler=sampler, collate_fn=collate)
+        loss = _train_epoch(net, loader, optimizer, scaler, amp, rt, epoch, cfg)
+        record = {"epoch": epoch, "train_loss": loss}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            # the plain model, not DDP: ranks may run different numbers of evaluation batches
+            model.eval()
+            valid = evaluate(_model_scorer(model, amp), split.valid, valid_neg, data.num_items,
+                             cfg.max_len, cfg.eval_batch_size, rt)
+            metric = valid[cfg.valid_protocol][f"ndcg@{K}"]
+            record["valid"] = valid
+            if metric > state["best_metric"]:
+                state.update(best_metric=metric, best_epoch=epoch,
+                             best_model=copy.deepcopy(model.state_dict()))
+            _log(rt, f"epoch {epoch}: loss {loss:.4f}, valid NDCG@{K} ({cfg.valid_protocol}) "
+                     f"{metric:.4f}, best {state['best_metric']:.4f} at epoch {state['best_epoch']}")
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if ckpt is not None and rt.main:
+            _save_checkpoint(ckpt, {**state, "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(),
+                                    "scaler": scaler.state_dict(), "rng": _rng_state(),
+                                    "config": asdict(cfg)})
+        if epoch - state["best_epoch"] >= cfg.patience:
+            _log(rt, f"early stop: no validation gain for {cfg.patience} epochs")
+            break
+
+    model.load_state_dict(state["best_model"])
+    model.eval()
+    test = evaluate(_model_scorer(model, amp), split.test, test_neg, data.num_items, cfg.max_len,
+                    cfg.eval_batch_size, rt)
+    popularity = evaluate(popularity_scorer(data, [h for _, h, _ in split.test], cfg.seed),
+                          split.test, test_neg, data.num_items, cfg.max_len, cfg.eval_batch_size, rt)
+    result = {
+        "dataset": data.name, "users": data.num_users, "items": data.num_items,
+        "interactions": data.num_interactions,
+        "model": "BlossomRec" if cfg.attention == "blossom" else "SASRec",
+        "attention": cfg.attention, "backend": cfg.backend, "device": str(rt.device),
+        "world_size": rt.world, "config": asdict(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+        "valid_best_ndcg@10": state["best_metric"], "history": state["history"],
+        "test": test, "popularity": popularity, "seconds": time.time() - t_start,
+    }
+    if rt.main:
+        _report(result, cfg)
+    return result
+
+
+def _train_epoch(net: nn.Module, loader: DataLoader,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp: Callable,
+                 rt: Runtime, epoch: int, cfg: TrainConfig) -> float:
+    """One pass over the training examples; returns the mean loss over all processes."""
+    net.train()
+    total = torch.zeros(2, dtype=torch.float64)
+    bar = _progress(rt, cfg, len(loader.sampler), epoch)
+    t0 = time.time()
+    for items, lengths, targets in loader:
+        items, lengths, targets = (t.to(rt.device, non_blocking=True) for t in (items, lengths, targets))
+        with amp():
+            loss = nn.functional.cross_entropy(net(items, lengths).float(), targets - 1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = float(loss.detach())
+        total += torch.tensor([value * len(targets), len(targets)], dtype=torch.float64)
+        if bar is not None:
+            bar.update(len(targets) * rt.world)
+            bar.set_postfix(loss=f"{value:.4f}",
+                            seq_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.0f}")
+    if bar is not None:
+        bar.close()
+    if rt.distributed:
+        total = total.to(rt.device)
+        dist.all_reduce(total)
+        total = total.cpu()
+    return float(total[0] / max(float(total[1]), 1.0))
+
+
+def _progress(rt: Runtime, cfg: TrainConfig, per_process: int, epoch: int):
+    if not (rt.main and cfg.progress):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=per_process * rt.world, desc=f"epoch {epoch}", unit="seq", leave=False,
+                dynamic_ncols=True)
+
+
+def _restore(path: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, rt: Runtime) -> dict:
+    ckpt = torch.load(path, map_location=rt.device, weights_only=False)
+    saved = ckpt["config"]
+    changed = [key for key in _RESUME_KEYS if saved.get(key) != getattr(cfg, key)]
+    if changed or saved.get("sparse", {}) != cfg.sparse:
+        raise ValueError(f"{path} was written with different {changed or ['sparse']} "
+                         f"({[saved.get(k) for k in changed]}); resume with the same arguments "
+                         "or point --checkpoint-dir elsewhere")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    return {key: ckpt[key] for key in ("epoch", "best_metric", "best_epoch", "history", "best_model")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def format_table(result: dict) -> str:
+    rows = [(result["model"], result["test"]), ("Popularity", result["popularity"])]
+    head = f"| model | protocol | Recall@{K} | MRR@{K} | NDCG@{K} |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, metrics in rows:
+        for protocol, label in (("sampled", f"sampled ({result['config']['num_negatives']} neg)"),
+                                ("full", "full ranking")):
+            m = metrics[protocol]
+            lines.append(f"| {name} | {label} | {m[f'recall@{K}']:.4f} | {m[f'mrr@{K}']:.4f} | "
+                         f"{m[f'ndcg@{K}']:.4f} |")
+    return "\n".join(lines)
+
+
+def _report(result: dict, cfg: TrainConfig) -> None:
+    print(f"{result['dataset']}: {result['users']} users, {result['items']} items; "
+          f"best epoch {result['best_epoch']} of {result['epochs_run']}, "
+          f"{result['seconds']:.0f} s on {result['device']} x{result['world_size']}")
+    print(format_table(result))
+    text = json.dumps(result)
+    if cfg.out:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(cfg.out, "w") as f:
+            json.dump(result, f, indent=1)
+    else:
+        print(text)
+    if cfg.jsonl:
+        with open(cfg.jsonl, "a") as f:
+            f.write(text + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {cfg.attention!r}")
+    if cfg.amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp must be off, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.valid_protocol not in ("sampled", "full"):
+        raise ValueError(f"valid_protocol must be 'sampled' or 'full', got {cfg.valid_protocol!r}")
+    if cfg.epochs < 1 or cfg.eval_every < 1 or cfg.patience < 1 or cfg.max_len < 1:
+        raise ValueError("epochs, eval_every, patience and max_len must all be >= 1")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m blossomrec_cuda.rec.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="dataset file (or MovieLens folder); default: "
+                   "the built-in synthetic dataset")
+    p.add_argument("--format", default=d.format, choices=FORMATS)
+    p.add_argument("--max-users", type=int, default=None, help="keep the first N users (a slice)")
+    p.add_argument("--attention", default=d.attention, choices=ATTENTIONS,
+                   help="blossom = BlossomRec, dense = SASRec")
+    p.add_argument("--backend", default=d.backend, choices=("ops", "reference"),
+                   help="BlossomAttention's op: the kernels or reference.py (same math)")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--inner", type=int, default=d.inner)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--amp", default=d.amp, choices=("off", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--valid-protocol", default=d.valid_protocol, choices=("sampled", "full"))
+    p.add_argument("--num-negatives", type=int, default=d.num_negatives)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--out", default=None, help="write the result JSON here (default: stdout)")
+    p.add_argument("--jsonl", default=None, help="append the result as one JSON line")
+    p.add_argument("--no-progress", action="store_true")
+    sparse = p.add_argument_group("BlossomAttention (defaults: the paper's)")
+    for name in ("compress_block_size", "stride", "selection_block_size", "num_selected_blocks",
+                 "window", "power_block_size"):
+        sparse.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    a = p.parse_args(argv)
+    sparse_kwargs = {name: getattr(a, name) for name in
+                     ("compress_block_size", "stride", "selection_block_size",
+                      "num_selected_blocks", "window", "power_block_size")
+                     if getattr(a, name) is not None}
+    return TrainConfig(
+        data=a.data, format=a.format, max_users=a.max_users, attention=a.attention,
+        backend=a.backend, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, layers=a.layers,
+        inner=a.inner, dropout=a.dropout, max_len=a.max_len, epochs=a.epochs, patience=a.patience,
+        batch_size=a.batch_size, eval_batch_size=a.eval_batch_size, lr=a.lr, seed=a.seed,
+        device=a.device, amp=a.amp, compile=a.compile, eval_every=a.eval_every,
+        valid_protocol=a.valid_protocol, num_negatives=a.num_negatives,
+        checkpoint_dir=a.checkpoint_dir, resume=a.resume, out=a.out, jsonl=a.jsonl,
+        progress=not a.no_progress, sparse=sparse_kwargs)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+// The mask rules of SPEC.md as pure host/device functions.
+//
+// One statement of "which key does query i see", shared by the CPU kernels, the CUDA kernels and the
+// C++ unit test (tests_cpp/test_mask.cpp). Positions are relative to the sequence's first valid token.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BR_HD __host__ __device__ __forceinline__
+#else
+#define BR_HD inline
+#endif
+
+namespace blossomrec {
+
+BR_HD bool is_pow2_or_zero(int64_t d) { return d >= 0 && (d & (d - 1)) == 0; }
+
+// Floor division for possibly negative numerators (the power block index of a position is never
+// negative, but differences are).
+BR_HD int64_t floor_div(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// SPEC 2: is key j visible to query i in the short-term (STIS, "power") branch of a sequence of
+// length L? d = i//p - j//p.
+BR_HD bool stis_visible(int64_t i, int64_t j, int64_t L, int64_t window, int64_t power_block,
+                        bool use_power, bool use_sink, bool causal) {
+  if (i < 0 || j < 0 || i >= L || j >= L) return false;
+  const int64_t d = i / power_block - j / power_block;
+  if (causal) return d >= 0 && (d < window || (use_power && is_pow2_or_zero(d)));
+  const int64_t ad = d < 0 ? -d : d;
+  if (ad < window) return true;
+  if (use_power && d > 0 && is_pow2_or_zero(d)) return true;
+  return use_sink && j == L - 1;
+}
+
+// Number of selection blocks of a sequence (SPEC 1b): floor(C / m) with C = floor(L / s) compressed
+// windows (clipped to the C_avail rows that kc holds) and m = b / s windows per block.
+BR_HD int64_t num_select_blocks(int64_t L, int64_t C_avail, int64_t compress_stride,
+                                int64_t select_block) {
+  int64_t C = L / compress_stride;
+  if (C > C_avail) C = C_avail;
+  return C / (select_block / compress_stride);
+}
+
+// SPEC 1b: is selection block J a candidate for query i?
+BR_HD bool block_visible(int64_t J, int64_t i, int64_t num_blocks, int64_t select_block,
+                         bool causal) {
+  if (J < 0 || J >= num_blocks) return false;
+  if (causal) return (J + 1) * select_block <= i;
+  return J != i / select_block;
+}
+
+// SPEC 1c: the own block of query i is the key range [*lo, *hi).
+BR_HD void own_block_range(int64_t i, int64_t L, int64_t select_block, bool causal, int64_t* lo,
+                           int64_t* hi) {
+  *lo = (i / select_block) * select_block;
+  if (causal) {
+    *hi = i + 1;
+  } else {
+    const int64_t end = *lo + select_block;
+    *hi = end < L ? end : L;
+  }
+}
+
+// Running top-n of (score, block) pairs, kept sorted by decreasing score; ties keep the lower block
+// first. Blocks must be offered in increasing order, so a new block never displaces an equal score.
+// `count` is the number of filled slots (<= n). Indices compile-time unrolled when n is a constant.
+template <typename T>
+BR_HD void topn_insert(T* scores, int32_t* blocks, int& count, int n, T score, int32_t block) {
+  if (n <= 0) return;
+  if (count == n && !(score > scores[n - 1])) return;
+  int pos = count < n ? count : n - 1;
+  // Shift strictly smaller scores down; equal scores (lower block) stay ahead.
+  while (pos > 0 && scores[pos - 1] < score) {
+    scores[pos] = scores[pos - 1];
+    blocks[pos] = blocks[pos - 1];
+    --pos;
+  }
+  scores[pos] = score;
+  blocks[pos] = block;
+  if (count < n) ++count;
+}
+
+// SPEC 1b threshold: the softmax includes a constant -1000 logit; only P > 1e-10 is kept.
+constexpr float kSelectNullLogit = -1000.0f;
+constexpr float kSelectMinProb = 1e-10f;
+
+}  // namespace blossomrec

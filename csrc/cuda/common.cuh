@@ -1,0 +1,269 @@
+// Device helpers shared by the CUDA kernels: the row -> sequence map of the row-buffer layout,
+// 16-element vector loads/stores, lane-segment reductions and the STIS key/query enumerators.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/mask.h"
+
+namespace blossomrec {
+namespace cuda {
+
+// Each (row, head) is served by kLanes = D / 16 consecutive threads ("a segment"), each holding 16
+// of the D dims in float32 registers: 16 dims are two 16-byte loads in 16-bit types, and a head of
+// D = 128 then costs 8 threads instead of 128 registers of one.
+constexpr int kDimsPerLane = 16;
+
+// ---------------------------------------------------------------------------------------------
+// The row-buffer layout (docs/DESIGN.md): sequence b's token i sits at row
+// (Bq == 1 ? 0 : b) * N + seq_start[b] + i.
+// ---------------------------------------------------------------------------------------------
+struct SeqParams {
+  const int32_t* seq_start;
+  const int32_t* seq_len;
+  int64_t B, Bq, N;
+};
+
+struct RowInfo {
+  int64_t b;      // sequence, -1 for padding
+  int64_t i;      // position in the sequence
+  int64_t L;      // the sequence's length
+  int64_t base;   // buffer row of the sequence's token 0
+};
+
+// Clamp a sequence to the buffer so that bad lengths can never index out of bounds.
+__device__ __forceinline__ void seq_bounds(const SeqParams& sp, int64_t b, int64_t* start,
+                                           int64_t* len) {
+  int64_t s = sp.seq_start[b];
+  int64_t l = sp.seq_len[b];
+  s = s < 0 ? 0 : (s > sp.N ? sp.N : s);
+  l = l < 0 ? 0 : (l > sp.N - s ? sp.N - s : l);
+  *start = s;
+  *len = l;
+}
+
+// Which sequence owns buffer row r (0 <= r < Bq * N)? Padded: the row's batch entry. Packed:
+// binary search for the first sequence whose end lies past r (ends are non-decreasing because
+// packed sequences are in order and do not overlap).
+__device__ __forceinline__ RowInfo row_info(const SeqParams& sp, int64_t r) {
+  RowInfo info{-1, 0, 0, 0};
+  const int64_t bq = r / sp.N;
+  const int64_t n = r - bq * sp.N;
+  int64_t b = bq;
+  if (sp.Bq == 1 && sp.B > 1) {
+    int64_t lo = 0, hi = sp.B;  // first b with end_b > n
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      int64_t s, l;
+      seq_bounds(sp, mid, &s, &l);
+      if (s + l > n) hi = mid; else lo = mid + 1;
+    }
+    b = lo;
+    if (b >= sp.B) return info;
+  }
+  int64_t s, l;
+  seq_bounds(sp, b, &s, &l);
+  if (n < s || n >= s + l) return info;
+  info.b = b;
+  info.i = n - s;
+  info.L = l;
+  info.base = bq * sp.N + s;
+  return info;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16 contiguous elements <-> 16 floats
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Vec16;
+
+template <>
+struct Vec16<float> {
+  __device__ __forceinline__ static void load(const float* p, float* x) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const float4 f = reinterpret_cast<const float4*>(p)[v];
+      x[4 * v] = f.x; x[4 * v + 1] = f.y; x[4 * v + 2] = f.z; x[4 * v + 3] = f.w;
+    }
+  }
+  __device__ __forceinline__ static void store(float* p, const float* x) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      reinterpret_cast<float4*>(p)[v] = make_float4(x[4 * v], x[4 * v + 1], x[4 * v + 2], x[4 * v + 3]);
+    }
+  }
+};
+
+// 16 16-bit values = two 16-byte loads of 4 packed pairs each.
+template <typename T, typename T2>
+struct Vec16Packed {
+  __device__ __forceinline__ static void load(const T* p, float* x) {
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      uint4 raw = reinterpret_cast<const uint4*>(p)[v];
+      const T2* pairs = reinterpret_cast<const T2*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = to_float2(pairs[e]);
+        x[8 * v + 2 * e] = f.x;
+        x[8 * v + 2 * e + 1] = f.y;
+      }
+    }
+  }
+  __device__ __forceinline__ static void store(T* p, const float* x) {
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      uint4 raw;
+      T2* pairs = reinterpret_cast<T2*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pairs[e] = from_float2(x[8 * v + 2 * e], x[8 * v + 2 * e + 1]);
+      reinterpret_cast<uint4*>(p)[v] = raw;
+    }
+  }
+  __device__ __forceinline__ static float2 to_float2(__half2 h) { return __half22float2(h); }
+  __device__ __forceinline__ static float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+  __device__ __forceinline__ static T2 from_float2(float a, float b);
+};
+
+template <>
+__device__ __forceinline__ __half2 Vec16Packed<__half, __half2>::from_float2(float a, float b) {
+  return __floats2half2_rn(a, b);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat162 Vec16Packed<__nv_bfloat16, __nv_bfloat162>::from_float2(
+    float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+
+template <>
+struct Vec16<__half> : Vec16Packed<__half, __half2> {};
+template <>
+struct Vec16<__nv_bfloat16> : Vec16Packed<__nv_bfloat16, __nv_bfloat162> {};
+
+// at::Half / at::BFloat16 -> the CUDA types with the same bits
+template <typename T>
+struct CudaType { using type = T; };
+template <>
+struct CudaType<at::Half> { using type = __half; };
+template <>
+struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+// ---------------------------------------------------------------------------------------------
+// Sum over the kLanes threads of a segment (aligned groups of kLanes lanes of one warp).
+// ---------------------------------------------------------------------------------------------
+template <int kLanes>
+__device__ __forceinline__ float segment_sum(float x) {
+  if constexpr (kLanes > 1) {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned mask = ((kLanes == 32) ? 0xffffffffu : ((1u << kLanes) - 1u)) << (lane & ~(kLanes - 1u));
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off /= 2) x += __shfl_xor_sync(mask, x, off, kLanes);
+  }
+  return x;
+}
+
+__device__ __forceinline__ float dot16(const float* a, const float* b) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) s = fmaf(a[e], b[e], s);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// STIS (SPEC 2) key sets, enumerated instead of masked. A "power block" is p consecutive positions.
+// ---------------------------------------------------------------------------------------------
+struct StisParams {
+  int64_t window, power_block;
+  bool use_power, use_sink, causal;
+};
+
+__device__ __forceinline__ int64_t first_power_at_least(int64_t w) {
+  int64_t d = 1;
+  while (d < w) d <<= 1;
+  return d;
+}
+
+// Calls f(lo, hi) for disjoint key ranges [lo, hi) whose union is the STIS key set of query i in a
+// sequence of length L: the window as one range, then one range per power-of-two distance, then
+// the sink where it is not already in the set.
+template <typename F>
+__device__ __forceinline__ void for_each_stis_range(int64_t i, int64_t L, const StisParams& st,
+                                                    F&& f) {
+  const int64_t p = st.power_block;
+  const int64_t ib = i / p;
+  const int64_t last_block = (L - 1) / p;
+  {
+    int64_t lo_b = ib - (st.window - 1);
+    int64_t hi_b = st.causal ? ib : ib + (st.window - 1);
+    lo_b = lo_b < 0 ? 0 : lo_b;
+    hi_b = hi_b > last_block ? last_block : hi_b;
+    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+    f(lo_b * p, hi);
+  }
+  if (st.use_power) {
+    for (int64_t d = first_power_at_least(st.window); ib - d >= 0; d <<= 1) {
+      const int64_t lo = (ib - d) * p;
+      f(lo, lo + p < L ? lo + p : L);
+    }
+  }
+  if (!st.causal && st.use_sink &&
+      !stis_visible(i, L - 1, L, st.window, p, st.use_power, false, false)) {
+    f(L - 1, L);
+  }
+}
+
+// The inverse: calls f(lo, hi) for disjoint query ranges whose union is the set of queries that
+// see key j through STIS.
+template <typename F>
+__device__ __forceinline__ void for_each_stis_query_range(int64_t j, int64_t L, const StisParams& st,
+                                                          F&& f) {
+  const int64_t p = st.power_block;
+  const int64_t jb = j / p;
+  const int64_t last_block = (L - 1) / p;
+  {
+    int64_t lo_b = st.causal ? jb : jb - (st.window - 1);
+    int64_t hi_b = jb + (st.window - 1);
+    lo_b = lo_b < 0 ? 0 : lo_b;
+    hi_b = hi_b > last_block ? last_block : hi_b;
+    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+    f(lo_b * p, hi);
+  }
+  if (st.use_power) {
+    for (int64_t d = first_power_at_least(st.window); jb + d <= last_block; d <<= 1) {
+      const int64_t lo = (jb + d) * p;
+      f(lo, lo + p < L ? lo + p : L);
+    }
+  }
+  if (!st.causal && st.use_sink && j == L - 1) {
+    // The sink: every query that does not already see the last token through the other rules.
+    for (int64_t i = 0; i < L; ++i) {
+      if (!stis_visible(i, j, L, st.window, p, st.use_power, false, false)) f(i, i + 1);
+    }
+  }
+}
+
+// Online softmax state of one (row, head) over one key set, in base 2 (logits pre-scaled by log2 e).
+struct OnlineSoftmax {
+  float m = -INFINITY;
+  float l = 0.f;
+  // Returns the rescale factor for the accumulator and writes the weight of the new key to *p.
+  __device__ __forceinline__ float update(float s, float* p) {
+    const float m_new = fmaxf(m, s);
+    const float c = exp2f(m - m_new);
+    *p = exp2f(s - m_new);
+    l = l * c + *p;
+    m = m_new;
+    return c;
+  }
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace cuda
+}  // namespace blossomrec

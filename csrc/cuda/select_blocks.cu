@@ -1,0 +1,263 @@
+// blossomrec::select_blocks on CUDA: block scores and top-n selection (SPEC 1b) in one pass.
+//
+// score[g, i, J] = mean over the G heads and the m windows of block J of scale * q_h . kc_c, which
+// equals scale * qbar[g, i] . kcb[g, J] with qbar the group-mean query and kcb the block-mean
+// compressed key. kcb is tiny ([B, N/b, KVH, D]) and computed first with ATen; the kernel then
+// streams it once per query, keeps the softmax normaliser (with SPEC's -1000 entry) and the top-n in
+// registers/local memory, and writes only the selected indices and their count: no N x N/s score
+// tensor ever exists.
+//
+// One thread per (buffer row, kv head), a CTA of 128 consecutive rows. When the CTA's rows belong to
+// one sequence (every sequence longer than a few CTAs), kcb streams through shared-memory tiles,
+// read once per CTA and then as broadcasts, and each thread computes a tile of independent dot
+// products before it touches the running softmax and top-n. CTAs that straddle sequences (short or
+// packed ones, with few blocks each) read their blocks directly.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/alloc.h"
+#include "common/checks.h"
+#include "cuda/common.cuh"
+
+namespace blossomrec {
+namespace cuda {
+namespace {
+
+constexpr int kMaxSelect = 64;  // the op's limit on num_select (checks.h)
+constexpr int kSelectThreads = 128;
+
+struct SelectParams {
+  const void* q;
+  int64_t q_sb, q_sn, q_sh;  // strides in elements (last dim contiguous)
+  const float* kcb;          // [B, NB_max, KVH, D] contiguous
+  int64_t nb_max, c_avail;
+  int32_t* idx;  // [Bq * N, KVH, width]
+  int32_t* cnt;  // [Bq * N, KVH]
+  SeqParams seq;
+  int64_t KVH, G, width;
+  int64_t compress_stride, select_block, num_select;
+  bool causal;
+  float scale_log2;  // scale * log2(e): scores are kept in base 2
+};
+
+// Blocks per shared-memory tile of kcb: enough independent dot products per thread to hide the
+// shared-memory latency, few enough registers for D = 128.
+template <int D>
+constexpr int select_tile() { return D <= 32 ? 32 : 16; }
+
+// Running state of one (row, kv head): the softmax normaliser over the visible blocks (started
+// from the -1000 entry) and the top-n, in base-2 logits.
+struct SelectState {
+  float M = kSelectNullLogit * kLog2e;
+  float S = 1.f;
+  float thresh = -INFINITY;  // the n-th best score once the top-n is full
+  int count = 0;
+  float top_s[kMaxSelect];
+  int32_t top_j[kMaxSelect];
+
+  // Blocks arrive in increasing J, so an equal score never displaces an earlier block.
+  __device__ __forceinline__ void add(float s, int32_t J, int n) {
+    if (s > M) {
+      S = S * exp2f(M - s) + 1.f;
+      M = s;
+    } else {
+      S += exp2f(s - M);
+    }
+    if (s > thresh || count < n) {
+      topn_insert(top_s, top_j, count, n, s, J);
+      if (count == n) thresh = top_s[n - 1];
+    }
+  }
+};
+
+template <int D>
+__device__ __forceinline__ float dot_smem(const float* qbar, const float* k) {
+  float s = 0.f;
+#pragma unroll
+  for (int v = 0; v < D / 4; ++v) {
+    const float4 k4 = reinterpret_cast<const float4*>(k)[v];
+    s = fmaf(qbar[4 * v], k4.x, s);
+    s = fmaf(qbar[4 * v + 1], k4.y, s);
+    s = fmaf(qbar[4 * v + 2], k4.z, s);
+    s = fmaf(qbar[4 * v + 3], k4.w, s);
+  }
+  return s;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectParams p) {
+  constexpr int kTile = select_tile<D>();
+  __shared__ __align__(16) float tile[kTile * D];
+  const int64_t rows = p.seq.Bq * p.seq.N;
+  const int64_t r0 = int64_t(blockIdx.x) * blockDim.x;
+  const int64_t r = r0 + threadIdx.x;
+  const int64_t g = blockIdx.y;
+  const RowInfo row = r < rows ? row_info(p.seq, r) : RowInfo{-1, 0, 0, 0};
+
+  // Group-mean query, pre-multiplied by scale * log2(e).
+  float qbar[D];
+#pragma unroll
+  for (int e = 0; e < D; ++e) qbar[e] = 0.f;
+  if (row.b >= 0) {
+    const int64_t bq = r / p.seq.N;
+    const int64_t n = r - bq * p.seq.N;
+    const T* qrow = static_cast<const T*>(p.q) + bq * p.q_sb + n * p.q_sn + g * p.G * p.q_sh;
+    for (int64_t h = 0; h < p.G; ++h) {
+#pragma unroll
+      for (int c = 0; c < D / kDimsPerLane; ++c) {
+        float x[kDimsPerLane];
+        Vec16<T>::load(qrow + h * p.q_sh + c * kDimsPerLane, x);
+#pragma unroll
+        for (int e = 0; e < kDimsPerLane; ++e) qbar[c * kDimsPerLane + e] += x[e];
+      }
+    }
+    const float qs = p.scale_log2 / float(p.G);
+#pragma unroll
+    for (int e = 0; e < D; ++e) qbar[e] *= qs;
+  }
+  const int n_sel = int(p.num_select);
+  const int64_t nb = row.b >= 0
+                         ? num_select_blocks(row.L, p.c_avail, p.compress_stride, p.select_block)
+                         : 0;
+  const int64_t own = row.i / p.select_block;
+  const int64_t j_end = row.b < 0 ? 0 : (p.causal ? (own < nb ? own : nb) : nb);
+  SelectState st;
+
+  // Do all rows of this CTA belong to one sequence? (CTA-uniform: every row between two rows of a
+  // sequence belongs to it.) Then its blocks stream through shared memory once for all rows.
+  const int64_t r_last = (r0 + blockDim.x < rows ? r0 + blockDim.x : rows) - 1;
+  const RowInfo first = row_info(p.seq, r0), last = row_info(p.seq, r_last);
+  if (first.b >= 0 && first.b == last.b) {
+    const int64_t nb_seq = num_select_blocks(first.L, p.c_avail, p.compress_stride, p.select_block);
+    const int64_t last_own = last.i / p.select_block;
+    const int64_t cta_end = p.causal ? (last_own < nb_seq ? last_own : nb_seq) : nb_seq;
+    const float* kcb = p.kcb + (first.b * p.KVH + g) * p.nb_max * D;  // [B, KVH, nb_max, D]
+    for (int64_t J0 = 0; J0 < cta_end; J0 += kTile) {
+      __syncthreads();  // the previous tile is consumed
+      const int64_t count = (cta_end - J0 < kTile ? cta_end - J0 : kTile) * D / 4;
+      for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
+        reinterpret_cast<float4*>(tile)[e] = __ldg(reinterpret_cast<const float4*>(kcb + J0 * D) + e);
+      }
+      __syncthreads();
+      if (J0 >= j_end) continue;
+      float sc[kTile];
+#pragma unroll
+      for (int jj = 0; jj < kTile; ++jj) sc[jj] = dot_smem<D>(qbar, tile + jj * D);
+#pragma unroll
+      for (int jj = 0; jj < kTile; ++jj) {
+        const int64_t J = J0 + jj;
+        if (J < j_end && (p.causal || J != own)) st.add(sc[jj], int32_t(J), n_sel);
+      }
+    }
+  } else if (row.b >= 0) {
+    // Rows of several sequences (short or packed sequences): each thread reads its own blocks.
+    const float* kcb = p.kcb + (row.b * p.KVH + g) * p.nb_max * D;
+    for (int64_t J = 0; J < j_end; ++J) {
+      if (!p.causal && J == own) continue;
+      float k[D];
+#pragma unroll
+      for (int v = 0; v < D / 4; ++v) {
+        const float4 k4 = __ldg(reinterpret_cast<const float4*>(kcb + J * D) + v);
+        k[4 * v] = k4.x; k[4 * v + 1] = k4.y; k[4 * v + 2] = k4.z; k[4 * v + 3] = k4.w;
+      }
+      st.add(dot_smem<D>(qbar, k), int32_t(J), n_sel);
+    }
+  }
+  if (r >= rows) return;
+  // Keep the blocks whose probability clears SPEC's threshold; they are sorted, so a prefix.
+  int kept = 0;
+  for (int c = 0; c < st.count; ++c) {
+    if (exp2f(st.top_s[c] - st.M) / st.S > kSelectMinProb) kept = c + 1; else break;
+  }
+  int32_t* idx_out = p.idx + (r * p.KVH + g) * p.width;
+  for (int c = 0; c < p.width; ++c) idx_out[c] = c < kept ? st.top_j[c] : -1;
+  p.cnt[r * p.KVH + g] = kept;
+}
+
+template <int D>
+void launch_select(const SelectParams& p, at::ScalarType dtype, int64_t rows, cudaStream_t stream) {
+  const dim3 grid(unsigned(ceil_div(rows, kSelectThreads)), unsigned(p.KVH));
+  switch (dtype) {
+    case at::kFloat:
+      select_blocks_kernel<float, D><<<grid, kSelectThreads, 0, stream>>>(p);
+      break;
+    case at::kHalf:
+      select_blocks_kernel<__half, D><<<grid, kSelectThreads, 0, stream>>>(p);
+      break;
+    case at::kBFloat16:
+      select_blocks_kernel<__nv_bfloat16, D><<<grid, kSelectThreads, 0, stream>>>(p);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", dtype);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q, const at::Tensor& kc,
+                                                      const at::Tensor& seq_start,
+                                                      const at::Tensor& seq_len,
+                                                      int64_t compress_stride, int64_t select_block,
+                                                      int64_t num_select, bool causal,
+                                                      double scale) {
+  Dims d;
+  check_select_inputs(q, kc, seq_start, seq_len, compress_stride, select_block, num_select, &d);
+  TORCH_CHECK(q.scalar_type() != at::kDouble,
+              "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t width = num_select > 1 ? num_select : 1;
+  at::Tensor idx = alloc_output({d.Bq, d.N, d.KVH, width}, q.options().dtype(at::kInt));
+  at::Tensor cnt = alloc_output({d.Bq, d.N, d.KVH}, q.options().dtype(at::kInt));
+  const int64_t rows = d.Bq * d.N;
+  if (rows == 0 || d.KVH == 0) return {idx, cnt};
+
+  const int64_t m = select_block / compress_stride;
+  const int64_t nb_max = kc.size(1) / m;
+  // Block-mean compressed keys in float32, laid out [B, KVH, nb_max, D] so that a tile of blocks
+  // is one contiguous range.
+  at::Tensor kcb = kc.narrow(1, 0, nb_max * m)
+                       .to(at::kFloat)
+                       .reshape({d.B, nb_max, m, d.KVH, d.D})
+                       .mean(2)
+                       .permute({0, 2, 1, 3})
+                       .contiguous();
+  const at::Tensor st = seq_start.contiguous();
+  const at::Tensor ln = seq_len.contiguous();
+
+  SelectParams p;
+  p.q = q.data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sn = q.stride(1);
+  p.q_sh = q.stride(2);
+  p.kcb = kcb.data_ptr<float>();
+  p.nb_max = nb_max;
+  p.c_avail = nb_max * m;
+  p.idx = idx.data_ptr<int32_t>();
+  p.cnt = cnt.data_ptr<int32_t>();
+  p.seq = SeqParams{st.data_ptr<int32_t>(), ln.data_ptr<int32_t>(), d.B, d.Bq, d.N};
+  p.KVH = d.KVH;
+  p.G = d.G;
+  p.width = width;
+  p.compress_stride = compress_stride;
+  p.select_block = select_block;
+  p.num_select = num_select;
+  p.causal = causal;
+  p.scale_log2 = float(scale) * kLog2e;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (d.D) {
+    case 16: launch_select<16>(p, q.scalar_type(), rows, stream); break;
+    case 32: launch_select<32>(p, q.scalar_type(), rows, stream); break;
+    case 64: launch_select<64>(p, q.scalar_type(), rows, stream); break;
+    case 128: launch_select<128>(p, q.scalar_type(), rows, stream); break;
+    default: TORCH_CHECK(false, "unsupported head dim ", d.D);
+  }
+  return {idx, cnt};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace blossomrec
+
+TORCH_LIBRARY_IMPL(blossomrec, CUDA, m) {
+  m.impl("select_blocks", &blossomrec::cuda::select_blocks_cuda);
+}

@@ -1,0 +1,108 @@
+// Shared pieces of the fused sparse attention forward and backward kernels: parameters, the
+// thread layout and the selected-branch key enumeration.
+//
+// Thread layout: a "segment" of kLanes = D / 16 threads serves one (query row, head), each lane
+// holding 16 dims in float32. The G segments of one row (the heads of one kv group) are adjacent, so
+// they walk identical key lists (the group shares its selection and STIS set) and their k/v loads
+// coincide. Why no tensor-core tiles: each query sees about 100 keys (own block + n selected blocks +
+// w + log2 L STIS keys) and neighbouring queries share only part of them, so a 64 x 64 MMA tile
+// would be mostly masked; per-row online softmax over the enumerated keys does no wasted work.
+#pragma once
+
+#include "common/checks.h"
+#include "cuda/common.cuh"
+
+namespace blossomrec {
+namespace cuda {
+
+constexpr int kAttnThreads = 256;
+// The kernels wait on scattered loads far more than they compute: cap registers at
+// 65536 / (256 * 2) = 128 per thread so that at least two CTAs (16 warps) share an SM (a cap of 85
+// for three CTAs spilled kilobytes).
+constexpr int kAttnMinBlocks = 2;
+
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sn, q_sh;
+  int64_t k_sb, k_sn, k_sh;
+  int64_t v_sb, v_sn, v_sh;
+  const float* gates;      // [rows, H, 2] contiguous float32
+  const int32_t* sel_idx;  // [rows, KVH, width]
+  const int32_t* sel_cnt;  // [rows, KVH]
+  int64_t sel_sb, sel_sn, sel_sh;  // sel_idx strides (last dim contiguous)
+  int64_t cnt_sb, cnt_sn, cnt_sh;
+  int64_t width;
+  SeqParams seq;
+  StisParams stis;
+  int64_t H, KVH, G, select_block;
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e)
+};
+
+// Position of one thread: which (row, head, lane) it serves.
+struct RowThread {
+  int64_t r;   // buffer row
+  int64_t bq, n;
+  int64_t h, g;
+  int lane;
+  bool active;
+};
+
+template <int kLanes>
+__device__ __forceinline__ RowThread row_thread(const AttnParams& p) {
+  RowThread t;
+  const int per_row = int(p.G) * kLanes;
+  const int rows_per_block = kAttnThreads / per_row;
+  const int local = threadIdx.x / per_row;
+  const int within = threadIdx.x - local * per_row;
+  t.lane = within % kLanes;
+  const int64_t hg = within / kLanes;
+  t.g = blockIdx.y;
+  t.h = t.g * p.G + hg;
+  t.r = int64_t(blockIdx.x) * rows_per_block + local;
+  t.active = local < rows_per_block && t.r < p.seq.Bq * p.seq.N;
+  t.bq = t.active ? t.r / p.seq.N : 0;
+  t.n = t.active ? t.r - t.bq * p.seq.N : 0;
+  return t;
+}
+
+template <int kLanes>
+inline dim3 attn_grid(const AttnParams& p) {
+  const int64_t per_row = p.G * kLanes;
+  const int64_t rows_per_block = kAttnThreads / per_row;
+  return dim3(unsigned(ceil_div(p.seq.Bq * p.seq.N, rows_per_block)), unsigned(p.KVH));
+}
+
+// Calls f(lo, hi) for the disjoint key ranges of the selected branch of query i (SPEC 1c): the own
+// block, then the selected blocks in selection order. Indices that are not visible whole blocks
+// cannot come from select_blocks and are skipped.
+template <typename F>
+__device__ __forceinline__ void for_each_selected_range(const AttnParams& p, int64_t r, int64_t g,
+                                                        int64_t i, int64_t L, F&& f) {
+  int64_t lo, hi;
+  own_block_range(i, L, p.select_block, p.stis.causal, &lo, &hi);
+  f(lo, hi);
+  const int64_t bq = r / p.seq.N, n = r - bq * p.seq.N;
+  const int64_t cnt_raw = p.sel_cnt[bq * p.cnt_sb + n * p.cnt_sn + g * p.cnt_sh];
+  const int64_t cnt = cnt_raw < p.width ? cnt_raw : p.width;
+  const int32_t* sel = p.sel_idx + bq * p.sel_sb + n * p.sel_sn + g * p.sel_sh;
+  for (int64_t c = 0; c < cnt; ++c) {
+    const int64_t J = sel[c];
+    if (!block_visible(J, i, L / p.select_block, p.select_block, p.stis.causal)) continue;
+    f(J * p.select_block, (J + 1) * p.select_block);
+  }
+}
+
+// Fills AttnParams from checked inputs (defined in sparse_attention_fwd.cu). gates_f32 is the gates
+// tensor as contiguous float32.
+AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& gates_f32, const at::Tensor& sel_idx,
+                            const at::Tensor& sel_cnt, const at::Tensor& seq_start,
+                            const at::Tensor& seq_len, const Dims& d, int64_t select_block,
+                            int64_t window, int64_t power_block, bool use_power, bool use_sink,
+                            bool causal, double scale);
+
+}  // namespace cuda
+}  // namespace blossomrec

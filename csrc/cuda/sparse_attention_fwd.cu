@@ -1,0 +1,223 @@
+// blossomrec::sparse_attention_fwd on CUDA: selected-block attention (SPEC 1c), STIS attention
+// (SPEC 2) and the gated combine (SPEC 3) in one kernel; out, both branch outputs and both lse are
+// written once. Thread layout and the reason for it: sparse_attention.cuh.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/alloc.h"
+#include "common/checks.h"
+#include "cuda/sparse_attention.cuh"
+
+namespace blossomrec {
+namespace cuda {
+namespace {
+
+struct FwdOut {
+  void* out;    // [rows, H, D] contiguous
+  void* o_sel;  // [rows, H, D]
+  void* o_win;  // [rows, H, D]
+  float* lse;   // [rows, H, 2]
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    sparse_attention_fwd_kernel(const AttnParams p, const FwdOut o) {
+  constexpr int kLanes = D / kDimsPerLane;
+  const RowThread t = row_thread<kLanes>(p);
+  if (!t.active) return;
+  const int64_t out_off = (t.r * p.H + t.h) * D + t.lane * kDimsPerLane;
+  T* out = static_cast<T*>(o.out) + out_off;
+  T* o_sel = static_cast<T*>(o.o_sel) + out_off;
+  T* o_win = static_cast<T*>(o.o_win) + out_off;
+  float* lse = o.lse + (t.r * p.H + t.h) * 2;
+  const RowInfo row = row_info(p.seq, t.r);
+  if (row.b < 0) {  // padding row
+    float zero[kDimsPerLane] = {};
+    Vec16<T>::store(out, zero);
+    Vec16<T>::store(o_sel, zero);
+    Vec16<T>::store(o_win, zero);
+    if (t.lane == 0) *reinterpret_cast<float2*>(lse) = make_float2(0.f, 0.f);
+    return;
+  }
+
+  float q[kDimsPerLane];
+  Vec16<T>::load(static_cast<const T*>(p.q) + t.bq * p.q_sb + t.n * p.q_sn + t.h * p.q_sh +
+                     t.lane * kDimsPerLane, q);
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) q[e] *= p.scale_log2;
+  // Key j of this sequence sits at buffer row row.base + j.
+  const int64_t n0 = row.base - t.bq * p.seq.N;
+  const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
+                   t.lane * kDimsPerLane;
+  const T* vbase = static_cast<const T*>(p.v) + t.bq * p.v_sb + n0 * p.v_sn + t.g * p.v_sh +
+                   t.lane * kDimsPerLane;
+
+  float acc[kDimsPerLane];
+  float m = -INFINITY, l = 0.f;  // online softmax (base 2) of the current branch
+  // Keys come in contiguous ranges; kChunk keys at a time keeps that many independent loads in
+  // flight and needs one rescale of the accumulator per chunk.
+  constexpr int kChunk = 4;
+  auto attend = [&](int64_t lo, int64_t hi) {
+    for (int64_t j0 = lo; j0 < hi; j0 += kChunk) {
+      float s[kChunk];
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) {
+        float kv[kDimsPerLane];
+        const int64_t j = j0 + c < hi ? j0 + c : hi - 1;  // a short tail repeats the last key...
+        Vec16<T>::load(kbase + j * p.k_sn, kv);
+        s[c] = segment_sum<kLanes>(dot16(q, kv));
+        if (j0 + c >= hi) s[c] = -INFINITY;  // ...with weight 0
+      }
+      float m_new = m;
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) m_new = fmaxf(m_new, s[c]);
+      const float scale_old = exp2f(m - m_new);
+      l *= scale_old;
+#pragma unroll
+      for (int e = 0; e < kDimsPerLane; ++e) acc[e] *= scale_old;
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) {
+        const int64_t j = j0 + c < hi ? j0 + c : hi - 1;
+        float vv[kDimsPerLane];
+        Vec16<T>::load(vbase + j * p.v_sn, vv);
+        const float w = exp2f(s[c] - m_new);
+        l += w;
+#pragma unroll
+        for (int e = 0; e < kDimsPerLane; ++e) acc[e] = fmaf(w, vv[e], acc[e]);
+      }
+      m = m_new;
+    }
+  };
+
+  // Selected branch.
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) acc[e] = 0.f;
+  for_each_selected_range(p, t.r, t.g, row.i, row.L, attend);
+  float sel[kDimsPerLane];
+  const float inv_sel = 1.f / l;
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) sel[e] = acc[e] * inv_sel;
+  const float lse_sel = (m + log2f(l)) * kLn2;
+
+  // STIS branch.
+  m = -INFINITY;
+  l = 0.f;
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) acc[e] = 0.f;
+  for_each_stis_range(row.i, row.L, p.stis, attend);
+  float win[kDimsPerLane];
+  const float inv_win = 1.f / l;
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) win[e] = acc[e] * inv_win;
+  const float lse_win = (m + log2f(l)) * kLn2;
+
+  // Gated combine.
+  const float2 gate = *reinterpret_cast<const float2*>(p.gates + (t.r * p.H + t.h) * 2);
+  float comb[kDimsPerLane];
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) comb[e] = gate.x * sel[e] + gate.y * win[e];
+  Vec16<T>::store(out, comb);
+  Vec16<T>::store(o_sel, sel);
+  Vec16<T>::store(o_win, win);
+  if (t.lane == 0) *reinterpret_cast<float2*>(lse) = make_float2(lse_sel, lse_win);
+}
+
+template <int D>
+void launch_fwd(const AttnParams& p, const FwdOut& o, at::ScalarType dtype, cudaStream_t stream) {
+  const dim3 grid = attn_grid<D / kDimsPerLane>(p);
+  switch (dtype) {
+    case at::kFloat:
+      sparse_attention_fwd_kernel<float, D><<<grid, kAttnThreads, 0, stream>>>(p, o);
+      break;
+    case at::kHalf:
+      sparse_attention_fwd_kernel<__half, D><<<grid, kAttnThreads, 0, stream>>>(p, o);
+      break;
+    case at::kBFloat16:
+      sparse_attention_fwd_kernel<__nv_bfloat16, D><<<grid, kAttnThreads, 0, stream>>>(p, o);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", dtype);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// Shared with the backward (sparse_attention_bwd.cu): fills AttnParams from checked inputs.
+AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& gates_f32, const at::Tensor& sel_idx,
+                            const at::Tensor& sel_cnt, const at::Tensor& seq_start,
+                            const at::Tensor& seq_len, const Dims& d, int64_t select_block,
+                            int64_t window, int64_t power_block, bool use_power, bool use_sink,
+                            bool causal, double scale) {
+  TORCH_CHECK(q.scalar_type() != at::kDouble,
+              "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
+  TORCH_CHECK(sel_idx.stride(-1) == 1, "sel_idx must have a contiguous last dimension");
+  TORCH_CHECK(seq_start.is_contiguous() && seq_len.is_contiguous(),
+              "seq_start and seq_len must be contiguous");
+  TORCH_CHECK(gates_f32.is_contiguous() && gates_f32.scalar_type() == at::kFloat,
+              "internal: gates must be converted to contiguous float32");
+  AttnParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_sn = q.stride(1); p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sn = k.stride(1); p.k_sh = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sn = v.stride(1); p.v_sh = v.stride(2);
+  p.gates = gates_f32.data_ptr<float>();
+  p.sel_idx = sel_idx.data_ptr<int32_t>();
+  p.sel_cnt = sel_cnt.data_ptr<int32_t>();
+  p.sel_sb = sel_idx.stride(0); p.sel_sn = sel_idx.stride(1); p.sel_sh = sel_idx.stride(2);
+  p.cnt_sb = sel_cnt.stride(0); p.cnt_sn = sel_cnt.stride(1); p.cnt_sh = sel_cnt.stride(2);
+  p.width = sel_idx.size(3);
+  p.seq = SeqParams{seq_start.data_ptr<int32_t>(), seq_len.data_ptr<int32_t>(), d.B, d.Bq, d.N};
+  p.stis = StisParams{window, power_block, use_power, use_sink, causal};
+  p.H = d.H;
+  p.KVH = d.KVH;
+  p.G = d.G;
+  p.select_block = select_block;
+  p.scale = float(scale);
+  p.scale_log2 = float(scale) * kLog2e;
+  return p;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gates,
+    const at::Tensor& sel_idx, const at::Tensor& sel_cnt, const at::Tensor& seq_start,
+    const at::Tensor& seq_len, int64_t select_block, int64_t window, int64_t power_block,
+    bool use_power, bool use_sink, bool causal, double scale) {
+  const Dims d = check_attention_inputs(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len,
+                                        select_block, window, power_block, use_sink, causal);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor gates_f = gates.to(at::kFloat).contiguous();
+  const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
+  const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,
+                                        select_block, window, power_block, use_power, use_sink,
+                                        causal, scale);
+  at::Tensor out = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
+  at::Tensor o_sel = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
+  at::Tensor o_win = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
+  at::Tensor lse = alloc_output({d.Bq, d.N, d.H, 2}, q.options().dtype(at::kFloat));
+  if (d.Bq * d.N == 0) return {out, o_sel, o_win, lse};
+  const FwdOut o{out.data_ptr(), o_sel.data_ptr(), o_win.data_ptr(), lse.data_ptr<float>()};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (d.D) {
+    case 16: launch_fwd<16>(p, o, q.scalar_type(), stream); break;
+    case 32: launch_fwd<32>(p, o, q.scalar_type(), stream); break;
+    case 64: launch_fwd<64>(p, o, q.scalar_type(), stream); break;
+    case 128: launch_fwd<128>(p, o, q.scalar_type(), stream); break;
+    default: TORCH_CHECK(false, "unsupported head dim ", d.D);
+  }
+  return {out, o_sel, o_win, lse};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace blossomrec
+
+TORCH_LIBRARY_IMPL(blossomrec, CUDA, m) {
+  m.impl("sparse_attention_fwd", &blossomrec::cuda::sparse_attention_fwd_cuda);
+}

@@ -1,0 +1,391 @@
+"""Bad inputs fail with a clear message, through the public wrappers and the raw torch.ops.
+
+Python wrapper checks raise ValueError / TypeError; the C++ checks (csrc/common/checks.h, run by
+every kernel) arrive as RuntimeError. Each case changes one thing of a valid call, and the valid
+calls themselves are tested first, so an error can only come from that change.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import pytest
+import torch
+
+import blossomrec_cuda as br
+
+B, N, H, KVH, D = 2, 17, 4, 2, 16
+S, BLK = 4, 8  # compress_stride, select_block
+LENGTHS = [17, 9]
+C = max(LENGTHS) // S  # compressed rows each sequence needs
+OPS = ("select_blocks", "sparse_attention", "blossom_attention")
+
+
+# --------------------------------------------------------------------------------------------------
+# Valid inputs and calls
+# --------------------------------------------------------------------------------------------------
+def valid_inputs(device: str = "cpu") -> dict:
+    """A valid padded batch for every wrapper, as one dict (each wrapper takes what it needs)."""
+    n = 4
+    return dict(
+        q=torch.randn(B, N, H, D, device=device),
+        k=torch.randn(B, N, KVH, D, device=device),
+        v=torch.randn(B, N, KVH, D, device=device),
+        kc=torch.randn(B, C, KVH, D, device=device),
+        gates=torch.rand(B, N, H, 2, device=device),
+        sel_idx=torch.full((B, N, KVH, n), -1, dtype=torch.int32, device=device),
+        sel_cnt=torch.zeros(B, N, KVH, dtype=torch.int32, device=device),
+        layout=dict(lengths=list(LENGTHS), padding_side="right"),
+        compress_stride=S, select_block=BLK, num_select=n, window=8, power_block=1,
+        use_power=True, use_sink=True, causal=True,
+    )
+
+
+def as_packed(x: dict, cu_seqlens: list[int]) -> dict:
+    """The first cu_seqlens[-1] rows of sequence 0 as a packed [T, ...] batch (T = N rows)."""
+    return dict(q=x["q"][0], k=x["k"][0], v=x["v"][0], gates=x["gates"][0],
+                sel_idx=x["sel_idx"][0], sel_cnt=x["sel_cnt"][0],
+                kc=x["kc"][:1].expand(len(cu_seqlens) - 1, -1, -1, -1),
+                layout=dict(cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32)))
+
+
+def call(op: str, x: dict):
+    attn = dict(window=x["window"], power_block=x["power_block"], use_power=x["use_power"],
+                use_sink=x["use_sink"])
+    common = dict(select_block=x["select_block"], causal=x["causal"], **x["layout"])
+    if op == "select_blocks":
+        return br.select_blocks(x["q"], x["kc"], compress_stride=x["compress_stride"],
+                                num_select=x["num_select"], **common)
+    if op == "sparse_attention":
+        return br.sparse_attention(x["q"], x["k"], x["v"], x["gates"], x["sel_idx"], x["sel_cnt"],
+                                   **attn, **common)
+    return br.blossom_attention(x["q"], x["k"], x["v"], x["kc"], x["gates"],
+                                compress_stride=x["compress_stride"], num_select=x["num_select"],
+                                **attn, **common)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_valid_inputs_pass(op, packed):
+    x = valid_inputs()
+    if packed:
+        x.update(as_packed(x, [0, 9, 17]))
+    out = call(op, x)
+    if op == "select_blocks":
+        idx, cnt = out
+        assert idx.shape[:-2] == cnt.shape[:-1] == x["q"].shape[:-2]
+    else:
+        assert out.shape == x["q"].shape and not bool(out.isnan().any())
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the public wrappers
+# --------------------------------------------------------------------------------------------------
+class Case(NamedTuple):
+    name: str
+    ops: tuple  # the wrappers this case applies to
+    change: Callable[[dict], dict]  # valid inputs -> the entries to replace
+    exc: type
+    match: str
+
+
+def _heads(h: int, kvh: int, d: int = D) -> Callable[[dict], dict]:
+    """Inputs with h query heads, kvh kv heads and head dim d."""
+    return lambda x: dict(q=torch.randn(B, N, h, d), k=torch.randn(B, N, kvh, d),
+                          v=torch.randn(B, N, kvh, d), kc=torch.randn(B, C, kvh, d),
+                          gates=torch.rand(B, N, h, 2),
+                          sel_idx=torch.full((B, N, kvh, 4), -1, dtype=torch.int32),
+                          sel_cnt=torch.zeros(B, N, kvh, dtype=torch.int32))
+
+
+def _lengths(lengths, padding_side="right") -> Callable[[dict], dict]:
+    return lambda x: dict(layout=dict(lengths=lengths, padding_side=padding_side))
+
+
+ALL = OPS
+ATTN = ("sparse_attention", "blossom_attention")
+SEL = ("select_blocks", "blossom_attention")
+
+WRAPPER_CASES = [
+    # dtypes
+    Case("int q", ALL, lambda x: dict(q=x["q"].to(torch.int32)), RuntimeError,
+         r"q must be float32, float16, bfloat16 or float64, got Int"),
+    Case("float64 k with float32 q", ATTN, lambda x: dict(k=x["k"].double()), RuntimeError,
+         r"q, k and v must share a dtype"),
+    Case("float64 kc with float32 q", SEL, lambda x: dict(kc=x["kc"].double()), RuntimeError,
+         r"kc must have q's dtype \(Float\), got Double"),
+    Case("int16 gates", ATTN, lambda x: dict(gates=x["gates"].to(torch.int16)), RuntimeError,
+         r"gates must have q's dtype \(Float\) or float32, got Short"),
+    Case("int64 sel_idx", ("sparse_attention",), lambda x: dict(sel_idx=x["sel_idx"].long()),
+         RuntimeError, r"sel_idx and sel_cnt must be int32"),
+    # ranks and shapes
+    Case("q of rank 3 without cu_seqlens", ALL, lambda x: dict(q=x["q"][0]), ValueError,
+         r"the padded layout takes q as \[B, N, H, D\]; got rank 3"),
+    Case("k of rank 3", ATTN, lambda x: dict(k=x["k"][0]), RuntimeError,
+         r"k must have rank 4 \[Bq, N, KVH, D\], got rank 3"),
+    Case("kc of rank 3", SEL, lambda x: dict(kc=x["kc"][0]), RuntimeError,
+         r"kc must have rank 4 \[B, C, KVH, D\], got rank 3"),
+    Case("gates of rank 3", ATTN, lambda x: dict(gates=x["gates"][..., 0]), RuntimeError,
+         r"gates must have rank 4 \[Bq, N, H, 2\], got rank 3"),
+    Case("head dim 24", ALL, _heads(H, KVH, 24), RuntimeError,
+         r"head dim must be one of 16, 32, 64, 128, got 24"),
+    Case("head dim 256", ALL, _heads(H, KVH, 256), RuntimeError,
+         r"head dim must be one of 16, 32, 64, 128, got 256"),
+    Case("3 heads over 2 kv heads", ALL, _heads(3, 2), RuntimeError,
+         r"number of query heads \(3\) must be divisible by the number of kv heads \(2\)"),
+    Case("group of 9 heads", ALL, _heads(18, 2), RuntimeError,
+         r"group size H / KVH must be 1\.\.8, got 9"),
+    Case("k batch differs from q", ATTN, lambda x: dict(k=torch.randn(B + 1, N, KVH, D)),
+         RuntimeError, r"k must have shape .*got \[3, 17, 2, 16\]"),
+    Case("v rows differ from q", ATTN, lambda x: dict(v=torch.randn(B, N - 1, KVH, D)),
+         RuntimeError, r"v must have shape .*got \[2, 16, 2, 16\]"),
+    Case("kc batch differs from q", SEL, lambda x: dict(kc=torch.randn(B + 1, C, KVH, D)),
+         RuntimeError, r"kc's batch \(3\) must equal the number of sequences \(2\)"),
+    Case("kc head dim differs from q", SEL, lambda x: dict(kc=torch.randn(B, C, KVH, 32)),
+         RuntimeError, r"kc's head dim \(32\) must equal q's \(16\)"),
+    Case("gates with 3 entries per head", ATTN, lambda x: dict(gates=torch.rand(B, N, H, 3)),
+         RuntimeError, r"gates must have shape .*got \[2, 17, 4, 3\]"),
+    Case("gates for the wrong number of heads", ATTN,
+         lambda x: dict(gates=torch.rand(B, N, H + 1, 2)), RuntimeError, r"gates must have shape"),
+    Case("sel_idx for other kv heads", ("sparse_attention",),
+         lambda x: dict(sel_idx=torch.full((B, N, KVH + 1, 4), -1, dtype=torch.int32)),
+         RuntimeError, r"sel_idx must have shape \[Bq, N, KVH, n\] = \[2, 17, 2, n>=1\]"),
+    Case("q with a strided last dim", ALL,
+         lambda x: dict(q=torch.randn(B, N, H, 2 * D)[..., ::2]), RuntimeError,
+         r"q must have a contiguous last dimension, got stride 2"),
+    Case("kc too short for the lengths", SEL, lambda x: dict(kc=x["kc"][:, : C - 2]), ValueError,
+         r"kc holds 2 compressed rows per sequence but the longest sequence needs "
+         r"floor\(L / compress_stride\) = 4"),
+    # hyper-parameters
+    Case("select_block not a multiple of compress_stride", SEL, lambda x: dict(select_block=6),
+         RuntimeError, r"select_block \(6\) must be a positive multiple of compress_stride \(4\)"),
+    Case("compress_stride 0", SEL, lambda x: dict(compress_stride=0), ValueError,
+         r"compress_stride must be >= 1, got 0"),
+    Case("num_select -1", SEL, lambda x: dict(num_select=-1), RuntimeError,
+         r"num_select must be 0\.\.64, got -1"),
+    Case("num_select 65", SEL, lambda x: dict(num_select=65), RuntimeError,
+         r"num_select must be 0\.\.64, got 65"),
+    Case("window 0", ATTN, lambda x: dict(window=0), RuntimeError, r"window must be >= 1, got 0"),
+    Case("power_block 0", ATTN, lambda x: dict(power_block=0), RuntimeError,
+         r"power_block must be >= 1, got 0"),
+    # lengths and layouts
+    Case("a length above N", ALL, _lengths([18, 9]), ValueError,
+         r"lengths must be <= the sequence dimension N = 17, got \[18, 9\]"),
+    Case("a negative length", ALL, _lengths([-1, 9]), ValueError,
+         r"lengths must be >= 0, got \[-1, 9\]"),
+    Case("a length above N, left padded", ALL, _lengths([17, 18], "left"), ValueError,
+         r"lengths must be <= the sequence dimension N = 17"),
+    Case("three lengths for two sequences", ALL, _lengths([17, 9, 3]), ValueError,
+         r"lengths has 3 entries for a batch of 2"),
+    Case("lengths as a 2-D tensor", ALL, _lengths(torch.tensor([[17, 9]])), TypeError,
+         r"lengths must be a 1-D integer tensor or list, got torch.int64 of rank 2"),
+    Case("float lengths", ALL, _lengths([17.0, 9.0]), TypeError,
+         r"lengths must be a 1-D integer tensor or list, got torch.float32"),
+    Case("padding_side 'middle'", ALL, _lengths([17, 9], "middle"), ValueError,
+         r"padding_side must be 'right' or 'left', got 'middle'"),
+    Case("lengths and cu_seqlens both", ALL,
+         lambda x: dict(layout=dict(lengths=[17, 9], cu_seqlens=torch.tensor([0, 17, 26]))),
+         ValueError, r"pass either lengths \(padded layout\) or cu_seqlens \(packed\), not both"),
+    Case("decreasing cu_seqlens", ALL, lambda x: as_packed(x, [0, 12, 5, 17]), ValueError,
+         r"cu_seqlens must be non-decreasing, got differences \[12, -7, 12\]"),
+    Case("cu_seqlens starting below 0", ALL, lambda x: as_packed(x, [-2, 5, 17]), ValueError,
+         r"cu_seqlens must be non-decreasing from >= 0"),
+    Case("cu_seqlens past the packed rows", ALL, lambda x: as_packed(x, [0, 9, 18]), ValueError,
+         r"lengths must be <= the sequence dimension N = 17"),
+    Case("float cu_seqlens", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens=torch.tensor([0., 17.]))),
+         TypeError, r"cu_seqlens must be int32 or int64, got torch.float32"),
+    Case("2-D cu_seqlens", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens=torch.tensor([[0, 17]]))),
+         ValueError, r"cu_seqlens must be a 1-D tensor \[B \+ 1\]"),
+    Case("packed q of rank 4", ALL,
+         lambda x: dict(layout=dict(cu_seqlens=torch.tensor([0, 9, 17], dtype=torch.int32))),
+         ValueError, r"the packed layout takes q as \[T, H, D\]; got rank 4"),
+]
+
+
+@pytest.mark.parametrize(
+    "op, case", [pytest.param(op, c, id=f"{op}-{c.name}") for c in WRAPPER_CASES for op in c.ops])
+def test_wrapper_rejects(op, case):
+    x = valid_inputs()
+    x.update(case.change(x))
+    with pytest.raises(case.exc, match=case.match):
+        call(op, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Through torch.ops.blossomrec.* directly (the row-buffer layout, no Python checks in between)
+# --------------------------------------------------------------------------------------------------
+RAW_OPS = ("select_blocks", "sparse_attention_fwd", "sparse_attention_bwd")
+
+
+def raw_inputs(device: str = "cpu") -> dict:
+    x = valid_inputs(device)
+    x.update(seq_start=torch.zeros(B, dtype=torch.int32, device=device),
+             seq_len=torch.tensor(LENGTHS, dtype=torch.int32, device=device),
+             use_sink=False, scale=D ** -0.5)
+    # saved forward outputs for the backward; their values do not matter to the checks
+    x.update(dout=torch.randn_like(x["q"]), o_sel=torch.randn_like(x["q"]),
+             o_win=torch.randn_like(x["q"]),
+             lse=torch.zeros(B, N, H, 2, dtype=torch.float32, device=device))
+    return x
+
+
+def call_raw(op: str, x: dict):
+    seq = (x["seq_start"], x["seq_len"])
+    attn = (x["select_block"], x["window"], x["power_block"], x["use_power"], x["use_sink"],
+            x["causal"], x["scale"])
+    if op == "select_blocks":
+        return torch.ops.blossomrec.select_blocks(
+            x["q"], x["kc"], *seq, x["compress_stride"], x["select_block"], x["num_select"],
+            x["causal"], x["scale"])
+    if op == "sparse_attention_fwd":
+        return torch.ops.blossomrec.sparse_attention_fwd(
+            x["q"], x["k"], x["v"], x["gates"], x["sel_idx"], x["sel_cnt"], *seq, *attn)
+    return torch.ops.blossomrec.sparse_attention_bwd(
+        x["dout"], x["q"], x["k"], x["v"], x["gates"], x["o_sel"], x["o_win"], x["lse"],
+        x["sel_idx"], x["sel_cnt"], *seq, *attn)
+
+
+def _packed_rows(seq_start, seq_len) -> Callable[[dict], dict]:
+    """Every row tensor of sequence 0 as a [1, N, ...] packed row buffer with these sequences."""
+    def change(x):
+        rows = {name: x[name][:1] for name in ("q", "k", "v", "gates", "sel_idx", "sel_cnt",
+                                              "dout", "o_sel", "o_win", "lse")}
+        return dict(rows, seq_start=torch.tensor(seq_start, dtype=torch.int32),
+                    seq_len=torch.tensor(seq_len, dtype=torch.int32))
+    return change
+
+
+RAW_ALL = RAW_OPS
+RAW_ATTN = ("sparse_attention_fwd", "sparse_attention_bwd")
+RAW_SEL = ("select_blocks",)
+
+RAW_CASES = [
+    Case("int q", RAW_ALL, lambda x: dict(q=x["q"].to(torch.int32)), RuntimeError,
+         r"q must be float32, float16, bfloat16 or float64, got Int"),
+    Case("float64 v with float32 q", RAW_ATTN, lambda x: dict(v=x["v"].double()), RuntimeError,
+         r"q, k and v must share a dtype, got Float, Float, Double"),
+    Case("float64 kc with float32 q", RAW_SEL, lambda x: dict(kc=x["kc"].double()), RuntimeError,
+         r"kc must have q's dtype"),
+    Case("int64 seq_len", RAW_ALL, lambda x: dict(seq_len=x["seq_len"].long()), RuntimeError,
+         r"seq_start and seq_len must be int32, got Int and Long"),
+    Case("int64 seq_start", RAW_ALL, lambda x: dict(seq_start=x["seq_start"].long()),
+         RuntimeError, r"seq_start and seq_len must be int32, got Long and Int"),
+    Case("q of rank 3", RAW_ALL, lambda x: dict(q=x["q"][0]), RuntimeError,
+         r"q must have rank 4 \[Bq, N, H, D\], got rank 3"),
+    Case("2-D seq_len", RAW_ALL, lambda x: dict(seq_len=x["seq_len"][None]), RuntimeError,
+         r"seq_start and seq_len must have rank 1 \[B\]"),
+    Case("head dim 24", RAW_ALL, _heads(H, KVH, 24), RuntimeError,
+         r"head dim must be one of 16, 32, 64, 128, got 24"),
+    Case("head dim 256", RAW_ALL, _heads(H, KVH, 256), RuntimeError,
+         r"head dim must be one of 16, 32, 64, 128, got 256"),
+    Case("4 heads over 3 kv heads", RAW_ALL, _heads(4, 3), RuntimeError,
+         r"number of query heads \(4\) must be divisible by the number of kv heads \(3\)"),
+    Case("group of 16 heads", RAW_ALL, _heads(16, 1), RuntimeError,
+         r"group size H / KVH must be 1\.\.8, got 16"),
+    Case("k batch differs from q", RAW_ATTN, lambda x: dict(k=torch.randn(1, N, KVH, D)),
+         RuntimeError, r"k must have shape .*got \[1, 17, 2, 16\]"),
+    Case("kc batch differs from seq_len", RAW_SEL, lambda x: dict(kc=x["kc"][:1]), RuntimeError,
+         r"kc's batch \(1\) must equal the number of sequences \(2\)"),
+    Case("gates wrong shape", RAW_ATTN, lambda x: dict(gates=torch.rand(B, N, H, 1)),
+         RuntimeError, r"gates must have shape .*got \[2, 17, 4, 1\]"),
+    Case("select_block not a multiple of compress_stride", RAW_SEL,
+         lambda x: dict(select_block=10), RuntimeError,
+         r"select_block \(10\) must be a positive multiple of compress_stride \(4\)"),
+    Case("compress_stride 0", RAW_SEL, lambda x: dict(compress_stride=0), RuntimeError,
+         r"compress_stride must be >= 1, got 0"),
+    Case("window 0", RAW_ATTN, lambda x: dict(window=0), RuntimeError, r"window must be >= 1"),
+    Case("select_block 0", RAW_ATTN, lambda x: dict(select_block=0), RuntimeError,
+         r"select_block must be >= 1, got 0"),
+    Case("use_sink with causal", RAW_ATTN, lambda x: dict(use_sink=True, causal=True),
+         RuntimeError, r"use_sink applies to non-causal attention only"),
+    Case("a length above N", RAW_ALL,
+         lambda x: dict(seq_len=torch.tensor([18, 9], dtype=torch.int32)), RuntimeError,
+         r"sequence 0 \(start 0, length 18\) runs past the 17 rows of q"),
+    Case("start + length above N", RAW_ALL,
+         lambda x: dict(seq_start=torch.tensor([0, 10], dtype=torch.int32)), RuntimeError,
+         r"sequence 1 \(start 10, length 9\) runs past the 17 rows of q"),
+    Case("a negative length", RAW_ALL,
+         lambda x: dict(seq_len=torch.tensor([17, -1], dtype=torch.int32)), RuntimeError,
+         r"sequence 1 has a negative start \(0\) or length \(-1\)"),
+    Case("a negative start", RAW_ALL,
+         lambda x: dict(seq_start=torch.tensor([-1, 0], dtype=torch.int32)), RuntimeError,
+         r"sequence 0 has a negative start \(-1\) or length \(17\)"),
+    Case("seq_start and seq_len of different sizes", RAW_ALL,
+         lambda x: dict(seq_start=torch.zeros(3, dtype=torch.int32)), RuntimeError,
+         r"seq_start and seq_len must have the same length, got 3 and 2"),
+    Case("three sequences for a batch of two", RAW_ATTN,
+         lambda x: dict(seq_start=torch.zeros(3, dtype=torch.int32),
+                        seq_len=torch.tensor([1, 2, 3], dtype=torch.int32)), RuntimeError,
+         r"q's batch \(2\) must equal the number of sequences \(3\) or be 1 for the packed layout"),
+    Case("overlapping packed sequences", RAW_ALL, _packed_rows([0, 5], [10, 5]), RuntimeError,
+         r"packed sequences must be in order and must not overlap: sequence 1 starts at row 5 "
+         r"before sequence 0 ends at row 10"),
+    Case("packed sequences out of order", RAW_ALL, _packed_rows([9, 0], [8, 9]), RuntimeError,
+         r"packed sequences must be in order and must not overlap"),
+    Case("kc too short for the lengths", RAW_SEL, lambda x: dict(kc=x["kc"][:, :3]), RuntimeError,
+         r"kc holds 3 compressed rows but sequence 0 \(length 17\) needs 4"),
+    Case("int64 sel_cnt", RAW_ATTN, lambda x: dict(sel_cnt=x["sel_cnt"].long()), RuntimeError,
+         r"sel_idx and sel_cnt must be int32"),
+    Case("sel_cnt wrong shape", RAW_ATTN, lambda x: dict(sel_cnt=x["sel_cnt"][:, :3]),
+         RuntimeError, r"sel_cnt must have shape"),
+    Case("dout wrong shape", ("sparse_attention_bwd",),
+         lambda x: dict(dout=torch.randn(B, N, H, 2 * D)), RuntimeError, r"dout must have shape"),
+    Case("o_sel float64", ("sparse_attention_bwd",), lambda x: dict(o_sel=x["o_sel"].double()),
+         RuntimeError, r"o_sel must have q's dtype"),
+    Case("lse float64", ("sparse_attention_bwd",), lambda x: dict(lse=x["lse"].double()),
+         RuntimeError, r"lse must be float32, got Double"),
+]
+
+
+@pytest.mark.parametrize("op", RAW_OPS)
+def test_raw_valid_inputs_pass(op):
+    outs = call_raw(op, raw_inputs())
+    assert all(not t.is_floating_point() or not bool(t.isnan().any()) for t in outs)
+
+
+@pytest.mark.parametrize(
+    "op, case", [pytest.param(op, c, id=f"{op}-{c.name}") for c in RAW_CASES for op in c.ops])
+def test_raw_op_rejects(op, case):
+    x = raw_inputs()
+    x.update(case.change(x))
+    with pytest.raises(case.exc, match=case.match):
+        call_raw(op, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices (need a GPU and the CUDA kernels)
+# --------------------------------------------------------------------------------------------------
+needs_cuda_build = pytest.mark.skipif(not br.WITH_CUDA, reason="extension built without CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda_build
+@pytest.mark.parametrize("name", ["k", "v", "gates", "sel_idx", "seq_len"])
+@pytest.mark.parametrize("op", RAW_ATTN)
+def test_raw_op_rejects_mixed_devices(op, name):
+    x = raw_inputs("cuda")
+    x[name] = x[name].cpu()
+    with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as q \(cuda:0\), "
+                                           r"got cpu"):
+        call_raw(op, x)
+
+
+@pytest.mark.cuda
+@needs_cuda_build
+def test_raw_select_blocks_rejects_kc_on_another_device():
+    x = raw_inputs("cuda")
+    x["kc"] = x["kc"].cpu()
+    with pytest.raises(RuntimeError,
+                       match=r"kc must be on the same device as q \(cuda:0\), got cpu"):
+        call_raw("select_blocks", x)
+
+
+@pytest.mark.cuda
+@needs_cuda_build
+@pytest.mark.parametrize("op", ATTN)
+def test_wrapper_rejects_k_on_another_device(op):
+    x = valid_inputs("cuda")
+    x["k"] = x["k"].cpu()
+    with pytest.raises(RuntimeError, match=r"k must be on the same device as q"):
+        call(op, x)

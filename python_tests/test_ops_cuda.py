@@ -1,0 +1,447 @@
+"""CUDA ops against the reference (SPEC.md via blossomrec_cuda/reference.py), forward and backward.
+
+Every test here needs a GPU and is marked ``cuda``; it skips with a reason elsewhere. Error criterion
+(FlashAttention, STYLE.md): ``|out - ref| <= 2 * |out_lowprec_ref - ref| + atol`` where ``ref`` is
+the reference in float64 and ``out_lowprec_ref`` the reference run in the test dtype (``upcast=False``).
+The attention is checked given the kernel's own selection, after the selection itself was checked
+against the reference's wherever the reference has no near-tie at the cut.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import blossomrec_cuda
+from blossomrec_cuda import reference as ref
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEV = "cuda"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+def make_batch(lengths, N, H, KVH, D, dtype, layout, C=None, s=4, device=DEV, seed=0):
+    """Random q, k, v, kc, gates for sequences of ``lengths`` in the row-buffer layout.
+
+    Returns (tensors dict in the row buffer, seq_start, seq_len, per-sequence row slices)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B = len(lengths)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if layout == "packed":
+        starts, pos = [], 0
+        for L in lengths:
+            starts.append(pos)
+            pos += L
+        rows_total = max(pos + 3, 1)  # trailing padding rows on purpose
+        Bq, Nbuf = 1, rows_total
+    else:
+        Bq, Nbuf = B, N
+        starts = [0 if layout == "right" else N - L for L in lengths]
+    qkv = rnd(Bq, Nbuf, H + 2 * KVH, D)  # one fused buffer: q, k, v are strided views
+    q, k, v = qkv.split([H, KVH, KVH], dim=2)
+    C = C if C is not None else max(max(lengths) // s, 1)
+    kc = rnd(B, C, KVH, D)
+    gates = torch.sigmoid(torch.randn(Bq, Nbuf, H, 2, generator=g)).to(device=device, dtype=dtype)
+    seq_start = torch.tensor(starts, dtype=torch.int32, device=device)
+    seq_len = torch.tensor(lengths, dtype=torch.int32, device=device)
+    return dict(q=q, k=k, v=v, kc=kc, gates=gates), seq_start, seq_len
+
+
+def per_sequence(seq_start, seq_len, Bq):
+    for b, (st, L) in enumerate(zip(seq_start.tolist(), seq_len.tolist())):
+        yield b, (b if Bq > 1 else 0), st, L
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference given a selection, and near-tie detection
+# --------------------------------------------------------------------------------------------------
+def reference_given_selection(t, idx, cnt, seq_start, seq_len, hp, upcast=True):
+    """out [Bq, N, H, D] (differentiable w.r.t. t's q, k, v, gates) for the given selection."""
+    q = t["q"]
+    Bq, N, H, D = q.shape
+    out = q.new_zeros(Bq, N, H, D)
+    lse = torch.zeros(Bq, N, H, 2, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
+        if L == 0:
+            continue
+        sl = slice(st, st + L)
+        r = ref.blossom_attention_seq(
+            q[bq, sl], t["k"][bq, sl], t["v"][bq, sl], t["kc"][b], t["gates"][bq, sl],
+            sel=(idx[bq, sl].to(q.device), cnt[bq, sl].to(q.device)), upcast=upcast,
+            **{k_: v_ for k_, v_ in hp.items() if k_ not in ("compress_stride", "num_select")})
+        index = torch.arange(st, st + L, device=q.device)
+        out = out.index_put((torch.full_like(index, bq), index), r.out.to(out.dtype))
+        lse[bq, sl] = r.lse.to(lse.dtype).detach()
+    return out, lse
+
+
+def near_tie_rows(t64, seq_start, seq_len, hp, tol=1e-4):
+    """[Bq, N, KVH] bool: rows where the reference's choice is fragile (scores within ``tol`` at the
+    top-n cut, or a probability within a factor 1.01 of the 1e-10 threshold)."""
+    q, kc = t64["q"], t64["kc"]
+    Bq, N, H, D = q.shape
+    KVH = kc.shape[2]
+    fragile = torch.zeros(Bq, N, KVH, dtype=torch.bool)
+    n = hp["num_select"]
+    scale = hp.get("scale") or D ** -0.5
+    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
+        if L == 0 or n == 0:
+            continue
+        rows = torch.arange(L)
+        sc = ref.block_scores(q[bq, st:st + L].cpu(), kc[b].cpu(), L, rows, hp["compress_stride"],
+                              hp["select_block"], scale)  # [KVH, L, NB]
+        NB = sc.shape[-1]
+        if NB == 0:
+            continue
+        vis = ref.block_visible(rows, NB, hp["select_block"], hp["causal"])
+        masked = sc.masked_fill(~vis[None], float("-inf"))
+        srt = masked.sort(dim=-1, descending=True).values
+        if NB > n:
+            a, c = srt[..., n - 1], srt[..., n]
+            close = torch.isfinite(c) & ((a - c).abs() < tol)
+            fragile[bq, st:st + L] |= close.permute(1, 0)
+        logp = torch.log_softmax(torch.cat([torch.full_like(masked[..., :1], ref.NULL_LOGIT), masked],
+                                           dim=-1), dim=-1)[..., 1:]
+        near_thr = (logp - math.log(ref.MIN_PROB)).abs() < 0.01
+        fragile[bq, st:st + L] |= near_thr.any(dim=-1).permute(1, 0)
+    return fragile
+
+
+def check_selection(idx, cnt, t64, seq_start, seq_len, hp):
+    """CUDA selection == reference selection (as sets) on every row without a near-tie."""
+    Bq, N = idx.shape[:2]
+    ref_idx = torch.full_like(idx.cpu(), -1)
+    ref_cnt = torch.zeros_like(cnt.cpu())
+    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
+        if L == 0:
+            continue
+        i_, c_ = ref.select_blocks(t64["q"][bq, st:st + L].cpu(), t64["kc"][b].cpu(), L,
+                                   compress_stride=hp["compress_stride"],
+                                   select_block=hp["select_block"], num_select=hp["num_select"],
+                                   causal=hp["causal"])
+        ref_idx[bq, st:st + L] = i_
+        ref_cnt[bq, st:st + L] = c_
+    fragile = near_tie_rows(t64, seq_start, seq_len, hp)
+    got = idx.cpu().sort(dim=-1).values
+    want = ref_idx.sort(dim=-1).values
+    same = (got == want).all(dim=-1) & (cnt.cpu() == ref_cnt)
+    bad = ~same & ~fragile
+    assert not bad.any(), (f"{int(bad.sum())} rows select differently from the reference, e.g. "
+                           f"{bad.nonzero()[:3].tolist()}: got {got[bad][:3].tolist()} want "
+                           f"{want[bad][:3].tolist()}")
+    # Padding rows: no selection.
+    return int(fragile.sum())
+
+
+def assert_fa_close(out, ref64, lowprec, atol, what):
+    """FlashAttention's test criterion, over the tensor: max |out - ref| <= 2 max |lowprec - ref| +
+    atol (elementwise would fail wherever the low-precision reference happens to round exactly)."""
+    out, ref64, lowprec = out.double().cpu(), ref64.double().cpu(), lowprec.double().cpu()
+    assert not torch.isnan(out).any(), f"{what}: NaN"
+    err = (out - ref64).abs().max().item()
+    low = (lowprec - ref64).abs().max().item()
+    assert err <= 2 * low + atol, f"{what}: max |out-ref| = {err:.3e}, max |lowprec-ref| = {low:.3e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the cases
+# --------------------------------------------------------------------------------------------------
+CASES = [
+    # lengths, N, H, KVH, D, hyper-parameters
+    ([17], 17, 2, 1, 16, dict(compress_stride=2, select_block=4, num_select=2)),
+    ([1, 15, 0, 9], 15, 4, 2, 32, dict(compress_stride=2, select_block=4, num_select=3)),
+    ([97, 40], 97, 8, 1, 64, dict(compress_stride=4, select_block=8, num_select=4)),
+    ([200, 3, 150], 200, 8, 2, 16, dict(compress_stride=4, select_block=4, num_select=8)),
+    ([64, 33], 64, 3, 3, 128, dict(compress_stride=2, select_block=6, num_select=20)),
+    ([1025], 1025, 8, 2, 16, dict(compress_stride=16, select_block=16, num_select=4)),
+]
+STIS = [
+    dict(window=8, power_block=1, use_power=True, use_sink=True),
+    dict(window=1, power_block=2, use_power=True, use_sink=False),
+    dict(window=3, power_block=1, use_power=False, use_sink=True),
+]
+
+
+def _hp(case_hp, stis, causal):
+    hp = dict(case_hp)
+    hp.update(stis)
+    hp["causal"] = causal
+    hp["use_sink"] = hp["use_sink"] and not causal
+    return hp
+
+
+def run_op(t, seq_start, seq_len, hp, grad=True):
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
+        hp["num_select"], hp["causal"], t["q"].shape[-1] ** -0.5)
+    out, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(
+        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, hp["select_block"],
+        hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"], hp["causal"],
+        t["q"].shape[-1] ** -0.5)
+    return idx, cnt, out, lse
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("stis", range(len(STIS)))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_forward_backward_matches_reference(case, stis, causal, layout, dtype):
+    lengths, N, H, KVH, D, case_hp = CASES[case]
+    if layout != "right" and (stis != 0 or dtype == torch.float16):
+        pytest.skip("layouts are covered with the default STIS switches and two dtypes")
+    hp = _hp(case_hp, STIS[stis], causal)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
+                                       s=hp["compress_stride"], seed=case * 7 + stis)
+    t = {k_: v_.detach().requires_grad_(k_ in ("q", "k", "v", "gates")) for k_, v_ in t.items()}
+    t64 = {k_: v_.detach().double().requires_grad_(k_ in ("q", "k", "v", "gates"))
+           for k_, v_ in t.items()}
+    tlow = {k_: v_.detach().clone().requires_grad_(k_ in ("q", "k", "v", "gates"))
+            for k_, v_ in t.items()}
+
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"].detach(), t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
+        hp["num_select"], causal, D ** -0.5)
+    check_selection(idx, cnt, t64, seq_start, seq_len, hp)
+
+    out = blossomrec_cuda.ops._sparse_attention(
+        blossomrec_cuda.SeqLayout(seq_start, seq_len, packed=False), t["q"], t["k"], t["v"],
+        t["gates"], idx, cnt, hp["select_block"], hp["window"], hp["power_block"],
+        hp["use_power"], hp["use_sink"], causal, D ** -0.5)
+    ref64, _ = reference_given_selection(t64, idx, cnt, seq_start, seq_len, hp)
+    low, _ = reference_given_selection(tlow, idx, cnt, seq_start, seq_len, hp, upcast=False)
+    assert_fa_close(out.detach(), ref64.detach(), low.detach(), ATOL[dtype], "out")
+
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t[n] for n in ("q", "k", "v", "gates")], dout)
+    g64 = torch.autograd.grad(ref64, [t64[n] for n in ("q", "k", "v", "gates")], dout.double())
+    glow = torch.autograd.grad(low, [tlow[n] for n in ("q", "k", "v", "gates")], dout)
+    for name, a, b_, c in zip(("dq", "dk", "dv", "dgates"), grads, g64, glow):
+        assert_fa_close(a, b_, c, 4 * ATOL[dtype], name)
+
+
+def _padding_rows(seq_start, seq_len, Bq, N):
+    covered = torch.zeros(Bq, N, dtype=torch.bool)
+    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
+        covered[bq, st:st + L] = True
+    return ~covered
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_padding_invariance_and_zero_padding(dtype):
+    """One set of sequences, right-padded, left-padded and packed: identical rows, forward and
+    gradients (bitwise: each row's work does not depend on the layout); padding rows exactly 0."""
+    lengths = [37, 0, 1, 64, 20]
+    N, H, KVH, D = 64, 4, 2, 16
+    results = {}
+    base, _, _ = make_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=3)
+    base_dout = torch.randn(len(lengths), N, H, D, device=DEV, dtype=dtype)
+    for layout in ("right", "left", "packed"):
+        t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=3)
+        # Same sequence contents in every layout: copy them over from the right-padded batch.
+        for b, bq, st, L in per_sequence(seq_start, seq_len, t["q"].shape[0]):
+            for name in ("q", "k", "v", "gates"):
+                t[name][bq, st:st + L] = base[name][b, :L]
+        t["kc"] = base["kc"]
+        t = {k_: v_.detach().requires_grad_(k_ in ("q", "k", "v", "gates")) for k_, v_ in t.items()}
+        kwargs = dict(compress_stride=4, select_block=8, num_select=3)
+        if layout == "packed":
+            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
+                              device=DEV)
+            out = blossomrec_cuda.blossom_attention(t["q"][0], t["k"][0], t["v"][0], t["kc"],
+                                                    t["gates"][0], cu_seqlens=cu, **kwargs)[None]
+        else:
+            out = blossomrec_cuda.blossom_attention(t["q"], t["k"], t["v"], t["kc"], t["gates"],
+                                                    lengths=seq_len, padding_side=layout, **kwargs)
+        # The same cotangent rows for each sequence in every layout; padding rows get noise, which
+        # must not leak anywhere.
+        dout = torch.randn(out.shape, device=DEV, dtype=dtype)
+        for b, bq, st, L in per_sequence(seq_start, seq_len, out.shape[0]):
+            dout[bq, st:st + L] = base_dout[b, :L]
+        pad = _padding_rows(seq_start, seq_len, out.shape[0], out.shape[1]).to(DEV)
+        grads = torch.autograd.grad(out, [t[n] for n in ("q", "k", "v", "gates")], dout)
+        assert (out.detach()[pad] == 0).all(), "padding rows of out must be exactly 0"
+        for name, gr in zip(("q", "k", "v", "gates"), grads):
+            assert not torch.isnan(gr).any(), f"NaN in d{name}"
+            assert (gr[pad] == 0).all(), f"padding rows of d{name} must be 0"
+        rows = {}
+        for b, bq, st, L in per_sequence(seq_start, seq_len, out.shape[0]):
+            rows[b] = [out.detach()[bq, st:st + L]] + [gr[bq, st:st + L] for gr in grads]
+        results[layout] = rows
+    for layout in ("left", "packed"):
+        for b in range(len(lengths)):
+            for x, y in zip(results["right"][b], results[layout][b]):
+                assert torch.equal(x, y), f"{layout} differs from right padding for sequence {b}"
+
+
+def test_backward_is_deterministic():
+    lengths, N, H, KVH, D = [300, 250], 300, 8, 2, 16
+    hp = _hp(dict(compress_stride=4, select_block=4, num_select=4), STIS[0], True)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, "right", s=4)
+    idx, cnt, out, lse = run_op(t, seq_start, seq_len, hp)
+    _, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(
+        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, 4, 8, 1, True, False,
+        True, D ** -0.5)
+    dout = torch.randn_like(out)
+    runs = [torch.ops.blossomrec.sparse_attention_bwd(
+        dout, t["q"], t["k"], t["v"], t["gates"], o_sel, o_win, lse, idx, cnt, seq_start, seq_len,
+        4, 8, 1, True, False, True, D ** -0.5) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            assert torch.equal(a, b_), "two backward runs differ"
+
+
+@pytest.mark.parametrize("mode", ["all_same", "none"])
+def test_duplicate_and_empty_selections(mode):
+    """Every query selects the same blocks (the normal case for a sparse backward, at its most
+    extreme), or nothing at all."""
+    lengths, N, H, KVH, D = [128, 77], 128, 4, 2, 32
+    hp = _hp(dict(compress_stride=4, select_block=8, num_select=3), STIS[0], True)
+    dtype = torch.bfloat16
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=11)
+    pos = torch.arange(N, device=DEV)
+    idx = torch.full((2, N, KVH, 3), -1, dtype=torch.int32, device=DEV)
+    cnt = torch.zeros((2, N, KVH), dtype=torch.int32, device=DEV)
+    if mode == "all_same":
+        for c, J in enumerate((0, 1, 2)):
+            vis = (J + 1) * 8 <= pos  # causal visibility of block J
+            idx[:, :, :, c] = torch.where(vis, J, -1)[None, :, None].to(torch.int32)
+            cnt += vis[None, :, None].to(torch.int32)
+        # compact: visible blocks come first because J grows with c
+    t = {k_: v_.detach().requires_grad_(k_ in ("q", "k", "v", "gates")) for k_, v_ in t.items()}
+    t64 = {k_: v_.detach().double().requires_grad_(k_ in ("q", "k", "v", "gates"))
+           for k_, v_ in t.items()}
+    tlow = {k_: v_.detach().clone().requires_grad_(k_ in ("q", "k", "v", "gates"))
+            for k_, v_ in t.items()}
+    out = blossomrec_cuda.sparse_attention(t["q"], t["k"], t["v"], t["gates"], idx, cnt,
+                                           lengths=seq_len, select_block=8)
+    ref64, _ = reference_given_selection(t64, idx, cnt, seq_start, seq_len, hp)
+    low, _ = reference_given_selection(tlow, idx, cnt, seq_start, seq_len, hp, upcast=False)
+    assert_fa_close(out.detach(), ref64.detach(), low.detach(), ATOL[dtype], "out")
+    dout = torch.randn_like(out)
+    names = ("q", "k", "v", "gates")
+    grads = torch.autograd.grad(out, [t[n] for n in names], dout)
+    g64 = torch.autograd.grad(ref64, [t64[n] for n in names], dout.double())
+    glow = torch.autograd.grad(low, [tlow[n] for n in names], dout)
+    for name, a, b_, c in zip(names, grads, g64, glow):
+        assert_fa_close(a, b_, c, 4 * ATOL[dtype], "d" + name)
+
+
+def test_long_sequence_65536_sampled_rows():
+    """N = 65536, B = 1 runs (no N x N or N x N/s buffer) and matches the reference on sampled rows."""
+    N, H, KVH, D = 65536, 8, 2, 16
+    dtype = torch.bfloat16
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(1, N, H, D, device=DEV, dtype=dtype, generator=g)
+    k = torch.randn(1, N, KVH, D, device=DEV, dtype=dtype, generator=g)
+    v = torch.randn(1, N, KVH, D, device=DEV, dtype=dtype, generator=g)
+    kc = torch.randn(1, N // 16, KVH, D, device=DEV, dtype=dtype, generator=g)
+    gates = torch.rand(1, N, H, 2, device=DEV, dtype=dtype, generator=g)
+    hp = dict(compress_stride=16, select_block=16, num_select=4, window=8, power_block=1,
+              use_power=True, use_sink=False, causal=True)
+    idx, cnt = torch.ops.blossomrec.select_blocks(q, kc, torch.zeros(1, dtype=torch.int32, device=DEV),
+                                                  torch.full((1,), N, dtype=torch.int32, device=DEV),
+                                                  16, 16, 4, True, D ** -0.5)
+    out = blossomrec_cuda.blossom_attention(q, k, v, kc, gates)
+    rows = torch.cat([torch.arange(0, 40), torch.randint(40, N, (200,), generator=torch.Generator().manual_seed(1)),
+                      torch.tensor([N - 1])]).to(DEV)
+    qd, kd, vd, kcd, gd = (x[0].double() for x in (q, k, v, kc, gates))
+    ri, rc = ref.select_blocks(qd, kcd, N, rows, compress_stride=16, select_block=16, num_select=4)
+    # Selection on the sampled rows (sets), where the reference has no near-tie at the cut.
+    sc = ref.block_scores(qd[rows], kcd, N, rows, 16, 16, D ** -0.5)
+    vis = ref.block_visible(rows, sc.shape[-1], 16, True)
+    srt = sc.masked_fill(~vis[None], float("-inf")).sort(dim=-1, descending=True).values
+    fragile = (torch.isfinite(srt[..., 4]) & ((srt[..., 3] - srt[..., 4]).abs() < 1e-3)).permute(1, 0)
+    same = (idx[0, rows].sort(-1).values == ri.sort(-1).values).all(-1) & (cnt[0, rows] == rc)
+    assert bool((same | fragile).all()), "selection differs from the reference on sampled rows"
+    r64 = ref.blossom_attention_seq(qd, kd, vd, kcd, gd, rows, sel=(idx[0, rows], cnt[0, rows]),
+                                    **{k_: v_ for k_, v_ in hp.items()
+                                       if k_ not in ("compress_stride", "num_select")})
+    rlow = ref.blossom_attention_seq(q[0], k[0], v[0], kc[0], gates[0], rows,
+                                     sel=(idx[0, rows], cnt[0, rows]), upcast=False,
+                                     **{k_: v_ for k_, v_ in hp.items()
+                                        if k_ not in ("compress_stride", "num_select")})
+    assert_fa_close(out[0, rows], r64.out, rlow.out, ATOL[dtype], "out (sampled rows)")
+
+
+def _small_inputs(dtype=torch.float32, packed=False):
+    lengths = [12, 7]
+    t, seq_start, seq_len = make_batch(lengths, 12, 4, 2, 16, dtype, "packed" if packed else "right",
+                                       s=2, seed=2)
+    return t, seq_start, seq_len
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck(packed):
+    t, seq_start, seq_len = _small_inputs(packed=packed)
+    q, k, v, kc, gates = (t[n] for n in ("q", "k", "v", "kc", "gates"))
+    sel_args = (q, kc, seq_start, seq_len, 2, 4, 2, True, 0.25)
+    torch.library.opcheck(torch.ops.blossomrec.select_blocks, sel_args)
+    idx, cnt = torch.ops.blossomrec.select_blocks(*sel_args)
+    fwd_args = (q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_(),
+                v.detach().clone().requires_grad_(), gates.detach().clone().requires_grad_(),
+                idx, cnt, seq_start, seq_len, 4, 3, 1, True, False, True, 0.25)
+    torch.library.opcheck(torch.ops.blossomrec.sparse_attention_fwd, fwd_args)
+    out, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(out), q, k, v, gates, o_sel.detach(), o_win.detach(), lse.detach(),
+                idx, cnt, seq_start, seq_len, 4, 3, 1, True, False, True, 0.25)
+    torch.library.opcheck(torch.ops.blossomrec.sparse_attention_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph_and_cuda_graph():
+    t, seq_start, seq_len = make_batch([40, 33], 40, 4, 2, 16, torch.bfloat16, "right", s=4, seed=4)
+    lengths = seq_len.clone()
+
+    def step(q, k, v, kc, gates):
+        out = blossomrec_cuda.blossom_attention(q, k, v, kc, gates, lengths=lengths,
+                                                compress_stride=4, select_block=8, num_select=2)
+        return out.float().square().sum()
+
+    leaves = [t[n].detach().clone().requires_grad_() for n in ("q", "k", "v")]
+    gates = t["gates"].detach().clone().requires_grad_()
+    loss = step(*leaves, t["kc"], gates)
+    eager = torch.autograd.grad(loss, leaves + [gates])
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c = compiled(*leaves, t["kc"], gates)
+    comp = torch.autograd.grad(loss_c, leaves + [gates])
+    for a, b_ in zip(eager, comp):
+        assert torch.equal(a, b_), "torch.compile(fullgraph=True) changes the gradients"
+
+    # CUDA graph: capture a whole forward + backward step, replay, compare with eager.
+    static = [x.detach().clone().requires_grad_() for x in leaves + [gates]]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the capture
+            for x in static:
+                x.grad = None
+            step(static[0], static[1], static[2], t["kc"], static[3]).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    for x in static:
+        x.grad = None
+    with torch.cuda.graph(graph):
+        step(static[0], static[1], static[2], t["kc"], static[3]).backward()
+    new_vals = [torch.randn_like(x) for x in static]
+    with torch.no_grad():
+        for x, nv in zip(static, new_vals):
+            x.copy_(nv)
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = [nv.detach().clone().requires_grad_() for nv in new_vals]
+    want = torch.autograd.grad(step(fresh[0], fresh[1], fresh[2], t["kc"], fresh[3]), fresh)
+    for x, w in zip(static, want):
+        assert torch.equal(x.grad, w), "CUDA-graph replay differs from eager"
