@@ -1,4 +1,6 @@
-"""Microbenchmarks of the BlossomRec attention op against dense SDPA and FlexAttention (../shared/PERF.md).
+"""Microbenchmarks of the BlossomRec attention op against dense SDPA and FlexAttention.
+
+What to measure and how: ../shared/PERF.md.
 
 Methods (PERF.md names):
 
@@ -653,8 +655,8 @@ def bench_case(case: Case, methods: list[str], passes: list[str], device: torch.
                 fn(0)  # compile / autotune / load outside the memory and time measurements
                 peak = peak_extra_mib(fn, device)
                 ms, reps = time_ms(fn, n_sets, device, warmup_ms, rep_ms, min_reps)
-                row = make_row(info, method, case, pass_, ms, peak, "ok", reps=reps, input_sets=n_sets,
-                               valid_tokens=case.valid_tokens)
+                row = make_row(info, method, case, pass_, ms, peak, "ok", reps=reps,
+                               input_sets=n_sets, valid_tokens=case.valid_tokens)
             except torch.cuda.OutOfMemoryError:
                 row = make_row(info, method, case, pass_, None, None, "oom")
             except Exception as e:  # a failing method must not end the sweep
@@ -673,10 +675,10 @@ def default_out_path(device: torch.device) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    shapes = ", ".join(f"{k}=B{b}xN{n}" for k, (b, n) in SHAPES.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Shapes: " + ", ".join(f"{k}=B{b}xN{n}" for k, (b, n) in SHAPES.items())
-                                + " (R1 ragged).")
+                                epilog=f"Shapes: {shapes} (R1 ragged).")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated PERF.md shape names")
     p.add_argument("--custom", action="append", default=[], metavar="NAME=BxN",
                    help="an extra full-length shape, e.g. L1=8x8192 (repeatable)")
@@ -696,8 +698,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny float32 run on the CPU (blossomrec, sdpa_dense, reference; D=16 "
                         "unless --dims is given)")
-    p.add_argument("--print-table", metavar="JSONL", help="print the tables of a results file and exit")
-    p.add_argument("--table-run", help="with --print-table: the run id to show (default the last; 'all')")
+    p.add_argument("--print-table", metavar="JSONL",
+                   help="print the tables of a results file and exit")
+    p.add_argument("--table-run",
+                   help="with --print-table: the run id to show (default the last; 'all')")
     return p.parse_args(argv)
 
 
@@ -752,7 +756,8 @@ def main(argv=None) -> int:
     if any(m.startswith("blossomrec") or m == "reference" for m in methods):
         import_error = import_package()
         if import_error:
-            print(f"blossomrec_cuda does not import; its methods are recorded as errors: {import_error}")
+            print("blossomrec_cuda does not import; its methods are recorded as errors: "
+                  f"{import_error}")
 
     run_id = args.run_id or f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     info = RunInfo(run=run_id, device=device_name(device), torch=torch.__version__,

@@ -83,15 +83,15 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("sequence length N  (B: " + ", ".join(f"{b}@{n}" for n, b in batches) + ")",
-                          fontsize=8)
+            batch_note = ", ".join(f"{b}@{n}" for n, b in batches)
+            ax.set_xlabel(f"sequence length N  (B: {batch_note})", fontsize=8)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
         H, KVH = group[0]["H"], group[0]["KVH"]
-        fig.suptitle(f"{pass_}, D={D}, H={H}, KVH={KVH}, {dtype} on {device} (run {group[0]['run']})",
-                     fontsize=10)
+        fig.suptitle(f"{pass_}, D={D}, H={H}, KVH={KVH}, {dtype} on {device} "
+                     f"(run {group[0]['run']})", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}.png"
         fig.savefig(path, dpi=110)

@@ -56,8 +56,9 @@ CPU_SHAPES = [("c50", 32, 50), ("c200", 8, 200), ("c1024", 2, 1024), ("c4096", 1
 # --------------------------------------------------------------------------------------------------
 def make_batch(B: int, N: int, H: int, KVH: int, D: int, lengths: list[int], dtype: torch.dtype,
                device: torch.device, seed: int = 0) -> dict[str, Tensor]:
-    """A right-padded batch: ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``, ``kc [B, N // 16, KVH, D]``,
-    ``gates [B, N, H, 2]``, ``dout [B, N, H, D]``, ``lengths [B]`` int32. Random, never zeros.
+    """A right-padded batch: ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``,
+    ``kc [B, N // 16, KVH, D]``, ``gates [B, N, H, 2]``, ``dout [B, N, H, D]``, ``lengths [B]`` int32.
+    Random, never zeros.
 
     ``kc`` comes from SPEC 1a's compressor (a randomly initialised MLP) applied to each sequence's
     own keys, so the block scores look like those of a real model rather than of noise.
@@ -232,7 +233,8 @@ def timing_table(device: torch.device, dtype: torch.dtype, seed: int) -> None:
         names = ("q", "k", "v", "gates")
         leaves = {n: inp[n].clone().requires_grad_(True) for n in names}
         # SDPA's layout is [B, heads, N, D]: transposed copies made outside the timed region.
-        qt, kt, vt = (inp[n].transpose(1, 2).contiguous().requires_grad_(True) for n in ("q", "k", "v"))
+        qt, kt, vt = (inp[n].transpose(1, 2).contiguous().requires_grad_(True)
+                      for n in ("q", "k", "v"))
         dout_t = inp["dout"].transpose(1, 2).contiguous()
 
         def run_blossomrec():

@@ -56,6 +56,25 @@ struct SelectState {
   float top_s[kMaxSelect];
   int32_t top_j[kMaxSelect];
 
+  // A tile of scores (-inf for blocks that are not candidates) of blocks J0, J0 + 1, ...: one
+  // rescale of the normaliser per tile, and the top-n visited in increasing J.
+  template <int kTile>
+  __device__ __forceinline__ void add_tile(const float* sc, float tile_max, int32_t J0, int n) {
+    if (tile_max > M) {
+      S *= exp2f(M - tile_max);
+      M = tile_max;
+    }
+#pragma unroll
+    for (int jj = 0; jj < kTile; ++jj) S += exp2f(sc[jj] - M);  // exp2(-inf) = 0
+#pragma unroll
+    for (int jj = 0; jj < kTile; ++jj) {
+      if (sc[jj] > thresh || (count < n && sc[jj] > -INFINITY)) {
+        topn_insert(top_s, top_j, count, n, sc[jj], J0 + jj);
+        if (count == n) thresh = top_s[n - 1];
+      }
+    }
+  }
+
   // Blocks arrive in increasing J, so an equal score never displaces an earlier block.
   __device__ __forceinline__ void add(float s, int32_t J, int n) {
     if (s > M) {
@@ -142,13 +161,15 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
       __syncthreads();
       if (J0 >= j_end) continue;
       float sc[kTile];
-#pragma unroll
-      for (int jj = 0; jj < kTile; ++jj) sc[jj] = dot_smem<D>(qbar, tile + jj * D);
+      float tile_max = -INFINITY;
 #pragma unroll
       for (int jj = 0; jj < kTile; ++jj) {
         const int64_t J = J0 + jj;
-        if (J < j_end && (p.causal || J != own)) st.add(sc[jj], int32_t(J), n_sel);
+        const bool visible = J < j_end && (p.causal || J != own);
+        sc[jj] = visible ? dot_smem<D>(qbar, tile + jj * D) : -INFINITY;
+        tile_max = fmaxf(tile_max, sc[jj]);
       }
+      st.add_tile<kTile>(sc, tile_max, int32_t(J0), n_sel);
     }
   } else if (row.b >= 0) {
     // Rows of several sequences (short or packed sequences): each thread reads its own blocks.

@@ -145,7 +145,7 @@ __global__ void selection_keys_kernel(const AttnParams p, int64_t* keys) {
 // Pass 3: dk and dv
 // ---------------------------------------------------------------------------------------------
 struct Inverted {
-  const int64_t* order;    // entry -> flat (row, kv head, slot) index, grouped by block
+  const int64_t* rows;     // entry -> the buffer row of a query that selected the block
   const int64_t* offsets;  // [KVH * rows + 1]: block key -> first entry
 };
 
@@ -173,13 +173,14 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
                        t.lane * kDimsPerLane, v);
     // Adds what query i (same sequence), head t.h, sends to this key through branch br
     // (0 selected, 1 STIS).
+    // Query i of this sequence: buffer row row.base + i, in the key's batch entry t.bq (no
+    // division in the loop).
+    const T* qbase = static_cast<const T*>(p.q) + t.bq * p.q_sb + (row.base - t.bq * p.seq.N) * p.q_sn +
+                     t.h * p.q_sh + t.lane * kDimsPerLane;
     auto add_query = [&](int64_t i, int br) {
-      const int64_t qr = row.base + i;
-      const int64_t qbq = qr / p.seq.N, qn = qr - qbq * p.seq.N;
-      const int64_t rh = qr * p.H + t.h;
+      const int64_t rh = (row.base + i) * p.H + t.h;
       float q[kDimsPerLane], dout[kDimsPerLane];
-      Vec16<T>::load(static_cast<const T*>(p.q) + qbq * p.q_sb + qn * p.q_sn + t.h * p.q_sh +
-                         t.lane * kDimsPerLane, q);
+      Vec16<T>::load(qbase + i * p.q_sn, q);
       Vec16<T>::load(static_cast<const T*>(in.dout) + rh * D + t.lane * kDimsPerLane, dout);
       const Aux a = aux[rh * 2 + br];  // {gate, lse2, delta, -}
       const float s = segment_sum<kLanes>(dot16(q, k)) * p.scale_log2;
@@ -207,9 +208,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     {
       const int64_t key = t.g * p.seq.Bq * p.seq.N + row.base + block * bsz;
       const int64_t e1 = inv.offsets[key + 1];
-      for (int64_t e = inv.offsets[key]; e < e1; ++e) {
-        add_query(inv.order[e] / (p.KVH * p.width) - row.base, 0);
-      }
+      for (int64_t e = inv.offsets[key]; e < e1; ++e) add_query(inv.rows[e] - row.base, 0);
     }
     // STIS queries.
     for_each_stis_query_range(j, row.L, p.stis, [&](int64_t lo, int64_t hi) {
@@ -303,10 +302,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor& sorted_keys = std::get<0>(sorted);
-  const at::Tensor order = std::get<1>(sorted);
+  // The sort's permutation indexes (row, kv head, slot) entries: keep the row.
+  const at::Tensor q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
   const at::Tensor offsets =
       at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
-  const Inverted inv{order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+  const Inverted inv{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
 
   Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
   switch (d.D) {
