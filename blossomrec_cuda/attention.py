@@ -73,10 +73,11 @@ def _check_contiguous(mask: Tensor, seq_start: Tensor, seq_len: Tensor) -> None:
     bad = (seq_len > 0) & (last - seq_start + 1 != seq_len)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
+        tokens = mask[row].nonzero().flatten().tolist()
         raise ValueError(
-            f"attention_mask row {row} has holes: its valid tokens {mask[row].nonzero().flatten().tolist()}"
-            " are not one contiguous run. Move each sequence's valid tokens together (right or left "
-            "padding) or pass lengths instead of a mask.")
+            f"attention_mask row {row} has holes: its valid tokens {tokens} are not one contiguous "
+            "run. Move each sequence's valid tokens together (right or left padding) or pass "
+            "lengths instead of a mask.")
 
 
 def valid_mask(seq_start: Tensor, seq_len: Tensor, N: int) -> Tensor:

@@ -224,7 +224,10 @@ def evaluate(scorer: Callable[[Tensor, Tensor], Tensor], examples: Sequence[tupl
 def _model_scorer(model: BlossomRec, amp: Callable) -> Callable[[Tensor, Tensor], Tensor]:
     def score(items: Tensor, lengths: Tensor) -> Tensor:
         with amp():
-            return model(items, lengths)
+            hidden = model.encode(items, lengths)
+        # rank in float32: bf16 scores over thousands of items tie often, and ties count against
+        # the target (metrics.py)
+        return model.scores(hidden.float())
     return score
 
 
@@ -251,10 +254,10 @@ def _save_checkpoint(path: str, state: dict) -> None:
 
 def load_data(cfg: TrainConfig) -> InteractionData:
     if cfg.data is None:
-        data = synthetic_dataset(seed=0)
-        if cfg.max_users is not None:
-            data.sequences = data.sequences[: cfg.max_users]
-        return data
+        # users are drawn one after another, so a smaller count gives the first users of the
+        # full synthetic dataset
+        return synthetic_dataset(**({} if cfg.max_users is None else {"num_users": cfg.max_users}),
+                                 seed=0)
     return load_dataset(cfg.data, cfg.format, cfg.max_users)
 
 
@@ -380,7 +383,6 @@ def _train_epoch(net: nn.Module, loader: DataLoader,
     net.train()
     total = torch.zeros(2, dtype=torch.float64)
     bar = _progress(rt, cfg, len(loader.sampler), epoch)
-    t0 = time.time()
     for items, lengths, targets in loader:
         items, lengths, targets = (t.to(rt.device, non_blocking=True) for t in (items, lengths, targets))
         with amp():
@@ -392,9 +394,8 @@ def _train_epoch(net: nn.Module, loader: DataLoader,
         value = float(loss.detach())
         total += torch.tensor([value * len(targets), len(targets)], dtype=torch.float64)
         if bar is not None:
-            bar.update(len(targets) * rt.world)
-            bar.set_postfix(loss=f"{value:.4f}",
-                            seq_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.0f}")
+            bar.update(len(targets) * rt.world)  # the bar's rate is the throughput, in seq/s
+            bar.set_postfix(loss=f"{value:.4f}")
     if bar is not None:
         bar.close()
     if rt.distributed:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Accuracy sweep of issue 5 on a GPU: BlossomRec on the CUDA ops, the same model on reference.py's
+# ops, and dense SASRec, per dataset and seed; one JSON line per run (metrics, wall time per epoch).
+#
+#   DATASETS="beauty games ml50 ml200" SEEDS="0 1" EPOCHS=200 PATIENCE=15 bash benchmarks/accuracy_sweep.sh
+#
+# Knobs: DATASETS (beauty, games, ml50, ml200 = MovieLens with max length 50 / 200), SEEDS, EPOCHS,
+# PATIENCE, METHODS ("ops reference dense"), RUN_TIMEOUT (seconds per run), EXTRA_ARGS (passed on to
+# the train command), BLOSSOMREC_DATA (the data
+# folder, default .data: the git-ignored copy of ../shared/data that travels to the device), OUT.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+DATA=${BLOSSOMREC_DATA:-.data}
+DATASETS=${DATASETS:-beauty games ml50 ml200}
+SEEDS=${SEEDS:-0 1}
+EPOCHS=${EPOCHS:-200}
+PATIENCE=${PATIENCE:-15}
+METHODS=${METHODS:-ops reference dense}
+RUN_TIMEOUT=${RUN_TIMEOUT:-3600}
+CARD=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0).lower().replace("nvidia ", "").replace(" ", "-") if torch.cuda.is_available() else "cpu")')
+RESULTS=${RESULTS:-benchmarks/results/accuracy-${CARD}-$(date -u +%Y%m%d).jsonl}
+mkdir -p "$(dirname "$RESULTS")"
+
+for ds in $DATASETS; do
+  case $ds in
+    beauty) args=(--data "$DATA/amazon-beauty.txt" --format user-items --max-len 50) ;;
+    games) args=(--data "$DATA/amazon-video-games.txt" --format user-item-pairs --max-len 50) ;;
+    ml50) args=(--data "$DATA/ml-latest-small" --format movielens --max-len 50) ;;
+    ml200) args=(--data "$DATA/ml-latest-small" --format movielens --max-len 200) ;;
+    *) echo "unknown dataset $ds" >&2; exit 2 ;;
+  esac
+  for seed in $SEEDS; do
+    for method in $METHODS; do
+      case $method in
+        ops) m=(--attention blossom --backend ops) ;;
+        reference) m=(--attention blossom --backend reference) ;;
+        dense) m=(--attention dense) ;;
+      esac
+      echo "=== $ds seed $seed $method"
+      timeout "$RUN_TIMEOUT" "$PY" -m blossomrec_cuda.rec.train "${args[@]}" "${m[@]}" --seed "$seed" \
+        --epochs "$EPOCHS" --patience "$PATIENCE" --no-progress --jsonl "$RESULTS" ${EXTRA_ARGS:-} \
+        || echo "run failed or timed out: $ds $seed $method (exit $?)"
+    done
+  done
+done
+[ -n "${OUT:-}" ] && [ -f "$RESULTS" ] && cp "$RESULTS" "$OUT/"
+echo "results: $RESULTS"

@@ -1,0 +1,294 @@
+"""BlossomAttention / DenseAttention (SPEC 4): the module against a reference module built from
+reference.py, padding invariance, state_dict, autocast, torch.compile and which parameters train."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blossomrec_cuda import BlossomAttention, DenseAttention, reference
+
+DIM = 32
+# small blocks so that N = 45 has several compression windows and selection blocks (m = b / s = 2)
+SMALL = dict(compress_block_size=8, stride=4, selection_block_size=8, num_selected_blocks=2,
+             window=3)
+CONFIGS = [
+    pytest.param(dict(heads=4, kv_heads=2, dim_head=16, causal=True, **SMALL), id="causal-G2"),
+    pytest.param(dict(heads=4, kv_heads=1, dim_head=16, causal=False, **SMALL), id="noncausal-G4"),
+    pytest.param(dict(heads=2, kv_heads=2, dim_head=32, causal=True, power_block_size=2, **SMALL),
+                 id="causal-G1-p2"),
+    pytest.param(dict(heads=4, kv_heads=2, dim_head=16, causal=True), id="paper-defaults"),
+]
+
+
+def make_module(seed: int = 0, cls=BlossomAttention, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    module = cls(DIM, **kwargs)
+    if isinstance(module, BlossomAttention):
+        # the compressor starts at PyTorch's init and its position table at 0; perturb the table so
+        # that a wrong slot order in the batched compression would change the selection
+        with torch.no_grad():
+            module.compress_pos.normal_(std=0.5)
+    return module
+
+
+def left_pad(x: Tensor, lengths: Tensor) -> Tensor:
+    """Move the first ``lengths[b]`` rows of each right-padded ``x[b]`` to the end."""
+    out = torch.zeros_like(x)
+    N = x.shape[1]
+    for b, L in enumerate(lengths.tolist()):
+        if L:
+            out[b, N - L:] = x[b, :L]
+    return out
+
+
+def reference_module(m: BlossomAttention, x: Tensor, starts: list[int], lens: list[int]) -> Tensor:
+    """SPEC 4 one sequence at a time with reference.py: projection, RoPE at 0..L-1,
+    reference.compress_keys, the gate, reference.blossom_attention_seq, the output projection."""
+    B, N, _ = x.shape
+    H, KVH, D = m.heads, m.kv_heads, m.dim_head
+    out = torch.zeros(B, N, DIM, dtype=x.dtype)
+    for b, (st, L) in enumerate(zip(starts, lens)):
+        if L == 0:
+            continue
+        xs = x[b, st:st + L]
+        qkv = (xs @ m.to_qkv.weight.t()).view(L, H + 2 * KVH, D)
+        q, k, v = qkv[:, :H], qkv[:, H:H + KVH], qkv[:, H + KVH:]
+        pos = torch.arange(L)
+        q = reference.apply_rope(q, pos, m.rope_theta)
+        k = reference.apply_rope(k, pos, m.rope_theta)
+        kc = reference.compress_keys(k, m.compress_pos, m.compress_mlp, m.compress_block_size,
+                                     m.stride)
+        gates = torch.sigmoid(xs @ m.to_gates.weight.t() + m.to_gates.bias).view(L, H, 2)
+        r = reference.blossom_attention_seq(
+            q, k, v, kc, gates, compress_stride=m.stride, select_block=m.selection_block_size,
+            num_select=m.num_selected_blocks, window=m.window, power_block=m.power_block_size,
+            use_power=m.use_power, use_sink=m.use_sink, causal=m.causal)
+        out = out.index_put((torch.full((L,), b), torch.arange(st, st + L)),
+                            r.out.reshape(L, H * D) @ m.to_out.weight.t())
+    return out
+
+
+def trainable_grads(m: torch.nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("padding", ["right", "left", "mask-left"])
+def test_module_matches_reference_module(cfg, padding):
+    m = make_module(**cfg)
+    N = 70 if "compress_block_size" not in cfg else 45
+    lengths = torch.tensor([N, N - 13, 5, 0])
+    torch.manual_seed(1)
+    x = torch.randn(4, N, DIM)
+    if padding == "right":
+        starts = [0] * 4
+        out = m(x, lengths=lengths)
+    else:
+        x = left_pad(x, lengths)
+        starts = (N - lengths).tolist()
+        if padding == "left":
+            out = m(x, lengths=lengths, padding_side="left")
+        else:
+            mask = torch.arange(N)[None, :] >= (N - lengths)[:, None]
+            out = m(x, attention_mask=mask)
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    got_grads = trainable_grads(m)
+    m.zero_grad(set_to_none=True)
+
+    ref = reference_module(m, x, starts, lengths.tolist())
+    (ref * dout).sum().backward()
+    want_grads = trainable_grads(m)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert set(got_grads) == set(want_grads) == {"to_qkv.weight", "to_out.weight",
+                                                 "to_gates.weight", "to_gates.bias"}
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-3,
+                                   msg=lambda msg: f"{name}: {msg}")
+
+
+def test_reference_backend_matches_ops_backend():
+    m_ops = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    m_ref = BlossomAttention(DIM, 4, 2, 16, **SMALL, backend="reference")
+    m_ref.load_state_dict(m_ops.state_dict())
+    x = torch.randn(3, 37, DIM)
+    lengths = torch.tensor([37, 20, 1])
+    torch.testing.assert_close(m_ops(x, lengths=lengths), m_ref(x, lengths=lengths), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [BlossomAttention, DenseAttention])
+def test_padding_invariance(cls):
+    """A sequence gives the same output alone, right-padded, left-padded, in a mask, next to other
+    sequences of any length; padding rows are exactly 0 and gradients stay finite."""
+    kwargs = dict(heads=4, kv_heads=2, dim_head=16)
+    if cls is BlossomAttention:
+        kwargs.update(SMALL)
+    m = make_module(cls=cls, **kwargs)
+    torch.manual_seed(2)
+    seqs = [torch.randn(L, DIM) for L in (33, 12, 0, 40)]
+    alone = [m(s[None]) [0] if len(s) else s for s in seqs]
+    for N in (40, 53):
+        lengths = torch.tensor([len(s) for s in seqs])
+        right = torch.zeros(len(seqs), N, DIM)
+        for b, s in enumerate(seqs):
+            right[b, : len(s)] = s
+        left = left_pad(right, lengths)
+        x = right.clone().requires_grad_()
+        out_right = m(x, lengths=lengths)
+        out_left = m(left, lengths=lengths, padding_side="left")
+        out_mask = m(left, attention_mask=torch.arange(N)[None, :] >= (N - lengths)[:, None])
+        for b, s in enumerate(seqs):
+            L = len(s)
+            torch.testing.assert_close(out_right[b, :L], alone[b], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out_left[b, N - L:], alone[b], atol=1e-5, rtol=1e-5)
+            assert torch.equal(out_right[b, L:], torch.zeros_like(out_right[b, L:]))
+            assert torch.equal(out_left[b, : N - L], torch.zeros_like(out_left[b, : N - L]))
+        torch.testing.assert_close(out_mask, out_left)
+        out_right.square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        m.zero_grad(set_to_none=True)
+
+
+def test_mask_errors_say_how_to_fix():
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    x = torch.randn(2, 10, DIM)
+    holes = torch.ones(2, 10, dtype=torch.bool)
+    holes[1, 4] = False
+    with pytest.raises(ValueError, match="row 1 has holes"):
+        m(x, attention_mask=holes)
+    with pytest.raises(TypeError, match="bool"):
+        m(x, attention_mask=holes.long())
+    with pytest.raises(ValueError, match="either attention_mask or lengths"):
+        m(x, attention_mask=holes, lengths=torch.tensor([10, 10]))
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        m(x, attention_mask=holes[:, :5])
+    with pytest.raises(ValueError, match="padding_side"):
+        m(x, lengths=torch.tensor([3, 4]), padding_side="middle")
+    with pytest.raises(ValueError, match="multiple of stride"):
+        BlossomAttention(DIM, 4, 2, 16, stride=16, selection_block_size=24)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        BlossomAttention(DIM, 4, 3, 16)
+
+
+def test_gate_init_and_which_parameters_train():
+    """SPEC 3 gate init; gradients reach qkv, gates and output projection; the compressor (which by
+    SPEC 1b only feeds the discrete selection) gets none."""
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    assert torch.equal(m.to_gates.weight, torch.zeros_like(m.to_gates.weight))
+    assert m.to_gates.bias.tolist() == [-2.0, 2.0] * 4
+    x = torch.randn(2, 45, DIM)
+    gates = torch.sigmoid(m.to_gates(x)).view(2, 45, 4, 2)
+    torch.testing.assert_close(gates[..., 0], torch.full((2, 45, 4), 0.1192), atol=1e-4, rtol=0)
+    m(x, lengths=torch.tensor([45, 30])).square().sum().backward()
+    no_grad = {id(p) for p in m.no_grad_parameters()}
+    assert len(no_grad) == 5  # position table + two Linear layers' weights and biases
+    for name, p in m.named_parameters():
+        if id(p) in no_grad:
+            assert p.grad is None, f"{name} should get no gradient (discrete selection)"
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_state_dict_round_trip():
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = BlossomAttention(DIM, 4, 2, 16, **SMALL)
+    x = torch.randn(2, 45, DIM)
+    lengths = torch.tensor([45, 17])
+    assert not torch.allclose(fresh(x, lengths=lengths), m(x, lengths=lengths))
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x, lengths=lengths), m(x, lengths=lengths))
+    assert set(m.state_dict()) == {
+        "to_qkv.weight", "to_out.weight", "compress_pos", "compress_mlp.0.weight",
+        "compress_mlp.0.bias", "compress_mlp.2.weight", "compress_mlp.2.bias", "to_gates.weight",
+        "to_gates.bias"}
+    # the dense baseline shares the projections under the same names
+    dense = DenseAttention(DIM, 4, 2, 16)
+    missing, unexpected = dense.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and set(unexpected) == set(m.state_dict()) - set(dense.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [BlossomAttention, DenseAttention])
+def test_autocast(cls, dtype):
+    """Under autocast the module runs the op in the low precision and stays within the error that
+    the same low precision causes in the reference module (FlashAttention's criterion)."""
+    kwargs = dict(heads=4, kv_heads=2, dim_head=16, **(SMALL if cls is BlossomAttention else {}))
+    m = make_module(cls=cls, **kwargs)
+    x = torch.randn(3, 45, DIM)
+    lengths = torch.tensor([45, 30, 2])
+    ref = m(x, lengths=lengths)
+    with torch.autocast("cpu", dtype=dtype):
+        out = m(x, lengths=lengths)
+    assert out.dtype == dtype
+    # the low-precision error of the inputs alone: round x and the weights, compute in float32
+    low = make_module(cls=cls, **kwargs)
+    low.load_state_dict({k: v.to(dtype).float() for k, v in m.state_dict().items()})
+    ref_low = low(x.to(dtype).float(), lengths=lengths)
+    err, base = (out.float() - ref).abs().max(), (ref_low - ref).abs().max()
+    assert err <= 4 * base + 1e-2, f"autocast error {err} vs input-rounding error {base}"
+    out.float().square().sum().backward()
+    assert m.to_qkv.weight.grad is not None and torch.isfinite(m.to_qkv.weight.grad).all()
+
+
+def test_torch_compile_fullgraph():
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    N = 45
+    lengths = torch.tensor([45, 20, 0])
+    x = left_pad(torch.randn(3, N, DIM), lengths)
+    mask = torch.arange(N)[None, :] >= (N - lengths)[:, None]
+    eager = m(x, attention_mask=mask)
+    eager.square().sum().backward()
+    want = trainable_grads(m)
+    m.zero_grad(set_to_none=True)
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x, attention_mask=mask)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    got = trainable_grads(m)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_attention_matches_naive_causal_attention():
+    m = make_module(cls=DenseAttention, heads=4, kv_heads=2, dim_head=16)
+    x = torch.randn(2, 9, DIM)
+    lengths = torch.tensor([9, 6])
+    out = m(x, lengths=lengths)
+    for b, L in enumerate(lengths.tolist()):
+        xs = x[b, :L]
+        qkv = (xs @ m.to_qkv.weight.t()).view(L, 8, 16)
+        pos = torch.arange(L)
+        q = reference.apply_rope(qkv[:, :4], pos)
+        k = reference.apply_rope(qkv[:, 4:6], pos).repeat_interleave(2, dim=1)
+        v = qkv[:, 6:].repeat_interleave(2, dim=1)
+        logits = torch.einsum("ihd,jhd->hij", q, k) / 4.0
+        logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        o = torch.einsum("hij,jhd->ihd", F.softmax(logits, dim=-1), v).reshape(L, 64)
+        torch.testing.assert_close(out[b, :L], o @ m.to_out.weight.t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    N = 45
+    lengths = torch.tensor([45, 20, 0])
+    x = left_pad(torch.randn(3, N, DIM), lengths)
+    mask = torch.arange(N)[None, :] >= (N - lengths)[:, None]
+    cpu = m(x, attention_mask=mask)
+    gpu = m.cuda()(x.cuda(), attention_mask=mask.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = torch.compile(m, fullgraph=True)(x.cuda(), attention_mask=mask.cuda())
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float().cpu(), cpu, atol=5e-2, rtol=5e-2)

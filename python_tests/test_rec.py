@@ -1,0 +1,302 @@
+"""The recommender subpackage: data readers, split, metrics, the model, the training command
+(checkpoint/resume, DistributedDataParallel) and a short run on real data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from blossomrec_cuda import BlossomAttention
+from blossomrec_cuda.rec import data as D
+from blossomrec_cuda.rec.metrics import metrics_from_ranks, rank_of_target
+from blossomrec_cuda.rec.model import BlossomRec, SASRec, build_model
+from blossomrec_cuda.rec.train import (Runtime, TrainConfig, evaluate, load_data, main, parse_args,
+                                       run, _model_scorer)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("BLOSSOMREC_DATA", REPO.parent / "shared" / "data"))
+
+# a tiny model and slice so that a whole training run takes a few seconds on 2 CPU cores
+TINY = TrainConfig(max_users=150, hidden=32, heads=2, kv_heads=1, layers=1, inner=64,
+                   max_len=20, epochs=2, batch_size=128, eval_batch_size=256, progress=False,
+                   device="cpu", sparse=dict(compress_block_size=8, stride=4,
+                                             selection_block_size=4, num_selected_blocks=2,
+                                             window=4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------------
+def test_read_user_items(tmp_path):
+    path = tmp_path / "seqs.txt"
+    path.write_text("1 10 20 10\n2 30\n\n3 20 40 50 60\n")
+    data = D.load_dataset(str(path))  # auto: a line with more than two tokens
+    assert data.sequences == [[1, 2, 1], [3], [2, 4, 5, 6]]
+    assert data.num_items == 6 and data.raw_item_ids == ["10", "20", "30", "40", "50", "60"]
+    assert D.read_user_items(str(path), max_users=2).sequences == [[1, 2, 1], [3]]
+
+
+def test_read_user_item_pairs(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("u1 7\nu2 8\nu1 9\nu1 7\nu2 9\n")
+    assert D.detect_format(str(path)) == "user-item-pairs"
+    data = D.load_dataset(str(path))
+    # users in order of first appearance; item ids numbered user by user: 7, 9, then 8
+    assert data.sequences == [[1, 2, 1], [3, 2]]
+    assert D.load_dataset(str(path), max_users=1).sequences == [[1, 2, 1]]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("u1 7\nu1 7 8\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        D.read_user_item_pairs(str(bad))
+
+
+def test_read_movielens_sorts_by_timestamp(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n"
+                    "1,100,4.0,30\n1,200,3.0,10\n2,100,5.0,5\n1,300,1.0,10\n2,400,2.0,1\n")
+    data = D.load_dataset(str(tmp_path))  # a folder means its ratings.csv
+    # user 1: 200 (t=10), 300 (t=10, later in the file), 100 (t=30); user 2: 400, 100
+    assert [[data.raw_item_ids[i - 1] for i in s] for s in data.sequences] == [
+        ["200", "300", "100"], ["400", "100"]]
+    assert data.name == tmp_path.name
+    (tmp_path / "broken.csv").write_text("user,item\n1,2\n")
+    with pytest.raises(ValueError, match="missing"):
+        D.load_dataset(str(tmp_path / "broken.csv"))
+    with pytest.raises(ValueError, match="no dataset"):
+        D.load_dataset(str(tmp_path / "absent.txt"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Split, batches, negatives
+# --------------------------------------------------------------------------------------------------
+def test_leave_one_out_and_training_examples():
+    data = D.InteractionData("t", [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], num_items=10)
+    split = D.leave_one_out(data)
+    assert split.train == [[1, 2, 3], [6, 7], [8]]
+    assert split.valid == [(0, [1, 2, 3], 4), (2, [8], 9)]
+    assert split.test == [(0, [1, 2, 3, 4], 5), (2, [8, 9], 10)]
+    histories, targets = D.training_examples(split.train, max_len=2)
+    assert histories == [[1], [1, 2], [6]] and targets == [2, 3, 7]
+    items, lengths = D.pad_batch([[1, 2, 3], [4]], max_len=2)
+    assert items.tolist() == [[2, 3], [4, 0]] and lengths.tolist() == [2, 1]
+
+
+def test_sample_negatives_are_unseen_distinct_and_seeded():
+    data = D.synthetic_dataset(num_users=50, num_items=300, seed=3)
+    users = list(range(50))
+    neg = D.sample_negatives(data, users, 100, seed=7)
+    assert neg.shape == (50, 100)
+    assert torch.equal(neg, D.sample_negatives(data, users, 100, seed=7))
+    for u in users:
+        row = set(neg[u].tolist())
+        assert len(row) == 100 and not row & set(data.sequences[u])
+        assert min(row) >= 1 and max(row) <= data.num_items
+    with pytest.raises(ValueError, match="fewer"):
+        D.sample_negatives(data, [0], data.num_items, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+def test_metrics_by_hand():
+    got = metrics_from_ranks(torch.tensor([0, 1, 9, 10]), k=10)
+    assert got["recall@10"] == pytest.approx(3 / 4)
+    assert got["mrr@10"] == pytest.approx((1 + 1 / 2 + 1 / 10) / 4)
+    assert got["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(11)) / 4)
+
+
+def test_rank_of_target_ties_and_exclusion():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1],
+                           [0.2, 0.2, 0.2, 0.2]])
+    # row 0: target column 0; 0.9 beats it and the tie at column 2 counts against it
+    # row 1: all equal -> last place, not first
+    assert rank_of_target(scores, torch.tensor([0, 3])).tolist() == [2, 3]
+    exclude = torch.tensor([[False, True, False, False], [True, True, True, True]])
+    assert rank_of_target(scores, torch.tensor([0, 3]), exclude).tolist() == [1, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+def test_model_keeps_gate_init_and_is_padding_invariant():
+    torch.manual_seed(0)
+    model = BlossomRec(50, hidden=32, heads=2, kv_heads=1, layers=2, inner=64, dropout=0.0,
+                       **TINY.sparse).eval()
+    gates = [m.to_gates for m in model.modules() if isinstance(m, BlossomAttention)]
+    assert len(gates) == 2
+    for g in gates:  # the SASRec re-init must not touch the gate
+        assert torch.equal(g.weight, torch.zeros_like(g.weight)) and g.bias.tolist() == [-2, 2] * 2
+    assert torch.equal(model.item_embedding.weight[0], torch.zeros(32))
+    seq = torch.randint(1, 51, (17,))
+    alone = model(seq[None], torch.tensor([17]))
+    batch = torch.zeros(3, 30, dtype=torch.long)
+    batch[0, :30] = torch.randint(1, 51, (30,))
+    batch[1, :17] = seq
+    batch[2, :4] = seq[:4]
+    scores = model(batch, torch.tensor([30, 17, 4]))
+    assert scores.shape == (3, 50)
+    torch.testing.assert_close(scores[1], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[2], model(seq[None, :4], torch.tensor([4]))[0], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_sasrec_is_the_dense_model():
+    dense = SASRec(20, hidden=32, heads=2, kv_heads=1, layers=1, inner=64)
+    assert dense.attention_kind == "dense"
+    assert not any(isinstance(m, BlossomAttention) for m in dense.modules())
+    assert isinstance(build_model(20, "dense", hidden=32, heads=2, kv_heads=1), SASRec)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        BlossomRec(20, attention="sparse")
+
+
+# --------------------------------------------------------------------------------------------------
+# The training command
+# --------------------------------------------------------------------------------------------------
+def test_command_line_writes_table_json_and_jsonl(tmp_path, capsys):
+    out, rows = tmp_path / "r.json", tmp_path / "rows.jsonl"
+    argv = ["--max-users", "120", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--layers",
+            "1", "--inner", "64", "--max-len", "20", "--epochs", "1", "--batch-size", "128",
+            "--device", "cpu", "--no-progress", "--out", str(out), "--jsonl", str(rows),
+            "--stride", "4", "--compress-block-size", "8", "--selection-block-size", "4"]
+    assert parse_args(argv).sparse == dict(stride=4, compress_block_size=8, selection_block_size=4)
+    assert main(argv) == 0
+    assert main(argv + ["--attention", "dense"]) == 0
+    printed = capsys.readouterr().out
+    assert "| BlossomRec | sampled (100 neg) |" in printed and "| SASRec | full ranking |" in printed
+    result = json.loads(out.read_text())
+    assert result["model"] == "SASRec" and result["dataset"] == "synthetic"
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["model"] for r in lines] == ["BlossomRec", "SASRec"]
+    for r in lines:
+        for protocol in ("sampled", "full"):
+            assert set(r["test"][protocol]) == {"recall@10", "mrr@10", "ndcg@10"}
+            assert 0.0 <= r["test"][protocol]["ndcg@10"] <= r["test"][protocol]["recall@10"] <= 1.0
+
+
+def test_checkpoint_resume_continues_the_same_run(tmp_path):
+    straight = run(replace(TINY, checkpoint_dir=str(tmp_path / "a")))
+    first = run(replace(TINY, epochs=1, checkpoint_dir=str(tmp_path / "b")))
+    assert first["history"][0]["train_loss"] == pytest.approx(
+        straight["history"][0]["train_loss"], rel=1e-5)  # seeded: the same first epoch
+    resumed = run(replace(TINY, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    for protocol in ("sampled", "full"):
+        for name, value in straight["test"][protocol].items():
+            assert resumed["test"][protocol][name] == pytest.approx(value, abs=1e-3)
+    with pytest.raises(ValueError, match="different"):
+        run(replace(TINY, hidden=16, heads=1, checkpoint_dir=str(tmp_path / "b"), resume=True))
+
+
+def test_early_stopping_stops_after_patience():
+    # a learning rate of 0 never improves on the first evaluation
+    result = run(replace(TINY, epochs=5, patience=2, lr=0.0))
+    assert result["best_epoch"] == 1 and result["epochs_run"] == 3
+
+
+def test_distributed_two_processes_gloo(tmp_path):
+    """torchrun with 2 CPU processes (gloo): trains, and its sharded, all-reduced evaluation equals a
+    single-process evaluation of the saved best model."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "blossomrec_cuda.rec.train", "--max-users", "150", "--hidden", "32", "--heads",
+           "2", "--kv-heads", "1", "--layers", "1", "--inner", "64", "--max-len", "20",
+           "--epochs", "2", "--batch-size", "128", "--device", "cpu", "--no-progress",
+           "--stride", "4", "--compress-block-size", "8", "--selection-block-size", "4",
+           "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["epochs_run"] == 2
+
+    cfg = replace(TINY, max_users=150, sparse=dict(stride=4, compress_block_size=8,
+                                                   selection_block_size=4))
+    data = load_data(cfg)
+    split = D.leave_one_out(data)
+    negatives = D.sample_negatives(data, [u for u, _, _ in split.test], 100, seed=cfg.seed + 1)
+    model = build_model(data.num_items, hidden=32, heads=2, kv_heads=1, layers=1, inner=64,
+                        sparse_kwargs=cfg.sparse)
+    model.load_state_dict(torch.load(tmp_path / "ckpt" / "checkpoint.pt",
+                                     weights_only=False)["best_model"])
+    model.eval()
+    single = evaluate(_model_scorer(model, torch.no_grad), split.test, negatives, data.num_items,
+                      cfg.max_len, 256, Runtime(torch.device("cpu")))
+    for protocol in ("sampled", "full"):
+        for name, value in single[protocol].items():
+            assert result["test"][protocol][name] == pytest.approx(value, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evidence: a short run on real data learns and beats popularity
+# --------------------------------------------------------------------------------------------------
+def test_short_run_on_real_data_beats_popularity():
+    path = DATA_DIR / "ml-latest-small" / "ratings.csv"
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set BLOSSOMREC_DATA to ../shared/data)")
+    # MovieLens latest-small, first 200 users (long histories): small blocks so that max_len 32
+    # holds several selection blocks and both LTIS and STIS branches do work
+    cfg = TrainConfig(data=str(path), max_users=200, hidden=64, heads=4, kv_heads=2, layers=1,
+                      inner=128, max_len=32, epochs=3, batch_size=256, lr=2e-3, progress=False,
+                      device="cpu", sparse=dict(compress_block_size=8, stride=4,
+                                                selection_block_size=4, num_selected_blocks=2,
+                                                window=4))
+    result = run(cfg)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    model, pop = result["test"]["sampled"]["ndcg@10"], result["popularity"]["sampled"]["ndcg@10"]
+    assert model > pop + 0.02, f"BlossomRec NDCG@10 {model:.4f} vs popularity {pop:.4f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# RecBole adapter (optional dependency)
+# --------------------------------------------------------------------------------------------------
+def test_recbole_adapter_trains_inside_recbole(tmp_path, monkeypatch):
+    pytest.importorskip("recbole", reason="RecBole is an optional dependency: pip install recbole")
+    import numpy as np
+    # RecBole 1.2.1's Config still assigns NumPy 1 aliases removed in NumPy 2
+    for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
+        monkeypatch.setattr(np, old, new, raising=False)
+    monkeypatch.chdir(tmp_path)  # RecBole's Trainer writes log_tensorboard/ into the cwd
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.trainer import Trainer
+    from recbole.utils import init_seed
+
+    from blossomrec_cuda.rec.recbole_adapter import BlossomRecRecBole
+
+    synthetic = D.synthetic_dataset(num_users=80, num_items=60, seed=1)
+    (tmp_path / "tiny").mkdir()
+    with open(tmp_path / "tiny" / "tiny.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u, seq in enumerate(synthetic.sequences):
+            f.writelines(f"{u}\t{item}\t{t}\n" for t, item in enumerate(seq))
+    results = {}
+    for mode in ("uni100", "full"):
+        config = Config(model=BlossomRecRecBole, config_dict={
+            "data_path": str(tmp_path), "dataset": "tiny", "loss_type": "CE",
+            "train_neg_sample_args": None, "epochs": 2, "train_batch_size": 128,
+            "eval_batch_size": 512, "hidden_size": 32, "n_heads": 2, "n_kv_heads": 1,
+            "inner_size": 64, "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 20, "stride": 4,
+            "compress_block_size": 8, "selection_block_size": 4, "device": "cpu",
+            "use_gpu": False, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": mode},
+            "metrics": ["Recall", "MRR", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
+            "show_progress": False, "checkpoint_dir": str(tmp_path / "saved"), "state": "ERROR"})
+        init_seed(config["seed"], config["reproducibility"])
+        train, valid, test = data_preparation(config, create_dataset(config))
+        model = BlossomRecRecBole(config, train.dataset)
+        assert model.model.num_items == model.n_items - 1
+        trainer = Trainer(config, model)
+        trainer.fit(train, valid, saved=False, show_progress=False)
+        results[mode] = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    for mode, metrics in results.items():
+        assert 0.0 < metrics["ndcg@10"] <= metrics["recall@10"] <= 1.0, (mode, metrics)
