@@ -463,12 +463,14 @@ def test_module_compiles_fullgraph_on_cuda():
     for b, L in enumerate((40, 17, 1)):
         mask[b, 40 - L:] = True
 
-    def run(m):
-        m.zero_grad(set_to_none=True)
+    def run(fn):
+        module.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = m(x, attention_mask=mask)
+            y = fn(x, attention_mask=mask)
         y.float().square().sum().backward()
-        return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        # The compiled wrapper shares the module's parameters: read the gradients there.
+        return y.detach(), {n: p.grad.clone() for n, p in module.named_parameters()
+                            if p.grad is not None}
 
     y_eager, g_eager = run(module)
     y_comp, g_comp = run(torch.compile(module, fullgraph=True))
