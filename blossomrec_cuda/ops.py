@@ -56,8 +56,7 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         start, length = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
-        layout = SeqLayout(start, length, packed=True)
-        return SeqLayout(start, length, True, _validate(layout, q.shape[0]))
+        return SeqLayout(start, length, True, _validate(start, length, q.shape[0], packed=True))
     if q.dim() != 4:
         raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
                          "(pass cu_seqlens for a packed [T, H, D] batch)")
@@ -78,27 +77,27 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
         start = N - length
     else:
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    layout = SeqLayout(start.contiguous(), length.contiguous(), packed=False)
-    if lengths is None:  # full-length batches need no check (and no device sync)
-        return SeqLayout(layout.seq_start, layout.seq_len, False, N)
-    return SeqLayout(layout.seq_start, layout.seq_len, False, _validate(layout, N))
+    start, length = start.contiguous(), length.contiguous()
+    # Full-length batches need no check (and no device sync).
+    max_len = N if lengths is None else _validate(start, length, N, packed=False)
+    return SeqLayout(start, length, False, max_len)
 
 
-def _validate(layout: SeqLayout, N: int) -> Optional[int]:
+def _validate(seq_start: Tensor, seq_len: Tensor, N: int, packed: bool) -> Optional[int]:
     """Value checks that need the lengths on the host (a device sync for CUDA lengths); skipped
     while tracing or capturing (the kernels clamp lengths, so bad values there cannot go out of
     bounds). Returns the longest length when it was checked."""
     if _is_tracing():
         return None
-    if layout.seq_len.numel() == 0:
+    if seq_len.numel() == 0:
         return 0
-    start, length = layout.seq_start.cpu(), layout.seq_len.cpu()
+    start, length = seq_start.cpu(), seq_len.cpu()
     # Messages name what the caller passed: cu_seqlens (packed) or lengths (padded).
-    if layout.packed and bool((length < 0).any()):
+    if packed and bool((length < 0).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got differences {length.tolist()}")
     if bool((length < 0).any()):
         raise ValueError(f"lengths must be >= 0, got {length.tolist()}")
-    if layout.packed and bool((start < 0).any()):
+    if packed and bool((start < 0).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing from >= 0, got starts {start.tolist()}")
     # (a padded start is below 0 only for a left-padded length above N)
     if bool((start < 0).any()) or bool((start + length > N).any()):
