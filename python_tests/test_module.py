@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from blossomrec_cuda import BlossomAttention, DenseAttention, reference
 
@@ -239,12 +239,18 @@ def test_autocast(cls, dtype):
     assert m.to_qkv.weight.grad is not None and torch.isfinite(m.to_qkv.weight.grad).all()
 
 
-def test_torch_compile_fullgraph():
+def _left_padded_case() -> tuple[nn.Module, Tensor, Tensor]:
+    """A small module and a left-padded batch (lengths 45, 20, 0) with its bool mask."""
     m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
     N = 45
     lengths = torch.tensor([45, 20, 0])
     x = left_pad(torch.randn(3, N, DIM), lengths)
     mask = torch.arange(N)[None, :] >= (N - lengths)[:, None]
+    return m, x, mask
+
+
+def test_torch_compile_fullgraph():
+    m, x, mask = _left_padded_case()
     eager = m(x, attention_mask=mask)
     eager.square().sum().backward()
     want = trainable_grads(m)
@@ -280,11 +286,7 @@ def test_dense_attention_matches_naive_causal_attention():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
-    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
-    N = 45
-    lengths = torch.tensor([45, 20, 0])
-    x = left_pad(torch.randn(3, N, DIM), lengths)
-    mask = torch.arange(N)[None, :] >= (N - lengths)[:, None]
+    m, x, mask = _left_padded_case()
     cpu = m(x, attention_mask=mask)
     gpu = m.cuda()(x.cuda(), attention_mask=mask.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)

@@ -21,7 +21,6 @@ from blossomrec_cuda.rec.train import (Runtime, TrainConfig, evaluate, load_data
                                        run, _model_scorer)
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("BLOSSOMREC_DATA", REPO.parent / "shared" / "data"))
 
 # a tiny model and slice so that a whole training run takes a few seconds on 2 CPU cores
 TINY = TrainConfig(max_users=150, hidden=32, heads=2, kv_heads=1, layers=1, inner=64,
@@ -238,10 +237,8 @@ def test_distributed_two_processes_gloo(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Evidence: a short run on real data learns and beats popularity
 # --------------------------------------------------------------------------------------------------
-def test_short_run_on_real_data_beats_popularity():
-    path = DATA_DIR / "ml-latest-small" / "ratings.csv"
-    if not path.exists():
-        pytest.skip(f"real data not found at {path} (set BLOSSOMREC_DATA to ../shared/data)")
+def test_short_run_on_real_data_beats_popularity(shared_data):
+    path = shared_data / "ml-latest-small" / "ratings.csv"
     # MovieLens latest-small, first 200 users (long histories): small blocks so that max_len 32
     # holds several selection blocks and both LTIS and STIS branches do work
     cfg = TrainConfig(data=str(path), max_users=200, hidden=64, heads=4, kv_heads=2, layers=1,
