@@ -7,7 +7,11 @@
 # Knobs: DATASETS (beauty, games, ml50, ml200 = MovieLens with max length 50 / 200), SEEDS, EPOCHS,
 # PATIENCE, METHODS ("ops reference dense"), RUN_TIMEOUT (seconds per run), EXTRA_ARGS (passed on to
 # the train command), BLOSSOMREC_DATA (the data
-# folder, default .data: the git-ignored copy of ../shared/data that travels to the device), OUT.
+# folder, default .data: the git-ignored copy of ../shared/data that travels to the device), OUT,
+# JOBS (runs at the same time on the one device, default 1). With JOBS > 1 the three methods of a
+# (dataset, seed) are queued next to each other so that they share the device with the same
+# neighbours, and every row records concurrent_runs: compare per-epoch times only between rows with
+# the same value. Each run's log goes to $OUT/logs (or benchmarks/results/logs-accuracy).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -22,27 +26,45 @@ CARD=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0).lower().repla
 RESULTS=${RESULTS:-benchmarks/results/accuracy-${CARD}-$(date -u +%Y%m%d).jsonl}
 mkdir -p "$(dirname "$RESULTS")"
 
-for ds in $DATASETS; do
+LOGDIR=${OUT:+$OUT/logs}
+LOGDIR=${LOGDIR:-benchmarks/results/logs-accuracy}
+mkdir -p "$LOGDIR"
+JOBS=${JOBS:-1}
+export BLOSSOMREC_CONCURRENT_RUNS=$JOBS
+
+run_one() {  # dataset seed method
+  local ds=$1 seed=$2 method=$3 args m
   case $ds in
     beauty) args=(--data "$DATA/amazon-beauty.txt" --format user-items --max-len 50) ;;
     games) args=(--data "$DATA/amazon-video-games.txt" --format user-item-pairs --max-len 50) ;;
     ml50) args=(--data "$DATA/ml-latest-small" --format movielens --max-len 50) ;;
     ml200) args=(--data "$DATA/ml-latest-small" --format movielens --max-len 200) ;;
-    *) echo "unknown dataset $ds" >&2; exit 2 ;;
+    *) echo "unknown dataset $ds" >&2; return 2 ;;
   esac
+  case $method in
+    ops) m=(--attention blossom --backend ops) ;;
+    reference) m=(--attention blossom --backend reference) ;;
+    dense) m=(--attention dense) ;;
+    *) echo "unknown method $method" >&2; return 2 ;;
+  esac
+  local log="$LOGDIR/$ds-seed$seed-$method.log" t0=$SECONDS
+  # shellcheck disable=SC2086
+  timeout "$RUN_TIMEOUT" "$PY" -m blossomrec_cuda.rec.train "${args[@]}" "${m[@]}" --seed "$seed" \
+    --epochs "$EPOCHS" --patience "$PATIENCE" --no-progress --jsonl "$RESULTS" ${EXTRA_ARGS:-} \
+    >"$log" 2>&1
+  local rc=$?
+  echo "=== $ds seed $seed $method: exit $rc, $((SECONDS - t0)) s ($log)"
+  [ $rc -eq 0 ] || tail -n 5 "$log"
+}
+
+for ds in $DATASETS; do
   for seed in $SEEDS; do
     for method in $METHODS; do
-      case $method in
-        ops) m=(--attention blossom --backend ops) ;;
-        reference) m=(--attention blossom --backend reference) ;;
-        dense) m=(--attention dense) ;;
-      esac
-      echo "=== $ds seed $seed $method"
-      timeout "$RUN_TIMEOUT" "$PY" -m blossomrec_cuda.rec.train "${args[@]}" "${m[@]}" --seed "$seed" \
-        --epochs "$EPOCHS" --patience "$PATIENCE" --no-progress --jsonl "$RESULTS" ${EXTRA_ARGS:-} \
-        || echo "run failed or timed out: $ds $seed $method (exit $?)"
+      run_one "$ds" "$seed" "$method" &
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     done
   done
 done
-[ -n "${OUT:-}" ] && [ -f "$RESULTS" ] && cp "$RESULTS" "$OUT/"
+wait
+[ -n "${OUT:-}" ] && [ -f "$RESULTS" ] && [ "$(dirname "$(realpath "$RESULTS")")" != "$(realpath "$OUT")" ] && cp "$RESULTS" "$OUT/"
 echo "results: $RESULTS"

@@ -63,9 +63,10 @@ RAGGED_SHAPES = {"R1"}
 # Tiny CPU shapes for --cpu-smoke: (B, N); CR is ragged like R1.
 CPU_SMOKE_SHAPES: dict[str, tuple[int, int]] = {"C1": (4, 64), "C2": (2, 256), "CR": (16, 50)}
 
-ALL_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_dense", "flex_stis",
-               "reference")
-DEFAULT_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_dense", "flex_stis")
+ALL_METHODS = ("blossomrec", "blossomrec_gather", "blossomrec_select", "blossomrec_attn",
+               "sdpa_dense", "flex_stis", "reference")
+DEFAULT_METHODS = ("blossomrec", "blossomrec_gather", "blossomrec_select", "blossomrec_attn",
+                   "sdpa_dense", "flex_stis")
 FWD_ONLY_METHODS = {"blossomrec_select"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
 
@@ -320,6 +321,24 @@ def build_blossomrec(sets: list[dict], case: Case, pass_: str) -> Callable[[int]
     return fwd_bwd
 
 
+def build_blossomrec_gather(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
+    """The whole op with the staged kernels for short padded sequences turned off
+    (BLOSSOMREC_STAGED=0, read by the C++ launcher on every call): what the staged path saves."""
+    inner = build_blossomrec(sets, case, pass_)
+
+    def run(i):
+        old = os.environ.get("BLOSSOMREC_STAGED")
+        os.environ["BLOSSOMREC_STAGED"] = "0"
+        try:
+            return inner(i)
+        finally:
+            if old is None:
+                del os.environ["BLOSSOMREC_STAGED"]
+            else:
+                os.environ["BLOSSOMREC_STAGED"] = old
+    return run
+
+
 def build_blossomrec_select(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
     import blossomrec_cuda
 
@@ -470,6 +489,7 @@ def build_reference(sets: list[dict], case: Case, pass_: str) -> Callable[[int],
 
 BUILDERS = {
     "blossomrec": build_blossomrec,
+    "blossomrec_gather": build_blossomrec_gather,
     "blossomrec_select": build_blossomrec_select,
     "blossomrec_attn": build_blossomrec_attn,
     "sdpa_dense": build_sdpa_dense,

@@ -478,3 +478,67 @@ def test_module_compiles_fullgraph_on_cuda():
     assert g_eager.keys() == g_comp.keys() and len(g_eager) > 0
     for name in g_eager:
         assert torch.allclose(g_eager[name], g_comp[name], atol=5e-2, rtol=5e-2), name
+
+
+# --------------------------------------------------------------------------------------------------
+# the staged path (short padded sequences in shared memory) against the gather path
+# --------------------------------------------------------------------------------------------------
+STAGED_CASES = [
+    # lengths, N, H, KVH, D, dtype, hyper-parameters; comments: which kernels take the staged path
+    ([50, 9, 1, 0, 50], 50, 8, 2, 16, torch.bfloat16,
+     dict(compress_stride=16, select_block=16, num_select=4)),  # all three, small shared memory
+    ([200, 133, 7], 200, 8, 2, 16, torch.bfloat16,
+     dict(compress_stride=4, select_block=8, num_select=4)),  # dk/dv with > 48 KiB (opt-in)
+    ([1000, 517], 1000, 8, 2, 16, torch.float16,
+     dict(compress_stride=16, select_block=16, num_select=4)),  # fwd/dq 64 KiB; dk/dv gathers
+    ([97, 40, 96], 97, 8, 1, 64, torch.float32,
+     dict(compress_stride=4, select_block=8, num_select=5)),  # G = 8, float32
+    ([33, 64], 64, 3, 3, 128, torch.bfloat16,
+     dict(compress_stride=2, select_block=6, num_select=20)),  # G = 1, D = 128, width 20
+]
+
+
+def _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout):
+    D = t["q"].shape[-1]
+    args = (hp["select_block"], hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"],
+            hp["causal"], D ** -0.5)
+    fwd = torch.ops.blossomrec.sparse_attention_fwd(t["q"], t["k"], t["v"], t["gates"], idx, cnt,
+                                                    seq_start, seq_len, *args)
+    _, o_sel, o_win, lse = fwd
+    bwd = torch.ops.blossomrec.sparse_attention_bwd(dout, t["q"], t["k"], t["v"], t["gates"], o_sel,
+                                                    o_win, lse, idx, cnt, seq_start, seq_len, *args)
+    return list(fwd) + list(bwd)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", ["right", "left"])
+@pytest.mark.parametrize("case", range(len(STAGED_CASES)))
+def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypatch):
+    """Short padded sequences take kernels that stage the sequence in shared memory
+    (csrc/cuda/sparse_attention.cuh); BLOSSOMREC_STAGED=0 forces the gather kernels. Both run the
+    same per-row code in the same order, so every output and gradient must be bitwise equal (the
+    reference comparison of test_forward_backward_matches_reference covers the staged path's
+    values). The selection includes a block listed twice in some rows (hand-made input): both
+    paths attend it twice."""
+    lengths, N, H, KVH, D, dtype, case_hp = STAGED_CASES[case]
+    hp = _hp(case_hp, STIS[0], causal)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
+                                       s=hp["compress_stride"], seed=40 + case)
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
+        hp["num_select"], causal, D ** -0.5)
+    # Repeat the first selected block in the second slot of every third row that has one.
+    idx = idx.clone()
+    rows = torch.arange(N, device=DEV)[None, :, None].expand_as(cnt)
+    dup = (cnt >= 2) & (rows % 3 == 0)
+    idx[..., 1] = torch.where(dup, idx[..., 0], idx[..., 1])
+    dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
+    monkeypatch.setenv("BLOSSOMREC_STAGED", "1")
+    staged = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    monkeypatch.setenv("BLOSSOMREC_STAGED", "0")
+    gather = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    names = ("out", "o_sel", "o_win", "lse", "dq", "dk", "dv", "dgates")
+    for name, a, b_ in zip(names, staged, gather):
+        assert not torch.isnan(a).any(), f"{name}: NaN on the staged path"
+        assert torch.equal(a, b_), (f"{name}: staged and gather paths differ, max diff "
+                                    f"{(a.double() - b_.double()).abs().max().item():.3e}")

@@ -329,8 +329,9 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
             # the order depends on (seed, epoch) only, so a resumed run replays the same batches
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         loader = DataLoader(dataset, per_process, sampler=sampler, collate_fn=collate)
-        loss = _train_epoch(net, loader, optimizer, scaler, amp, rt, epoch, cfg)
-        record = {"epoch": epoch, "train_loss": loss}
+        t_epoch = time.time()
+        loss = _train_epoch(net, loader, optimizer, scaler, amp, rt, epoch, cfg)  # ends synced
+        record = {"epoch": epoch, "train_loss": loss, "train_seconds": time.time() - t_epoch}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             # the plain model, not DDP: ranks may run different numbers of evaluation batches
             model.eval()
@@ -370,6 +371,11 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
         "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
         "valid_best_ndcg@10": state["best_metric"], "history": state["history"],
         "test": test, "popularity": popularity, "seconds": time.time() - t_start,
+        "train_seconds_per_epoch": (sum(r.get("train_seconds", 0.0) for r in state["history"])
+                                    / max(len(state["history"]), 1)),
+        # Runs sharing the device at the same time (set by benchmarks/accuracy_sweep.sh), which
+        # the per-epoch times depend on.
+        "concurrent_runs": int(os.environ.get("BLOSSOMREC_CONCURRENT_RUNS", "1")),
     }
     if rt.main:
         _report(result, cfg)

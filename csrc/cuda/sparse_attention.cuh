@@ -9,6 +9,8 @@
 // would be mostly masked; per-row online softmax over the enumerated keys does no wasted work.
 #pragma once
 
+#include <cstdlib>
+
 #include "common/checks.h"
 #include "cuda/common.cuh"
 
@@ -92,6 +94,111 @@ __device__ __forceinline__ void for_each_selected_range(const AttnParams& p, int
     const int64_t J = sel[c];
     if (!block_visible(J, i, L / p.select_block, p.select_block, p.stis.causal)) continue;
     f(J * p.select_block, (J + 1) * p.select_block);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The staged path for short padded sequences
+// ---------------------------------------------------------------------------------------------
+// In the padded layout (Bq > 1, one sequence per batch entry) with short sequences, one CTA per
+// (batch entry, kv head[, row split]) copies what every row of the sequence reads (k and v for the
+// forward and dq; q and dout of the G heads, plus the sequence's inverted selection lists, for dk/dv)
+// into shared memory once, and the per-row loops then read it there instead of gathering the same
+// rows from L2 again for every query: the gathers are latency-bound (docs/PERF_NOTES.md). Same
+// per-row code, same summation order, so both paths give bitwise-identical results.
+// BLOSSOMREC_STAGED=0 turns the staged path off (tests run both paths).
+constexpr int64_t kStagedMaxN = 1024;
+constexpr int64_t kStagedKvBudget = 96 * 1024;    // fwd and dq: no static shared memory
+constexpr int64_t kStagedDkdvBudget = 72 * 1024;  // + 32 KiB static partial sums: 2 CTAs per SM
+
+inline bool staging_enabled() {
+  const char* e = std::getenv("BLOSSOMREC_STAGED");
+  return !(e != nullptr && e[0] == '0');
+}
+
+inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Dynamic shared memory of the forward / dq kernels (k and v of one sequence and kv head), or 0
+// when the batch does not take the staged path.
+inline int64_t staged_kv_bytes(const Dims& d, int64_t elem) {
+  if (!staging_enabled() || d.Bq <= 1 || d.N > kStagedMaxN) return 0;
+  const int64_t bytes = 2 * align16(d.N * d.D * elem);
+  return bytes <= kStagedKvBudget ? bytes : 0;
+}
+
+// Layout of the dk/dv kernel's dynamic shared memory: q and dout of the G heads of one sequence,
+// the inverted selection lists (query positions) and their offsets per block.
+struct DkdvSmem {
+  int64_t q, dout, list, offsets, total;  // byte offsets; total 0: not staged
+};
+
+inline DkdvSmem staged_dkdv_smem(const Dims& d, int64_t elem, int64_t width, int64_t select_block) {
+  DkdvSmem s{0, 0, 0, 0, 0};
+  if (!staging_enabled() || d.Bq <= 1 || d.N > kStagedMaxN) return s;
+  const int64_t qbytes = align16(d.N * d.G * d.D * elem);
+  s.dout = qbytes;
+  s.list = 2 * qbytes;
+  s.offsets = s.list + align16(d.N * width * int64_t(sizeof(int32_t)));
+  const int64_t total = s.offsets + align16((d.N / select_block + 1) * int64_t(sizeof(int32_t)));
+  if (total <= kStagedDkdvBudget) s.total = total;
+  return s;
+}
+
+// Row splits per (batch entry, kv head) so that a small batch still fills the GPU.
+inline unsigned staged_splits(const Dims& d, int64_t rows_per_block, int num_sms) {
+  const int64_t ctas = d.Bq * d.KVH;
+  const int64_t want = ceil_div(int64_t(num_sms) * 4, ctas);
+  const int64_t most = ceil_div(d.N, rows_per_block);
+  return unsigned(want < 1 ? 1 : (want > most ? most : want));
+}
+
+// The RowThread of buffer row (bq, n) for this thread in the staged kernels (blockIdx.y = kv head).
+template <int kLanes>
+__device__ __forceinline__ RowThread staged_row_thread(const AttnParams& p, int64_t bq, int64_t n) {
+  RowThread t;
+  const int per_row = int(p.G) * kLanes;
+  const int rows_per_block = kAttnThreads / per_row;
+  const int local = threadIdx.x / per_row;
+  const int within = threadIdx.x - local * per_row;
+  t.lane = within % kLanes;
+  t.g = blockIdx.y;
+  t.h = t.g * p.G + within / kLanes;
+  t.bq = bq;
+  t.n = n + local;
+  t.r = bq * p.seq.N + t.n;
+  t.active = local < rows_per_block && t.n < p.seq.N;
+  return t;
+}
+
+// RowInfo of a row of the staged kernels' sequence (start s, length L in batch entry t.bq).
+__device__ __forceinline__ RowInfo staged_row_info(const AttnParams& p, const RowThread& t,
+                                                   int64_t s, int64_t L) {
+  if (!t.active || t.n < s || t.n >= s + L) return RowInfo{-1, 0, 0, 0};
+  return RowInfo{t.bq, t.n - s, L, t.bq * p.seq.N + s};
+}
+
+// Copies rows x heads vectors of D elements into shared memory as dst[row][head][D]; source
+// vector (r, h) at src + r * row_stride + h * head_stride.
+template <typename T, int D>
+__device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t row_stride,
+                                           int64_t head_stride, int64_t rows, int64_t heads) {
+  constexpr int kChunks = D / kDimsPerLane;
+  const int64_t total = rows * heads * kChunks;
+  for (int64_t c = threadIdx.x; c < total; c += blockDim.x) {
+    const int64_t vec = c / kChunks;
+    const int64_t e = (c - vec * kChunks) * kDimsPerLane;
+    const int64_t r = vec / heads, h = vec - r * heads;
+    float x[kDimsPerLane];
+    Vec16<T>::load(src + r * row_stride + h * head_stride + e, x);
+    Vec16<T>::store(dst + vec * D + e, x);  // exact: T -> float -> T
+  }
+}
+
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(bytes)));
   }
 }
 

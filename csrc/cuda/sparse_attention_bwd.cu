@@ -11,6 +11,9 @@
 // Pass 3 (key-centric, one segment per (key row, head), the G heads' partial sums then added in head
 // order): dk and dv gather from the queries of the key's own block, the queries that selected its
 // block (pass 2) and the STIS queries, whose set inverts analytically (key j is seen by j + d).
+// Short padded sequences take staged passes 1 and 3 (sparse_attention.cuh): the rows every thread
+// of a CTA reads sit in shared memory, and pass 3 builds its sequence's selection lists there, in
+// the order of pass 2, which is then skipped.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -38,21 +41,23 @@ struct BwdIn {
 using Aux = float4;
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
-    bwd_dq_kernel(const AttnParams p, const BwdIn in, Aux* aux, T* dq_out) {
+__device__ __forceinline__ void dq_padding_row(const AttnParams& p, Aux* aux, T* dq_out,
+                                               const RowThread& t) {
+  const int64_t rh = t.r * p.H + t.h;
+  float zero[kDimsPerLane] = {};
+  Vec16<T>::store(dq_out + rh * D + t.lane * kDimsPerLane, zero);
+  if (t.lane == 0) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// One (valid row, head) segment of pass 1. Key j of the row's sequence is read at kbase + j * ks
+// (v likewise): global memory, or shared memory when staged.
+template <typename T, int D>
+__device__ __forceinline__ void dq_row(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq_out,
+                                       const RowThread& t, const RowInfo& row, const T* kbase,
+                                       int64_t ks, const T* vbase, int64_t vs) {
   constexpr int kLanes = D / kDimsPerLane;
-  const RowThread t = row_thread<kLanes>(p);
-  if (!t.active) return;
   const int64_t rh = t.r * p.H + t.h;
   const int64_t off = rh * D + t.lane * kDimsPerLane;
-  T* dq = dq_out + off;
-  const RowInfo row = row_info(p.seq, t.r);
-  if (row.b < 0) {
-    float zero[kDimsPerLane] = {};
-    Vec16<T>::store(dq, zero);
-    if (t.lane == 0) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
-    return;
-  }
   float q[kDimsPerLane], dout[kDimsPerLane], tmp[kDimsPerLane];
   Vec16<T>::load(static_cast<const T*>(p.q) + t.bq * p.q_sb + t.n * p.q_sn + t.h * p.q_sh +
                      t.lane * kDimsPerLane, q);
@@ -69,11 +74,6 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     aux[rh * 2] = make_float4(gate.x, lse.x * kLog2e, gate.x * dot_sel, dot_sel);
     aux[rh * 2 + 1] = make_float4(gate.y, lse.y * kLog2e, gate.y * dot_win, dot_win);
   }
-  const int64_t n0 = row.base - t.bq * p.seq.N;
-  const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
-                   t.lane * kDimsPerLane;
-  const T* vbase = static_cast<const T*>(p.v) + t.bq * p.v_sb + n0 * p.v_sn + t.g * p.v_sh +
-                   t.lane * kDimsPerLane;
 
   float acc[kDimsPerLane];
 #pragma unroll
@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 #pragma unroll
       for (int c = 0; c < kChunk; ++c) {
         const int64_t j = j0 + c < hi ? j0 + c : hi - 1;
-        Vec16<T>::load(kbase + j * p.k_sn, kv[c]);
-        Vec16<T>::load(vbase + j * p.v_sn, vv[c]);
+        Vec16<T>::load(kbase + j * ks, kv[c]);
+        Vec16<T>::load(vbase + j * vs, vv[c]);
       }
 #pragma unroll
       for (int c = 0; c < kChunk; ++c) {
@@ -112,7 +112,53 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   for_each_stis_range(row.i, row.L, p.stis, grad);
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) acc[e] *= p.scale;
-  Vec16<T>::store(dq, acc);
+  Vec16<T>::store(dq_out + off, acc);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    bwd_dq_kernel(const AttnParams p, const BwdIn in, Aux* aux, T* dq_out) {
+  constexpr int kLanes = D / kDimsPerLane;
+  const RowThread t = row_thread<kLanes>(p);
+  if (!t.active) return;
+  const RowInfo row = row_info(p.seq, t.r);
+  if (row.b < 0) return dq_padding_row<T, D>(p, aux, dq_out, t);
+  const int64_t n0 = row.base - t.bq * p.seq.N;
+  const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
+                   t.lane * kDimsPerLane;
+  const T* vbase = static_cast<const T*>(p.v) + t.bq * p.v_sb + n0 * p.v_sn + t.g * p.v_sh +
+                   t.lane * kDimsPerLane;
+  dq_row<T, D>(p, in, aux, dq_out, t, row, kbase, p.k_sn, vbase, p.v_sn);
+}
+
+// Staged pass 1 (sparse_attention.cuh): the forward's staged layout.
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    bwd_dq_staged_kernel(const AttnParams p, const BwdIn in, Aux* aux, T* dq_out) {
+  constexpr int kLanes = D / kDimsPerLane;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + p.seq.N * D;
+  const int64_t bq = blockIdx.x, g = blockIdx.y;
+  int64_t s, L;
+  seq_bounds(p.seq, bq, &s, &L);
+  stage_rows<T, D>(ks, static_cast<const T*>(p.k) + bq * p.k_sb + s * p.k_sn + g * p.k_sh,
+                   p.k_sn, 0, L, 1);
+  stage_rows<T, D>(vs, static_cast<const T*>(p.v) + bq * p.v_sb + s * p.v_sn + g * p.v_sh,
+                   p.v_sn, 0, L, 1);
+  __syncthreads();
+  const int64_t rows_per_block = kAttnThreads / (p.G * kLanes);
+  for (int64_t n = blockIdx.z * rows_per_block; n < p.seq.N; n += gridDim.z * rows_per_block) {
+    const RowThread t = staged_row_thread<kLanes>(p, bq, n);
+    if (!t.active) continue;
+    const RowInfo row = staged_row_info(p, t, s, L);
+    if (row.b < 0) {
+      dq_padding_row<T, D>(p, aux, dq_out, t);
+      continue;
+    }
+    const int64_t lane_off = t.lane * kDimsPerLane;
+    dq_row<T, D>(p, in, aux, dq_out, t, row, ks + lane_off, D, vs + lane_off, D);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -149,72 +195,66 @@ struct Inverted {
   const int64_t* offsets;  // [KVH * rows + 1]: block key -> first entry
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
-    bwd_dkdv_kernel(const AttnParams p, const BwdIn in, const Aux* aux, const Inverted inv,
-                    T* dk_out, T* dv_out) {
-  // The forward's layout with key rows for query rows: one segment per (key row, head of the
-  // group) sums that head's contributions, then the G partial sums of a key are added in head
-  // order through shared memory (fixed order: deterministic). G threads per key shorten the serial
-  // walk over a popular block's queries G times.
+// One (valid key row, head) segment of pass 3: adds into dk, dv what every query of the key's
+// sequence sends it through head t.h. Query i's q is read at qbase + i * qs and its dout at
+// dbase + i * ds (global memory, or shared memory when staged); for_selected(f) calls f(i) for
+// the queries that selected the key's block, in increasing i.
+template <typename T, int D, typename ForSelected>
+__device__ __forceinline__ void dkdv_row(const AttnParams& p, const Aux* aux, const RowThread& t,
+                                         const RowInfo& row, const T* qbase, int64_t qs,
+                                         const T* dbase, int64_t ds, ForSelected&& for_selected,
+                                         float* dk, float* dv) {
   constexpr int kLanes = D / kDimsPerLane;
-  __shared__ float partial[2 * kDimsPerLane][kAttnThreads];  // [element][thread]: no bank conflicts
-  const RowThread t = row_thread<kLanes>(p);
-  const RowInfo row = t.active ? row_info(p.seq, t.r) : RowInfo{-1, 0, 0, 0};
-  float dk[kDimsPerLane], dv[kDimsPerLane];
+  float k[kDimsPerLane], v[kDimsPerLane];
+  Vec16<T>::load(static_cast<const T*>(p.k) + t.bq * p.k_sb + t.n * p.k_sn + t.g * p.k_sh +
+                     t.lane * kDimsPerLane, k);
+  Vec16<T>::load(static_cast<const T*>(p.v) + t.bq * p.v_sb + t.n * p.v_sn + t.g * p.v_sh +
+                     t.lane * kDimsPerLane, v);
+  // Adds what query i (same sequence), head t.h, sends to this key through branch br
+  // (0 selected, 1 STIS).
+  const Aux* aux_h = aux + (row.base * p.H + t.h) * 2;
+  auto add_query = [&](int64_t i, int br) {
+    float q[kDimsPerLane], dout[kDimsPerLane];
+    Vec16<T>::load(qbase + i * qs, q);
+    Vec16<T>::load(dbase + i * ds, dout);
+    const Aux a = aux_h[i * p.H * 2 + br];  // {gate, lse2, delta, -}
+    const float s = segment_sum<kLanes>(dot16(q, k)) * p.scale_log2;
+    const float pw = exp2f(s - a.y);
+    const float dp = a.x * segment_sum<kLanes>(dot16(dout, v));
+    const float dsc = pw * (dp - a.z);
+    const float pg = pw * a.x;
 #pragma unroll
-  for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
-
-  if (row.b >= 0) {
-    float k[kDimsPerLane], v[kDimsPerLane];
-    Vec16<T>::load(static_cast<const T*>(p.k) + t.bq * p.k_sb + t.n * p.k_sn + t.g * p.k_sh +
-                       t.lane * kDimsPerLane, k);
-    Vec16<T>::load(static_cast<const T*>(p.v) + t.bq * p.v_sb + t.n * p.v_sn + t.g * p.v_sh +
-                       t.lane * kDimsPerLane, v);
-    // Adds what query i (same sequence), head t.h, sends to this key through branch br
-    // (0 selected, 1 STIS).
-    // Query i of this sequence: buffer row row.base + i, in the key's batch entry t.bq (no
-    // division in the loop).
-    const T* qbase = static_cast<const T*>(p.q) + t.bq * p.q_sb + (row.base - t.bq * p.seq.N) * p.q_sn +
-                     t.h * p.q_sh + t.lane * kDimsPerLane;
-    auto add_query = [&](int64_t i, int br) {
-      const int64_t rh = (row.base + i) * p.H + t.h;
-      float q[kDimsPerLane], dout[kDimsPerLane];
-      Vec16<T>::load(qbase + i * p.q_sn, q);
-      Vec16<T>::load(static_cast<const T*>(in.dout) + rh * D + t.lane * kDimsPerLane, dout);
-      const Aux a = aux[rh * 2 + br];  // {gate, lse2, delta, -}
-      const float s = segment_sum<kLanes>(dot16(q, k)) * p.scale_log2;
-      const float pw = exp2f(s - a.y);
-      const float dp = a.x * segment_sum<kLanes>(dot16(dout, v));
-      const float ds = pw * (dp - a.z);
-      const float pg = pw * a.x;
-#pragma unroll
-      for (int e = 0; e < kDimsPerLane; ++e) {
-        dv[e] = fmaf(pg, dout[e], dv[e]);
-        dk[e] = fmaf(ds, q[e], dk[e]);
-      }
-    };
-    const int64_t j = row.i;
-    const int64_t bsz = p.select_block;
-    const int64_t block = j / bsz;
-    // Own block: the queries whose own range holds j.
-    {
-      const int64_t lo = p.stis.causal ? j : block * bsz;
-      const int64_t end = (block + 1) * bsz;
-      const int64_t hi = end < row.L ? end : row.L;
-      for (int64_t i = lo; i < hi; ++i) add_query(i, 0);
+    for (int e = 0; e < kDimsPerLane; ++e) {
+      dv[e] = fmaf(pg, dout[e], dv[e]);
+      dk[e] = fmaf(dsc, q[e], dk[e]);
     }
-    // Queries that selected this key's block (pass 2), in increasing row order.
-    {
-      const int64_t key = t.g * p.seq.Bq * p.seq.N + row.base + block * bsz;
-      const int64_t e1 = inv.offsets[key + 1];
-      for (int64_t e = inv.offsets[key]; e < e1; ++e) add_query(inv.rows[e] - row.base, 0);
-    }
-    // STIS queries.
-    for_each_stis_query_range(j, row.L, p.stis, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) add_query(i, 1);
-    });
+  };
+  const int64_t j = row.i;
+  const int64_t bsz = p.select_block;
+  const int64_t block = j / bsz;
+  // Own block: the queries whose own range holds j.
+  {
+    const int64_t lo = p.stis.causal ? j : block * bsz;
+    const int64_t end = (block + 1) * bsz;
+    const int64_t hi = end < row.L ? end : row.L;
+    for (int64_t i = lo; i < hi; ++i) add_query(i, 0);
   }
+  // Queries that selected this key's block, in increasing order.
+  for_selected([&](int64_t i) { add_query(i, 0); });
+  // STIS queries.
+  for_each_stis_query_range(j, row.L, p.stis, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) add_query(i, 1);
+  });
+}
+
+// The G partial sums of a key (one per head of the group, adjacent segments) are added in head
+// order through shared memory (fixed order: deterministic) and head 0's segment writes the key
+// row. Every thread of the CTA calls this (it synchronises).
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_reduce_store(const AttnParams& p, const RowThread& t,
+                                                  float (*partial)[kAttnThreads], float* dk,
+                                                  float* dv, T* dk_out, T* dv_out) {
+  constexpr int kLanes = D / kDimsPerLane;
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) {
     partial[e][threadIdx.x] = dk[e];
@@ -222,44 +262,196 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   }
   __syncthreads();
   const int64_t hg = t.h - t.g * p.G;
-  if (!t.active || hg != 0) return;
-  // Head 0's segment adds the group's partials in head order and writes the key row.
+  if (t.active && hg == 0) {
 #pragma unroll
-  for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
-  for (int64_t h = 0; h < p.G; ++h) {
-    const int src = threadIdx.x + int(h) * kLanes;
+    for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
+    for (int64_t h = 0; h < p.G; ++h) {
+      const int src = threadIdx.x + int(h) * kLanes;
 #pragma unroll
-    for (int e = 0; e < kDimsPerLane; ++e) {
-      dk[e] += partial[e][src];
-      dv[e] += partial[kDimsPerLane + e][src];
+      for (int e = 0; e < kDimsPerLane; ++e) {
+        dk[e] += partial[e][src];
+        dv[e] += partial[kDimsPerLane + e][src];
+      }
     }
-  }
 #pragma unroll
-  for (int e = 0; e < kDimsPerLane; ++e) dk[e] *= p.scale;
-  const int64_t off = (t.r * p.KVH + t.g) * D + t.lane * kDimsPerLane;
-  Vec16<T>::store(dk_out + off, dk);  // padding rows: zeros
-  Vec16<T>::store(dv_out + off, dv);
+    for (int e = 0; e < kDimsPerLane; ++e) dk[e] *= p.scale;
+    const int64_t off = (t.r * p.KVH + t.g) * D + t.lane * kDimsPerLane;
+    Vec16<T>::store(dk_out + off, dk);  // padding rows: zeros
+    Vec16<T>::store(dv_out + off, dv);
+  }
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, const Inverted& inv,
-                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, cudaStream_t stream) {
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    bwd_dkdv_kernel(const AttnParams p, const BwdIn in, const Aux* aux, const Inverted inv,
+                    T* dk_out, T* dv_out) {
+  // The forward's layout with key rows for query rows: one segment per (key row, head of the
+  // group) sums that head's contributions, then the G partial sums of a key are added in head
+  // order. G threads per key shorten the serial walk over a popular block's queries G times.
+  __shared__ float partial[2 * kDimsPerLane][kAttnThreads];  // [element][thread]: no bank conflicts
+  const RowThread t = row_thread<D / kDimsPerLane>(p);
+  const RowInfo row = t.active ? row_info(p.seq, t.r) : RowInfo{-1, 0, 0, 0};
+  float dk[kDimsPerLane], dv[kDimsPerLane];
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
+  if (row.b >= 0) {
+    // Query i of this sequence: buffer row row.base + i, in the key's batch entry t.bq (no
+    // division in the loop).
+    const int64_t lane_off = t.lane * kDimsPerLane;
+    const T* qbase = static_cast<const T*>(p.q) + t.bq * p.q_sb +
+                     (row.base - t.bq * p.seq.N) * p.q_sn + t.h * p.q_sh + lane_off;
+    const T* dbase = static_cast<const T*>(in.dout) + (row.base * p.H + t.h) * D + lane_off;
+    const int64_t key = t.g * p.seq.Bq * p.seq.N + row.base + (row.i / p.select_block) * p.select_block;
+    auto for_selected = [&](auto&& f) {  // pass 2's list of the block
+      const int64_t e1 = inv.offsets[key + 1];
+      for (int64_t e = inv.offsets[key]; e < e1; ++e) f(inv.rows[e] - row.base);
+    };
+    dkdv_row<T, D>(p, aux, t, row, qbase, p.q_sn, dbase, p.H * D, for_selected, dk, dv);
+  }
+  dkdv_reduce_store<T, D>(p, t, partial, dk, dv, dk_out, dv_out);
+}
+
+// Staged pass 3 (sparse_attention.cuh): grid (Bq, KVH, splits). Shared memory holds the
+// sequence's q and dout of the group's G heads and the inverted selection lists of the sequence,
+// built here in increasing query order (the order of pass 2's stable sort), so passes 2's global
+// sort is not needed.
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    bwd_dkdv_staged_kernel(const AttnParams p, const BwdIn in, const Aux* aux, DkdvSmem layout,
+                           T* dk_out, T* dv_out) {
+  constexpr int kLanes = D / kDimsPerLane;
+  __shared__ float partial[2 * kDimsPerLane][kAttnThreads];
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem + layout.q);
+  T* dos = reinterpret_cast<T*>(smem + layout.dout);
+  int32_t* list = reinterpret_cast<int32_t*>(smem + layout.list);
+  int32_t* offsets = reinterpret_cast<int32_t*>(smem + layout.offsets);
+  const int64_t bq = blockIdx.x, g = blockIdx.y;
+  int64_t s, L;
+  seq_bounds(p.seq, bq, &s, &L);
+  stage_rows<T, D>(qs, static_cast<const T*>(p.q) + bq * p.q_sb + s * p.q_sn + g * p.G * p.q_sh,
+                   p.q_sn, p.q_sh, L, p.G);
+  stage_rows<T, D>(dos, static_cast<const T*>(in.dout) + ((bq * p.seq.N + s) * p.H + g * p.G) * D,
+                   p.H * D, D, L, p.G);
+
+  // Inverted selection lists of this (sequence, kv head): one warp per block J counts, then
+  // (after a prefix sum over the blocks) lists, the queries i that selected J, 32 queries per step.
+  const int64_t nb = L / p.select_block;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int32_t* sel = p.sel_idx + bq * p.sel_sb + s * p.sel_sn + g * p.sel_sh;
+  const int32_t* cnt = p.sel_cnt + bq * p.cnt_sb + s * p.cnt_sn + g * p.cnt_sh;
+  // How often query i lists block J (a hand-made selection may repeat a block; the forward then
+  // attends it twice, and pass 2 lists the query twice): the filter of for_each_selected_range.
+  auto times_selected = [&](int64_t i, int64_t J) {
+    if (i >= L || !block_visible(J, i, nb, p.select_block, p.stis.causal)) return 0;
+    const int64_t c_raw = cnt[i * p.cnt_sn];
+    const int64_t c = c_raw < p.width ? c_raw : p.width;
+    int hits = 0;
+    for (int64_t x = 0; x < c; ++x) hits += sel[i * p.sel_sn + x] == J;
+    return hits;
+  };
+  // Inclusive prefix sum over the warp's lanes.
+  auto warp_scan = [&](int x) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(~0u, x, off);
+      if (lane >= off) x += y;
+    }
+    return x;
+  };
+  for (int64_t J = warp; J < nb; J += warps) {
+    int32_t count = 0;
+    for (int64_t i0 = 0; i0 < L; i0 += 32) count += __shfl_sync(~0u, warp_scan(times_selected(i0 + lane, J)), 31);
+    if (lane == 0) offsets[J + 1] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    offsets[0] = 0;
+    for (int64_t J = 0; J < nb; ++J) offsets[J + 1] += offsets[J];
+  }
+  __syncthreads();
+  for (int64_t J = warp; J < nb; J += warps) {
+    int32_t pos = offsets[J];
+    for (int64_t i0 = 0; i0 < L; i0 += 32) {
+      const int hits = times_selected(i0 + lane, J);
+      const int incl = warp_scan(hits);
+      for (int x = 0; x < hits; ++x) list[pos + incl - hits + x] = int32_t(i0 + lane);
+      pos += __shfl_sync(~0u, incl, 31);
+    }
+  }
+  __syncthreads();
+
+  const int64_t rows_per_block = kAttnThreads / (p.G * kLanes);
+  for (int64_t n = blockIdx.z * rows_per_block; n < p.seq.N; n += gridDim.z * rows_per_block) {
+    const RowThread t = staged_row_thread<kLanes>(p, bq, n);
+    const RowInfo row = staged_row_info(p, t, s, L);
+    float dk[kDimsPerLane], dv[kDimsPerLane];
+#pragma unroll
+    for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
+    if (row.b >= 0) {
+      const int64_t hg = t.h - t.g * p.G;
+      const int64_t lane_off = hg * D + t.lane * kDimsPerLane;
+      const int64_t J = row.i / p.select_block;
+      auto for_selected = [&](auto&& f) {
+        if (J >= nb) return;  // a partial block is never selected
+        const int32_t e1 = offsets[J + 1];
+        for (int32_t e = offsets[J]; e < e1; ++e) f(int64_t(list[e]));
+      };
+      dkdv_row<T, D>(p, aux, t, row, qs + lane_off, p.G * D, dos + lane_off, p.G * D,
+                     for_selected, dk, dv);
+    }
+    dkdv_reduce_store<T, D>(p, t, partial, dk, dv, dk_out, dv_out);
+    __syncthreads();  // partial is reused by the next rows
+  }
+}
+
+// Which pass-1 / pass-3 kernels a call takes (sparse_attention.cuh): staged ones for short padded
+// sequences, else the gather kernels; without a staged pass 3 the global inverted index is built.
+struct BwdPlan {
+  int64_t dq_smem;   // 0: gather kernel
+  DkdvSmem dkdv;     // total 0: gather kernel, needs pass 2
+};
+
+template <typename T, int D>
+void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const BwdIn& in,
+                Aux* aux, const Inverted& inv, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                cudaStream_t stream) {
   const dim3 grid = attn_grid<D / kDimsPerLane>(p);
-  bwd_dq_kernel<T, D><<<grid, kAttnThreads, 0, stream>>>(p, in, aux, static_cast<T*>(dq.data_ptr()));
+  const int64_t rows_per_block = kAttnThreads / (p.G * (D / kDimsPerLane));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const dim3 staged_grid(unsigned(d.Bq), unsigned(d.KVH), staged_splits(d, rows_per_block, sms));
+  T* dq_p = static_cast<T*>(dq.data_ptr());
+  T* dk_p = static_cast<T*>(dk.data_ptr());
+  T* dv_p = static_cast<T*>(dv.data_ptr());
+  if (plan.dq_smem > 0) {
+    auto kernel = bwd_dq_staged_kernel<T, D>;
+    allow_dynamic_smem(kernel, plan.dq_smem);
+    kernel<<<staged_grid, kAttnThreads, size_t(plan.dq_smem), stream>>>(p, in, aux, dq_p);
+  } else {
+    bwd_dq_kernel<T, D><<<grid, kAttnThreads, 0, stream>>>(p, in, aux, dq_p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  bwd_dkdv_kernel<T, D><<<grid, kAttnThreads, 0, stream>>>(
-      p, in, aux, inv, static_cast<T*>(dk.data_ptr()), static_cast<T*>(dv.data_ptr()));
+  if (plan.dkdv.total > 0) {
+    auto kernel = bwd_dkdv_staged_kernel<T, D>;
+    allow_dynamic_smem(kernel, plan.dkdv.total);
+    kernel<<<staged_grid, kAttnThreads, size_t(plan.dkdv.total), stream>>>(p, in, aux, plan.dkdv,
+                                                                           dk_p, dv_p);
+  } else {
+    bwd_dkdv_kernel<T, D><<<grid, kAttnThreads, 0, stream>>>(p, in, aux, inv, dk_p, dv_p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int D>
-void launch_bwd_dtype(at::ScalarType dtype, const AttnParams& p, const BwdIn& in, Aux* aux,
-                      const Inverted& inv, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                      cudaStream_t stream) {
+void launch_bwd_dtype(at::ScalarType dtype, const AttnParams& p, const Dims& d,
+                      const BwdPlan& plan, const BwdIn& in, Aux* aux, const Inverted& inv,
+                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, cudaStream_t stream) {
   switch (dtype) {
-    case at::kFloat: launch_bwd<float, D>(p, in, aux, inv, dq, dk, dv, stream); break;
-    case at::kHalf: launch_bwd<__half, D>(p, in, aux, inv, dq, dk, dv, stream); break;
-    case at::kBFloat16: launch_bwd<__nv_bfloat16, D>(p, in, aux, inv, dq, dk, dv, stream); break;
+    case at::kFloat: launch_bwd<float, D>(p, d, plan, in, aux, inv, dq, dk, dv, stream); break;
+    case at::kHalf: launch_bwd<__half, D>(p, d, plan, in, aux, inv, dq, dk, dv, stream); break;
+    case at::kBFloat16:
+      launch_bwd<__nv_bfloat16, D>(p, d, plan, in, aux, inv, dq, dk, dv, stream);
+      break;
     default: TORCH_CHECK(false, "unsupported dtype ", dtype);
   }
 }
@@ -295,25 +487,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   at::Tensor aux = at::empty({d.Bq, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Pass 2 first: it only reads the selection.
-  const int64_t entries = rows * d.KVH * p.width;
-  at::Tensor keys = at::empty({entries}, q.options().dtype(at::kLong));
-  selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(p, keys.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor& sorted_keys = std::get<0>(sorted);
-  // The sort's permutation indexes (row, kv head, slot) entries: keep the row.
-  const at::Tensor q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
-  const at::Tensor offsets =
-      at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
-  const Inverted inv{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+  const int64_t elem = q.element_size();
+  const BwdPlan plan{staged_kv_bytes(d, elem), staged_dkdv_smem(d, elem, p.width, select_block)};
+
+  // Pass 2 (unless pass 3 is staged and builds its lists itself): it only reads the selection.
+  at::Tensor q_rows, offsets;
+  Inverted inv{nullptr, nullptr};
+  if (plan.dkdv.total == 0) {
+    const int64_t entries = rows * d.KVH * p.width;
+    at::Tensor keys = at::empty({entries}, q.options().dtype(at::kLong));
+    selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(
+        p, keys.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor& sorted_keys = std::get<0>(sorted);
+    // The sort's permutation indexes (row, kv head, slot) entries: keep the row.
+    q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
+    offsets = at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
+    inv = Inverted{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+  }
 
   Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
   switch (d.D) {
-    case 16: launch_bwd_dtype<16>(q.scalar_type(), p, in, aux_p, inv, dq, dk, dv, stream); break;
-    case 32: launch_bwd_dtype<32>(q.scalar_type(), p, in, aux_p, inv, dq, dk, dv, stream); break;
-    case 64: launch_bwd_dtype<64>(q.scalar_type(), p, in, aux_p, inv, dq, dk, dv, stream); break;
-    case 128: launch_bwd_dtype<128>(q.scalar_type(), p, in, aux_p, inv, dq, dk, dv, stream); break;
+    case 16: launch_bwd_dtype<16>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
+    case 32: launch_bwd_dtype<32>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
+    case 64: launch_bwd_dtype<64>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
+    case 128: launch_bwd_dtype<128>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
     default: TORCH_CHECK(false, "unsupported head dim ", d.D);
   }
   at::Tensor dgates = aux.select(-1, 3).to(gates.scalar_type()).contiguous();

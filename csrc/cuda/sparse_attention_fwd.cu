@@ -20,38 +20,31 @@ struct FwdOut {
   float* lse;   // [rows, H, 2]
 };
 
+// Padding rows: zeros everywhere.
 template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
-    sparse_attention_fwd_kernel(const AttnParams p, const FwdOut o) {
-  constexpr int kLanes = D / kDimsPerLane;
-  const RowThread t = row_thread<kLanes>(p);
-  if (!t.active) return;
+__device__ __forceinline__ void fwd_padding_row(const AttnParams& p, const FwdOut& o,
+                                                const RowThread& t) {
   const int64_t out_off = (t.r * p.H + t.h) * D + t.lane * kDimsPerLane;
-  T* out = static_cast<T*>(o.out) + out_off;
-  T* o_sel = static_cast<T*>(o.o_sel) + out_off;
-  T* o_win = static_cast<T*>(o.o_win) + out_off;
-  float* lse = o.lse + (t.r * p.H + t.h) * 2;
-  const RowInfo row = row_info(p.seq, t.r);
-  if (row.b < 0) {  // padding row
-    float zero[kDimsPerLane] = {};
-    Vec16<T>::store(out, zero);
-    Vec16<T>::store(o_sel, zero);
-    Vec16<T>::store(o_win, zero);
-    if (t.lane == 0) *reinterpret_cast<float2*>(lse) = make_float2(0.f, 0.f);
-    return;
-  }
+  float zero[kDimsPerLane] = {};
+  Vec16<T>::store(static_cast<T*>(o.out) + out_off, zero);
+  Vec16<T>::store(static_cast<T*>(o.o_sel) + out_off, zero);
+  Vec16<T>::store(static_cast<T*>(o.o_win) + out_off, zero);
+  if (t.lane == 0) *reinterpret_cast<float2*>(o.lse + (t.r * p.H + t.h) * 2) = make_float2(0.f, 0.f);
+}
 
+// One (valid row, head) segment: both branches, both lse and the gated combine. Key j of the row's
+// sequence is read at kbase + j * ks (v likewise): global memory, or shared memory when staged.
+template <typename T, int D>
+__device__ __forceinline__ void fwd_row(const AttnParams& p, const FwdOut& o, const RowThread& t,
+                                        const RowInfo& row, const T* kbase, int64_t ks,
+                                        const T* vbase, int64_t vs) {
+  constexpr int kLanes = D / kDimsPerLane;
+  const int64_t out_off = (t.r * p.H + t.h) * D + t.lane * kDimsPerLane;
   float q[kDimsPerLane];
   Vec16<T>::load(static_cast<const T*>(p.q) + t.bq * p.q_sb + t.n * p.q_sn + t.h * p.q_sh +
                      t.lane * kDimsPerLane, q);
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) q[e] *= p.scale_log2;
-  // Key j of this sequence sits at buffer row row.base + j.
-  const int64_t n0 = row.base - t.bq * p.seq.N;
-  const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
-                   t.lane * kDimsPerLane;
-  const T* vbase = static_cast<const T*>(p.v) + t.bq * p.v_sb + n0 * p.v_sn + t.g * p.v_sh +
-                   t.lane * kDimsPerLane;
 
   float acc[kDimsPerLane];
   float m = -INFINITY, l = 0.f;  // online softmax (base 2) of the current branch
@@ -65,7 +58,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
       for (int c = 0; c < kChunk; ++c) {
         float kv[kDimsPerLane];
         const int64_t j = j0 + c < hi ? j0 + c : hi - 1;  // a short tail repeats the last key...
-        Vec16<T>::load(kbase + j * p.k_sn, kv);
+        Vec16<T>::load(kbase + j * ks, kv);
         s[c] = segment_sum<kLanes>(dot16(q, kv));
         if (j0 + c >= hi) s[c] = -INFINITY;  // ...with weight 0
       }
@@ -80,7 +73,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
       for (int c = 0; c < kChunk; ++c) {
         const int64_t j = j0 + c < hi ? j0 + c : hi - 1;
         float vv[kDimsPerLane];
-        Vec16<T>::load(vbase + j * p.v_sn, vv);
+        Vec16<T>::load(vbase + j * vs, vv);
         const float w = exp2f(s[c] - m_new);
         l += w;
 #pragma unroll
@@ -117,29 +110,88 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   float comb[kDimsPerLane];
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) comb[e] = gate.x * sel[e] + gate.y * win[e];
-  Vec16<T>::store(out, comb);
-  Vec16<T>::store(o_sel, sel);
-  Vec16<T>::store(o_win, win);
-  if (t.lane == 0) *reinterpret_cast<float2*>(lse) = make_float2(lse_sel, lse_win);
+  Vec16<T>::store(static_cast<T*>(o.out) + out_off, comb);
+  Vec16<T>::store(static_cast<T*>(o.o_sel) + out_off, sel);
+  Vec16<T>::store(static_cast<T*>(o.o_win) + out_off, win);
+  if (t.lane == 0) {
+    *reinterpret_cast<float2*>(o.lse + (t.r * p.H + t.h) * 2) = make_float2(lse_sel, lse_win);
+  }
+}
+
+// Gather path: any layout; one segment per (row, head), keys read from global memory.
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    sparse_attention_fwd_kernel(const AttnParams p, const FwdOut o) {
+  constexpr int kLanes = D / kDimsPerLane;
+  const RowThread t = row_thread<kLanes>(p);
+  if (!t.active) return;
+  const RowInfo row = row_info(p.seq, t.r);
+  if (row.b < 0) return fwd_padding_row<T, D>(p, o, t);
+  // Key j of this sequence sits at buffer row row.base + j.
+  const int64_t n0 = row.base - t.bq * p.seq.N;
+  const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
+                   t.lane * kDimsPerLane;
+  const T* vbase = static_cast<const T*>(p.v) + t.bq * p.v_sb + n0 * p.v_sn + t.g * p.v_sh +
+                   t.lane * kDimsPerLane;
+  fwd_row<T, D>(p, o, t, row, kbase, p.k_sn, vbase, p.v_sn);
+}
+
+// Staged path (sparse_attention.cuh): grid (Bq, KVH, splits); the sequence's k and v of the kv
+// head are copied to shared memory once, then the CTA walks its rows.
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+    sparse_attention_fwd_staged_kernel(const AttnParams p, const FwdOut o) {
+  constexpr int kLanes = D / kDimsPerLane;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + p.seq.N * D;
+  const int64_t bq = blockIdx.x, g = blockIdx.y;
+  int64_t s, L;
+  seq_bounds(p.seq, bq, &s, &L);
+  stage_rows<T, D>(ks, static_cast<const T*>(p.k) + bq * p.k_sb + s * p.k_sn + g * p.k_sh,
+                   p.k_sn, 0, L, 1);
+  stage_rows<T, D>(vs, static_cast<const T*>(p.v) + bq * p.v_sb + s * p.v_sn + g * p.v_sh,
+                   p.v_sn, 0, L, 1);
+  __syncthreads();
+  const int64_t rows_per_block = kAttnThreads / (p.G * kLanes);
+  for (int64_t n = blockIdx.z * rows_per_block; n < p.seq.N; n += gridDim.z * rows_per_block) {
+    const RowThread t = staged_row_thread<kLanes>(p, bq, n);
+    if (!t.active) continue;
+    const RowInfo row = staged_row_info(p, t, s, L);
+    if (row.b < 0) {
+      fwd_padding_row<T, D>(p, o, t);
+      continue;
+    }
+    const int64_t lane_off = t.lane * kDimsPerLane;
+    fwd_row<T, D>(p, o, t, row, ks + lane_off, D, vs + lane_off, D);
+  }
+}
+
+template <typename T, int D>
+void launch_fwd_typed(const AttnParams& p, const FwdOut& o, const Dims& d, cudaStream_t stream) {
+  const int64_t smem = staged_kv_bytes(d, sizeof(T));
+  if (smem > 0) {
+    const int64_t rows_per_block = kAttnThreads / (p.G * (D / kDimsPerLane));
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const dim3 grid(unsigned(d.Bq), unsigned(d.KVH), staged_splits(d, rows_per_block, sms));
+    auto kernel = sparse_attention_fwd_staged_kernel<T, D>;
+    allow_dynamic_smem(kernel, smem);
+    kernel<<<grid, kAttnThreads, size_t(smem), stream>>>(p, o);
+  } else {
+    sparse_attention_fwd_kernel<T, D><<<attn_grid<D / kDimsPerLane>(p), kAttnThreads, 0, stream>>>(p, o);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int D>
-void launch_fwd(const AttnParams& p, const FwdOut& o, at::ScalarType dtype, cudaStream_t stream) {
-  const dim3 grid = attn_grid<D / kDimsPerLane>(p);
+void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
+                cudaStream_t stream) {
   switch (dtype) {
-    case at::kFloat:
-      sparse_attention_fwd_kernel<float, D><<<grid, kAttnThreads, 0, stream>>>(p, o);
-      break;
-    case at::kHalf:
-      sparse_attention_fwd_kernel<__half, D><<<grid, kAttnThreads, 0, stream>>>(p, o);
-      break;
-    case at::kBFloat16:
-      sparse_attention_fwd_kernel<__nv_bfloat16, D><<<grid, kAttnThreads, 0, stream>>>(p, o);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", dtype);
+    case at::kFloat: launch_fwd_typed<float, D>(p, o, d, stream); break;
+    case at::kHalf: launch_fwd_typed<__half, D>(p, o, d, stream); break;
+    case at::kBFloat16: launch_fwd_typed<__nv_bfloat16, D>(p, o, d, stream); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -205,10 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
   const FwdOut o{out.data_ptr(), o_sel.data_ptr(), o_win.data_ptr(), lse.data_ptr<float>()};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (d.D) {
-    case 16: launch_fwd<16>(p, o, q.scalar_type(), stream); break;
-    case 32: launch_fwd<32>(p, o, q.scalar_type(), stream); break;
-    case 64: launch_fwd<64>(p, o, q.scalar_type(), stream); break;
-    case 128: launch_fwd<128>(p, o, q.scalar_type(), stream); break;
+    case 16: launch_fwd<16>(p, o, d, q.scalar_type(), stream); break;
+    case 32: launch_fwd<32>(p, o, d, q.scalar_type(), stream); break;
+    case 64: launch_fwd<64>(p, o, d, q.scalar_type(), stream); break;
+    case 128: launch_fwd<128>(p, o, d, q.scalar_type(), stream); break;
     default: TORCH_CHECK(false, "unsupported head dim ", d.D);
   }
   return {out, o_sel, o_win, lse};
