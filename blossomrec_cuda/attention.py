@@ -153,7 +153,8 @@ class BlossomAttention(_QKVAttention):
 
     ``backend="ops"`` runs ``torch.ops.blossomrec.*`` (CPU or CUDA kernels; works under autocast and
     ``torch.compile(fullgraph=True)``); ``backend="reference"`` runs :mod:`blossomrec_cuda.reference`
-    (same math, plain PyTorch, a Python loop over sequences: for checking, not for speed).
+    (same math in plain PyTorch, the whole padded batch at once through
+    ``reference.blossom_attention_batched``: ``O(N^2)`` masks, for checking and for comparisons).
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int,
@@ -247,7 +248,8 @@ class BlossomAttention(_QKVAttention):
                   power_block=self.power_block_size, use_power=self.use_power,
                   use_sink=self.use_sink and not self.causal, causal=self.causal, scale=scale)
         if self.backend == "reference":
-            return reference.blossom_attention(
+            # batched (no Python loop over sequences); equal to reference.blossom_attention
+            return reference.blossom_attention_batched(
                 q, k, v, kc, gates, seq_start, seq_len, compress_stride=self.stride,
                 num_select=self.num_selected_blocks, **hp).out
         # The raw ops take (seq_start, seq_len), the row-buffer contract of docs/DESIGN.md, so one

@@ -1,11 +1,15 @@
 """SPEC.md in plain PyTorch: readable first, fast never.
 
 Every function here works on ONE sequence of ``L`` valid tokens (positions ``0 .. L-1`` relative to its
-first valid token); :func:`blossom_attention` maps a padded or packed batch onto them. The CPU and CUDA
-ops are held to these functions by the tests. Each step optionally takes ``rows``, the query positions to
-compute, so that a long sequence (N = 65536) can be checked on sampled rows without an ``L x L`` mask.
+first valid token); :func:`blossom_attention` maps a padded or packed batch onto them, one sequence
+at a time, and :func:`blossom_attention_batched` does the same for a padded batch in one go. The CPU
+and CUDA ops are held to these functions by the tests. Each step optionally takes ``rows``, the query
+positions to compute, so that a long sequence (N = 65536) can be checked on sampled rows without an
+``L x L`` mask.
 
 Shapes (one sequence): ``q [L, H, D]``, ``k, v [L, KVH, D]``, ``kc [C, KVH, D]``, ``gates [L, H, 2]``.
+The steps of 1b-3 also accept leading batch dimensions (``q [B, L, H, D]``, ...), which
+:func:`blossom_attention_batched` uses to run a whole padded batch without a Python loop.
 """
 from __future__ import annotations
 
@@ -78,49 +82,52 @@ def block_scores(q: Tensor, kc: Tensor, L: int, rows: Tensor, compress_stride: i
     """``score[g, r, J]`` of SPEC 1b for queries ``q [R, H, D]`` (already the rows), float32/64.
 
     Logits per head, the mean over the G heads of a group, then the mean over the ``m`` windows of a
-    block.
+    block. Leading batch dims are allowed: ``q [..., R, H, D]``, ``kc [..., C, KVH, D]`` ->
+    ``[..., KVH, R, nb]`` (every step is elementwise or a reduction over G or m, so each entry is
+    computed exactly as without them).
     """
     dt = _softmax_dtype(q)
-    R, H, D = q.shape
-    KVH = kc.shape[1]
+    *lead, R, H, D = q.shape
+    KVH = kc.shape[-2]
     G = H // KVH
     m = select_block // compress_stride
-    nb = num_select_blocks(L, kc.shape[0], compress_stride, select_block)
-    kc_used = kc[: nb * m].to(dt)  # [nb*m, KVH, D]
-    qg = q.to(dt).reshape(R, KVH, G, D).permute(1, 0, 2, 3)  # [KVH, R, G, D]
+    nb = num_select_blocks(L, kc.shape[-3], compress_stride, select_block)
+    kc_used = kc[..., : nb * m, :, :].to(dt)  # [..., nb*m, KVH, D]
+    qg = q.to(dt).reshape(*lead, R, KVH, G, D).transpose(-4, -3)  # [..., KVH, R, G, D]
     # One feature at a time, in the same order for every (query, window) pair: equal compressed keys
     # then give bit-equal logits and the tie rule (lower block first) applies. A matmul may round
     # equal columns differently (seen: 3e-16 apart in float64) and break ties at random.
-    z = torch.zeros(KVH, R, G, nb * m, dtype=dt, device=q.device)
+    z = torch.zeros(*lead, KVH, R, G, nb * m, dtype=dt, device=q.device)
     for d in range(D):
-        z += qg[..., d, None] * kc_used[:, :, d].T[:, None, None, :]
-    z = scale * z  # [KVH, R, G, nb*m]
-    zbar = z.mean(dim=2)  # mean of logits over the group's heads
-    return zbar.reshape(KVH, R, nb, m).mean(dim=-1)  # [KVH, R, nb]
+        z += qg[..., d, None] * kc_used[..., d].transpose(-1, -2)[..., :, None, None, :]
+    z = scale * z  # [..., KVH, R, G, nb*m]
+    zbar = z.mean(dim=-2)  # mean of logits over the group's heads
+    return zbar.reshape(*lead, KVH, R, nb, m).mean(dim=-1)  # [..., KVH, R, nb]
 
 
 def select_from_scores(scores: Tensor, visible: Tensor, num_select: int) -> tuple[Tensor, Tensor]:
     """Top-``n`` visible blocks by probability, ties to the lower block, threshold ``P > 1e-10``.
 
     ``scores [KVH, R, NB]``, ``visible [R, NB]`` -> ``idx [R, KVH, max(n,1)]`` int32 (-1 padded),
-    ``cnt [R, KVH]`` int32.
+    ``cnt [R, KVH]`` int32. Leading batch dims are allowed (``scores [..., KVH, R, NB]``,
+    ``visible [..., R, NB]`` -> ``idx [..., R, KVH, n]``): every step works along the last dim.
     """
-    KVH, R, NB = scores.shape
+    *lead, KVH, R, NB = scores.shape
     width = max(num_select, 1)
-    idx = torch.full((R, KVH, width), -1, dtype=torch.int32, device=scores.device)
-    cnt = torch.zeros((R, KVH), dtype=torch.int32, device=scores.device)
+    idx = torch.full((*lead, R, KVH, width), -1, dtype=torch.int32, device=scores.device)
+    cnt = torch.zeros((*lead, R, KVH), dtype=torch.int32, device=scores.device)
     if NB == 0 or num_select == 0 or R == 0:
         return idx, cnt
-    masked = scores.masked_fill(~visible[None], float("-inf"))
-    null = torch.full((KVH, R, 1), NULL_LOGIT, dtype=scores.dtype, device=scores.device)
+    masked = scores.masked_fill(~visible[..., None, :, :], float("-inf"))
+    null = torch.full((*lead, KVH, R, 1), NULL_LOGIT, dtype=scores.dtype, device=scores.device)
     P = torch.softmax(torch.cat([null, masked], dim=-1), dim=-1)[..., 1:]  # drop the -1000 entry
     # A stable descending sort keeps the lower block first among equal probabilities.
     P_sorted, order = torch.sort(P, dim=-1, descending=True, stable=True)
     take = min(num_select, NB)
     keep = P_sorted[..., :take] > MIN_PROB  # invisible blocks have P == 0 and fall out here
     chosen = torch.where(keep, order[..., :take], torch.full_like(order[..., :take], -1))
-    idx[:, :, :take] = chosen.permute(1, 0, 2).to(torch.int32)
-    cnt[:] = keep.sum(dim=-1).permute(1, 0).to(torch.int32)
+    idx[..., :take] = chosen.transpose(-3, -2).to(torch.int32)
+    cnt[:] = keep.sum(dim=-1).transpose(-2, -1).to(torch.int32)
     return idx, cnt
 
 
@@ -143,8 +150,11 @@ def select_blocks(q: Tensor, kc: Tensor, L: int, rows: Optional[Tensor] = None, 
 # --------------------------------------------------------------------------------------------------
 def selected_mask(rows: Tensor, L: int, idx: Tensor, cnt: Tensor, select_block: int,
                   causal: bool) -> Tensor:
-    """``[KVH, R, L]`` bool: own block of each query plus its selected blocks (SPEC 1c)."""
-    R, KVH, _ = idx.shape
+    """``[KVH, R, L]`` bool: own block of each query plus its selected blocks (SPEC 1c).
+
+    ``idx``/``cnt`` may carry leading batch dims (``[..., R, KVH, n]`` -> ``[..., KVH, R, L]``);
+    ``rows`` and ``L`` are shared by the batch.
+    """
     j = torch.arange(L, device=rows.device)
     lo = (rows // select_block) * select_block
     hi = rows + 1 if causal else torch.clamp(lo + select_block, max=L)
@@ -152,8 +162,8 @@ def selected_mask(rows: Tensor, L: int, idx: Tensor, cnt: Tensor, select_block: 
     key_block = j // select_block  # [L]
     valid = torch.arange(idx.shape[-1], device=rows.device)[None, None, :] < cnt[..., None]
     chosen = torch.where(valid, idx, torch.full_like(idx, -2)).long()  # -2 never matches a block
-    in_sel = (key_block[None, None, None, :] == chosen[..., None]).any(dim=2)  # [R, KVH, L]
-    return (own[:, None, :] | in_sel).permute(1, 0, 2)
+    in_sel = (key_block == chosen[..., None]).any(dim=-2)  # [..., R, KVH, L]
+    return (own[:, None, :] | in_sel).transpose(-3, -2)
 
 
 def stis_mask(rows: Tensor, L: int, window: int = 8, power_block: int = 1, use_power: bool = True,
@@ -174,19 +184,20 @@ def stis_mask(rows: Tensor, L: int, window: int = 8, power_block: int = 1, use_p
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
                      upcast: bool = True) -> tuple[Tensor, Tensor]:
     """``q [R, H, D]``, ``k, v [L, KVH, D]``, ``mask [KVH or 1, R, L]`` -> ``o [R, H, D]``,
-    ``lse [R, H]`` (float32/64). Every row must see at least one key."""
-    R, H, D = q.shape
-    KVH = k.shape[1]
+    ``lse [R, H]`` (float32/64). Every row must see at least one key. Leading batch dims are
+    allowed on all four (``q [..., R, H, D]``, ``mask [..., KVH or 1, R, L]``)."""
+    *lead, R, H, D = q.shape
+    KVH = k.shape[-2]
     G = H // KVH
     cdt = _compute_dtype(q, upcast)
     sdt = _softmax_dtype(q)
-    qg = q.to(cdt).reshape(R, KVH, G, D)
-    logits = torch.einsum("rkgd,lkd->kgrl", qg, k.to(cdt)).to(sdt) * scale  # [KVH, G, R, L]
-    logits = logits.masked_fill(~mask[:, None, :, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [KVH, G, R]
+    qg = q.to(cdt).reshape(*lead, R, KVH, G, D)
+    logits = torch.einsum("...rkgd,...lkd->...kgrl", qg, k.to(cdt)).to(sdt) * scale  # [KVH,G,R,L]
+    logits = logits.masked_fill(~mask[..., :, None, :, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [..., KVH, G, R]
     p = torch.exp(logits - lse[..., None]).to(cdt)
-    o = torch.einsum("kgrl,lkd->rkgd", p, v.to(cdt)).reshape(R, H, D)
-    return o, lse.permute(2, 0, 1).reshape(R, H)
+    o = torch.einsum("...kgrl,...lkd->...rkgd", p, v.to(cdt)).reshape(*lead, R, H, D)
+    return o, lse.movedim(-1, -3).reshape(*lead, R, H)
 
 
 def gated_combine(o_sel: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
@@ -286,6 +297,109 @@ def _put_rows(buf: Tensor, bq: int, start: int, rows: Tensor) -> Tensor:
     index = torch.arange(start, start + rows.shape[0], device=buf.device)
     batch = torch.full_like(index, bq)
     return buf.index_put((batch, index), rows)
+
+
+def blossom_attention_batched(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,
+                              seq_start: Tensor, seq_len: Tensor, *, compress_stride: int = 16,
+                              select_block: int = 16, num_select: int = 4, window: int = 8,
+                              power_block: int = 1, use_power: bool = True, use_sink: bool = True,
+                              causal: bool = True, scale: Optional[float] = None,
+                              upcast: bool = True) -> SeqResult:
+    """:func:`blossom_attention` for a padded batch (``Bq == B``) without a Python loop over the
+    sequences: same arguments, same result (up to the rounding of batched matmuls), same autograd.
+
+    Causal and non-causal are both computed batched. The packed layout (``Bq == 1`` holding several
+    sequences) falls back to the loop of :func:`blossom_attention`.
+
+    Why it equals the loop. Every sequence is first shifted so that its first valid token sits at
+    row 0 (``seq_start`` is then irrelevant: positions are relative to that token), and its padding
+    rows are set to 0. Then every sequence is computed as if it had ``N`` tokens, with the per-step
+    helpers of the one-sequence reference given a leading batch dim, and restricted to its own
+    length ``L_b`` where the rules depend on it:
+
+    * keys ``j >= L_b`` are masked out of both key sets. For valid rows this is SPEC 1c's
+      "clipped to 0 .. L_b - 1": causal rows never reach past themselves anyway, and non-causal own
+      blocks end at ``min(lo + b, N)`` here, so ``& (j < L_b)`` gives the rule's
+      ``min(lo + b, L_b)``;
+    * blocks ``J >= floor(min(floor(L_b / s), C) / m)`` (``num_select_blocks`` for ``L_b``) are not
+      visible; their scores (from compressed keys sequence ``b`` does not own) become -inf, add
+      exact zeros to the softmax and get P == 0, so they drop out of the top-n and the threshold
+      as if they were absent;
+    * the non-causal sink is key ``L_b - 1`` (not ``N - 1``); the rest of SPEC 2 depends only on
+      ``i`` and ``j``.
+
+    Rows ``i >= L_b`` select nothing and see only their own (zeroed) key, so they stay finite and
+    NaN-free; they are dropped when the result is shifted back into the row buffer (0 / -1 there).
+    Largest tensors: the ``[B, KVH, G, N, N]`` logits and probabilities of each branch (both kept
+    for backward); masks are ``[B, KVH, N, N]`` bool. No device-to-host sync.
+    """
+    Bq, N, H, D = q.shape
+    B = seq_len.shape[0]
+    if Bq != B:  # packed: several sequences share buffer entry 0
+        return blossom_attention(
+            q, k, v, kc, gates, seq_start, seq_len, compress_stride=compress_stride,
+            select_block=select_block, num_select=num_select, window=window,
+            power_block=power_block, use_power=use_power, use_sink=use_sink, causal=causal,
+            scale=scale, upcast=upcast)
+    dev = q.device
+    scale = D ** -0.5 if scale is None else scale
+    odt, sdt = q.dtype, _softmax_dtype(q)
+    start = seq_start.to(device=dev, dtype=torch.long)
+    L = seq_len.to(device=dev, dtype=torch.long)
+    r = torch.arange(N, device=dev)  # position relative to the first valid token
+
+    # --- shift: token r of sequence b to row r; padding rows (r >= L_b) become 0 ------------------
+    row_ok = r[None, :] < L[:, None]  # [B, N]: shifted row r is a token of sequence b
+    src = (start[:, None] + r[None, :]).clamp(max=max(N - 1, 0))  # its buffer row
+
+    def shift(x: Tensor) -> Tensor:
+        tail = [1] * (x.dim() - 2)
+        x = x.gather(1, src.view(B, N, *tail).expand_as(x))
+        # torch.where, not a product: padding may hold NaN, and its gradient must be 0, not NaN
+        return torch.where(row_ok.view(B, N, *tail), x, x.new_zeros(()))
+
+    q_s, k_s, v_s, g_s = shift(q), shift(k), shift(v), shift(gates)
+
+    # --- 1b: selection, every sequence as if of length N, then only its own blocks visible --------
+    with torch.no_grad():
+        scores = block_scores(q_s.detach(), kc, N, r, compress_stride, select_block, scale)
+        NB = scores.shape[-1]  # [B, KVH, N, NB]
+        m = select_block // compress_stride
+        nb = (L // compress_stride).clamp(max=kc.shape[1]) // m  # num_select_blocks per sequence
+        own_blocks = torch.arange(NB, device=dev)[None, None, :] < nb[:, None, None]  # [B, 1, NB]
+        visible = block_visible(r, NB, select_block, causal) & own_blocks & row_ok[:, :, None]
+        idx, cnt = select_from_scores(scores, visible, num_select)  # [B, N, KVH, n], [B, N, KVH]
+        del scores, visible
+
+        # --- 1c + 2: key sets, then each restricted to its sequence -------------------------------
+        m_sel = selected_mask(r, N, idx, cnt, select_block, causal)  # [B, KVH, N, N]
+        m_win = stis_mask(r, N, window, power_block, use_power, False, causal)[None, None]
+        if use_sink and not causal:
+            m_win = m_win | (r == (L - 1)[:, None])[:, None, None, :]  # the sink: key L_b - 1
+        pair_ok = row_ok[:, None, :, None] & row_ok[:, None, None, :]  # [B, 1, N, N]
+        pad_self = ~row_ok[:, None, :, None] & torch.eye(N, dtype=torch.bool, device=dev)
+        m_sel = (m_sel & pair_ok) | pad_self
+        m_win = (m_win & pair_ok) | pad_self  # [B, 1, N, N]
+        del pair_ok, pad_self
+
+    o_sel, lse_sel = masked_attention(q_s, k_s, v_s, m_sel, scale, upcast)
+    o_win, lse_win = masked_attention(q_s, k_s, v_s, m_win, scale, upcast)
+    out = gated_combine(o_sel, o_win, g_s)
+    lse = torch.stack([lse_sel, lse_win], dim=-1)
+
+    # --- shift back: buffer row n holds token n - seq_start[b]; other rows 0 (indices -1) ---------
+    buf_ok = (r[None, :] >= start[:, None]) & (r[None, :] < (start + L)[:, None])  # [B, N]
+    dst = (r[None, :] - start[:, None]).clamp(min=0)
+
+    def unshift(x: Tensor, fill: float, dtype: torch.dtype) -> Tensor:
+        tail = [1] * (x.dim() - 2)
+        x = x.gather(1, dst.view(B, N, *tail).expand_as(x)).to(dtype)
+        fill_t = torch.full((), fill, dtype=dtype, device=dev)
+        return torch.where(buf_ok.view(B, N, *tail), x, fill_t)
+
+    return SeqResult(unshift(out, 0, odt), unshift(o_sel, 0, odt), unshift(o_win, 0, odt),
+                     unshift(lse, 0, sdt), unshift(idx, -1, torch.int32),
+                     unshift(cnt, 0, torch.int32))
 
 
 # --------------------------------------------------------------------------------------------------
