@@ -108,7 +108,7 @@ __device__ __forceinline__ void for_each_selected_range(const AttnParams& p, int
 // per-row code, same summation order, so both paths give bitwise-identical results.
 // BLOSSOMREC_STAGED=0 turns the staged path off (tests run both paths).
 constexpr int64_t kStagedMaxN = 1024;
-constexpr int64_t kStagedKvBudget = 96 * 1024;    // fwd and dq: no static shared memory
+constexpr int64_t kStagedKvBudget = 112 * 1024;   // fwd and dq: no static shared memory
 constexpr int64_t kStagedDkdvBudget = 72 * 1024;  // + 32 KiB static partial sums: 2 CTAs per SM
 
 inline bool staging_enabled() {
@@ -118,11 +118,13 @@ inline bool staging_enabled() {
 
 inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// Dynamic shared memory of the forward / dq kernels (k and v of one sequence and kv head), or 0
-// when the batch does not take the staged path.
-inline int64_t staged_kv_bytes(const Dims& d, int64_t elem) {
+// Dynamic shared memory of the forward / dq kernels, or 0 when the batch does not take the staged
+// path: k and v of one sequence and kv head, converted to float32 once while staging (the G heads
+// and every row of the CTA read each key, and the per-key conversions were a good part of the
+// instructions).
+inline int64_t staged_kv_bytes(const Dims& d) {
   if (!staging_enabled() || d.Bq <= 1 || d.N > kStagedMaxN) return 0;
-  const int64_t bytes = 2 * align16(d.N * d.D * elem);
+  const int64_t bytes = 2 * align16(d.N * d.D * int64_t(sizeof(float)));
   return bytes <= kStagedKvBudget ? bytes : 0;
 }
 
@@ -177,10 +179,10 @@ __device__ __forceinline__ RowInfo staged_row_info(const AttnParams& p, const Ro
   return RowInfo{t.bq, t.n - s, L, t.bq * p.seq.N + s};
 }
 
-// Copies rows x heads vectors of D elements into shared memory as dst[row][head][D]; source
-// vector (r, h) at src + r * row_stride + h * head_stride.
-template <typename T, int D>
-__device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t row_stride,
+// Copies rows x heads vectors of D elements into shared memory as dst[row][head][D] (type S: T or
+// float32, exact either way); source vector (r, h) at src + r * row_stride + h * head_stride.
+template <typename T, int D, typename S>
+__device__ __forceinline__ void stage_rows(S* dst, const T* src, int64_t row_stride,
                                            int64_t head_stride, int64_t rows, int64_t heads) {
   constexpr int kChunks = D / kDimsPerLane;
   const int64_t total = rows * heads * kChunks;
@@ -190,15 +192,16 @@ __device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t row_str
     const int64_t r = vec / heads, h = vec - r * heads;
     float x[kDimsPerLane];
     Vec16<T>::load(src + r * row_stride + h * head_stride + e, x);
-    Vec16<T>::store(dst + vec * D + e, x);  // exact: T -> float -> T
+    Vec16<S>::store(dst + vec * D + e, x);
   }
 }
 
+// Without an opt-in a CTA gets at most 48 KiB of shared memory, static and dynamic together.
 template <typename Kernel>
-inline void allow_dynamic_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > 48 * 1024) {
+inline void allow_dynamic_smem(Kernel kernel, int64_t dynamic_bytes, int64_t static_bytes = 0) {
+  if (dynamic_bytes + static_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(bytes)));
+                                        int(dynamic_bytes)));
   }
 }
 

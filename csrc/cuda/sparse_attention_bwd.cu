@@ -51,10 +51,10 @@ __device__ __forceinline__ void dq_padding_row(const AttnParams& p, Aux* aux, T*
 
 // One (valid row, head) segment of pass 1. Key j of the row's sequence is read at kbase + j * ks
 // (v likewise): global memory, or shared memory when staged.
-template <typename T, int D>
+template <typename T, int D, typename KT>
 __device__ __forceinline__ void dq_row(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq_out,
-                                       const RowThread& t, const RowInfo& row, const T* kbase,
-                                       int64_t ks, const T* vbase, int64_t vs) {
+                                       const RowThread& t, const RowInfo& row, const KT* kbase,
+                                       int64_t ks, const KT* vbase, int64_t vs) {
   constexpr int kLanes = D / kDimsPerLane;
   const int64_t rh = t.r * p.H + t.h;
   const int64_t off = rh * D + t.lane * kDimsPerLane;
@@ -88,8 +88,8 @@ __device__ __forceinline__ void dq_row(const AttnParams& p, const BwdIn& in, Aux
 #pragma unroll
       for (int c = 0; c < kChunk; ++c) {
         const int64_t j = j0 + c < hi ? j0 + c : hi - 1;
-        Vec16<T>::load(kbase + j * ks, kv[c]);
-        Vec16<T>::load(vbase + j * vs, vv[c]);
+        Vec16<KT>::load(kbase + j * ks, kv[c]);
+        Vec16<KT>::load(vbase + j * vs, vv[c]);
       }
 #pragma unroll
       for (int c = 0; c < kChunk; ++c) {
@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     bwd_dq_staged_kernel(const AttnParams p, const BwdIn in, Aux* aux, T* dq_out) {
   constexpr int kLanes = D / kDimsPerLane;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* ks = reinterpret_cast<T*>(smem);
-  T* vs = ks + p.seq.N * D;
+  float* ks = reinterpret_cast<float*>(smem);  // float32: converted once while staging
+  float* vs = ks + p.seq.N * D;
   const int64_t bq = blockIdx.x, g = blockIdx.y;
   int64_t s, L;
   seq_bounds(p.seq, bq, &s, &L);
@@ -190,6 +190,9 @@ __global__ void selection_keys_kernel(const AttnParams p, int64_t* keys) {
 // ---------------------------------------------------------------------------------------------
 // Pass 3: dk and dv
 // ---------------------------------------------------------------------------------------------
+// Static shared memory of both dk/dv kernels (the head-order reduction's partial sums).
+constexpr int64_t kDkdvStaticSmem = 2 * kDimsPerLane * kAttnThreads * sizeof(float);
+
 struct Inverted {
   const int64_t* rows;     // entry -> the buffer row of a query that selected the block
   const int64_t* offsets;  // [KVH * rows + 1]: block key -> first entry
@@ -289,6 +292,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   // group) sums that head's contributions, then the G partial sums of a key are added in head
   // order. G threads per key shorten the serial walk over a popular block's queries G times.
   __shared__ float partial[2 * kDimsPerLane][kAttnThreads];  // [element][thread]: no bank conflicts
+  static_assert(sizeof(partial) == kDkdvStaticSmem, "kDkdvStaticSmem");
   const RowThread t = row_thread<D / kDimsPerLane>(p);
   const RowInfo row = t.active ? row_info(p.seq, t.r) : RowInfo{-1, 0, 0, 0};
   float dk[kDimsPerLane], dv[kDimsPerLane];
@@ -321,6 +325,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
                            T* dk_out, T* dv_out) {
   constexpr int kLanes = D / kDimsPerLane;
   __shared__ float partial[2 * kDimsPerLane][kAttnThreads];
+  static_assert(sizeof(partial) == kDkdvStaticSmem, "kDkdvStaticSmem");
   extern __shared__ __align__(16) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem + layout.q);
   T* dos = reinterpret_cast<T*>(smem + layout.dout);
@@ -433,7 +438,7 @@ void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const B
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (plan.dkdv.total > 0) {
     auto kernel = bwd_dkdv_staged_kernel<T, D>;
-    allow_dynamic_smem(kernel, plan.dkdv.total);
+    allow_dynamic_smem(kernel, plan.dkdv.total, kDkdvStaticSmem);
     kernel<<<staged_grid, kAttnThreads, size_t(plan.dkdv.total), stream>>>(p, in, aux, plan.dkdv,
                                                                            dk_p, dv_p);
   } else {
@@ -488,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   const int64_t elem = q.element_size();
-  const BwdPlan plan{staged_kv_bytes(d, elem), staged_dkdv_smem(d, elem, p.width, select_block)};
+  const BwdPlan plan{staged_kv_bytes(d), staged_dkdv_smem(d, elem, p.width, select_block)};
 
   // Pass 2 (unless pass 3 is staged and builds its lists itself): it only reads the selection.
   at::Tensor q_rows, offsets;

@@ -34,10 +34,10 @@ __device__ __forceinline__ void fwd_padding_row(const AttnParams& p, const FwdOu
 
 // One (valid row, head) segment: both branches, both lse and the gated combine. Key j of the row's
 // sequence is read at kbase + j * ks (v likewise): global memory, or shared memory when staged.
-template <typename T, int D>
+template <typename T, int D, typename KT>
 __device__ __forceinline__ void fwd_row(const AttnParams& p, const FwdOut& o, const RowThread& t,
-                                        const RowInfo& row, const T* kbase, int64_t ks,
-                                        const T* vbase, int64_t vs) {
+                                        const RowInfo& row, const KT* kbase, int64_t ks,
+                                        const KT* vbase, int64_t vs) {
   constexpr int kLanes = D / kDimsPerLane;
   const int64_t out_off = (t.r * p.H + t.h) * D + t.lane * kDimsPerLane;
   float q[kDimsPerLane];
@@ -58,7 +58,7 @@ __device__ __forceinline__ void fwd_row(const AttnParams& p, const FwdOut& o, co
       for (int c = 0; c < kChunk; ++c) {
         float kv[kDimsPerLane];
         const int64_t j = j0 + c < hi ? j0 + c : hi - 1;  // a short tail repeats the last key...
-        Vec16<T>::load(kbase + j * ks, kv);
+        Vec16<KT>::load(kbase + j * ks, kv);
         s[c] = segment_sum<kLanes>(dot16(q, kv));
         if (j0 + c >= hi) s[c] = -INFINITY;  // ...with weight 0
       }
@@ -73,7 +73,7 @@ __device__ __forceinline__ void fwd_row(const AttnParams& p, const FwdOut& o, co
       for (int c = 0; c < kChunk; ++c) {
         const int64_t j = j0 + c < hi ? j0 + c : hi - 1;
         float vv[kDimsPerLane];
-        Vec16<T>::load(vbase + j * vs, vv);
+        Vec16<KT>::load(vbase + j * vs, vv);
         const float w = exp2f(s[c] - m_new);
         l += w;
 #pragma unroll
@@ -137,14 +137,14 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 }
 
 // Staged path (sparse_attention.cuh): grid (Bq, KVH, splits); the sequence's k and v of the kv
-// head are copied to shared memory once, then the CTA walks its rows.
+// head are copied to shared memory (as float32) once, then the CTA walks its rows.
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     sparse_attention_fwd_staged_kernel(const AttnParams p, const FwdOut o) {
   constexpr int kLanes = D / kDimsPerLane;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* ks = reinterpret_cast<T*>(smem);
-  T* vs = ks + p.seq.N * D;
+  float* ks = reinterpret_cast<float*>(smem);
+  float* vs = ks + p.seq.N * D;
   const int64_t bq = blockIdx.x, g = blockIdx.y;
   int64_t s, L;
   seq_bounds(p.seq, bq, &s, &L);
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 
 template <typename T, int D>
 void launch_fwd_typed(const AttnParams& p, const FwdOut& o, const Dims& d, cudaStream_t stream) {
-  const int64_t smem = staged_kv_bytes(d, sizeof(T));
+  const int64_t smem = staged_kv_bytes(d);
   if (smem > 0) {
     const int64_t rows_per_block = kAttnThreads / (p.G * (D / kDimsPerLane));
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
