@@ -31,6 +31,9 @@ LOGDIR=${LOGDIR:-benchmarks/results/logs-accuracy}
 mkdir -p "$LOGDIR"
 JOBS=${JOBS:-1}
 export BLOSSOMREC_CONCURRENT_RUNS=$JOBS
+# Concurrent runs share the CPU cores too: without a cap each would start one thread per core.
+threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
 
 run_one() {  # dataset seed method
   local ds=$1 seed=$2 method=$3 args m

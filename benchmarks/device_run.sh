@@ -11,8 +11,8 @@
 #                   against the installed torch, reusing build/ on a warm machine
 #   3. tests.log    pytest -m cuda (FULL_TESTS=1: the whole suite), junit xml
 #   4. sanitizer.log  SANITIZE=1: compute-sanitizer memcheck and racecheck on the demo's check batch
-#                   (all three kernels, forward and backward) and on SANITIZE_PYTEST (a pytest -k
-#                   expression over the CUDA tests, empty by default)
+#                   (all three kernels, forward and backward) and on SANITIZE_PYTEST (pytest test
+#                   ids, e.g. "python_tests/test_ops_cuda.py::test_x[0]", empty by default)
 #   5. bench-<card>-<date>.jsonl  benchmarks/bench_attention.py $BENCH_ARGS, appended to
 #                   benchmarks/results/ and copied to $OUT
 #   6. plots/*.png  benchmarks/plot.py of this run
@@ -20,7 +20,7 @@
 # stay readable beside it), and the plots too if they would push the count over 8.
 #
 # Env flags: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE=1 FULL_TESTS=1 BENCH_ARGS="..."
-# SANITIZE_PYTEST="-k expr" MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
+# SANITIZE_PYTEST="test ids" SANITIZE_DEMO=0 (skip the demo batch) MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
 # git-ignored copy of ../shared/data, which does not travel to the device otherwise; name it in carry).
 set -uo pipefail
 
@@ -115,14 +115,16 @@ if [ "${SANITIZE:-0}" = "1" ] && [ $BUILD_OK -eq 1 ]; then
   # The caching allocator hides out-of-bounds accesses inside its blocks; allocate plainly instead.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   for tool in memcheck racecheck; do
-    echo "=== compute-sanitizer --tool $tool: demo check batch ===" >>"$LOGS/sanitizer.log"
-    compute-sanitizer --tool "$tool" --error-exitcode 97 --target-processes all \
-      "$PY" -m blossomrec_cuda.demo --device cuda --check-only >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
+    if [ "${SANITIZE_DEMO:-1}" = "1" ]; then
+      echo "=== compute-sanitizer --tool $tool: demo check batch ===" >>"$LOGS/sanitizer.log"
+      compute-sanitizer --tool "$tool" --error-exitcode 97 --target-processes all \
+        "$PY" -m blossomrec_cuda.demo --device cuda --check-only >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
+    fi
     if [ -n "${SANITIZE_PYTEST:-}" ]; then
-      echo "=== compute-sanitizer --tool $tool: pytest -m cuda ${SANITIZE_PYTEST} ===" >>"$LOGS/sanitizer.log"
+      echo "=== compute-sanitizer --tool $tool: pytest ${SANITIZE_PYTEST} ===" >>"$LOGS/sanitizer.log"
       # shellcheck disable=SC2086
       compute-sanitizer --tool "$tool" --error-exitcode 97 --target-processes all \
-        "$PY" -m pytest python_tests -m cuda -q -x $SANITIZE_PYTEST >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
+        "$PY" -m pytest -q -x -p no:cacheprovider $SANITIZE_PYTEST >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
     fi
   done
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
