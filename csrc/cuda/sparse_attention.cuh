@@ -108,7 +108,7 @@ __device__ __forceinline__ void for_each_selected_range(const AttnParams& p, int
 // per-row code, same summation order, so both paths give bitwise-identical results.
 // BLOSSOMREC_STAGED=0 turns the staged path off (tests run both paths).
 constexpr int64_t kStagedMaxN = 1024;
-constexpr int64_t kStagedKvBudget = 112 * 1024;   // fwd and dq: no static shared memory
+constexpr int64_t kStagedKvBudget = 96 * 1024;    // fwd and dq: no static shared memory
 constexpr int64_t kStagedDkdvBudget = 72 * 1024;  // + 32 KiB static partial sums: 2 CTAs per SM
 
 inline bool staging_enabled() {
@@ -118,13 +118,13 @@ inline bool staging_enabled() {
 
 inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// Dynamic shared memory of the forward / dq kernels, or 0 when the batch does not take the staged
-// path: k and v of one sequence and kv head, converted to float32 once while staging (the G heads
-// and every row of the CTA read each key, and the per-key conversions were a good part of the
-// instructions).
-inline int64_t staged_kv_bytes(const Dims& d) {
+// Dynamic shared memory of the forward / dq kernels (k and v of one sequence and kv head, in the
+// input dtype), or 0 when the batch does not take the staged path. (Staging as float32 to save the
+// per-key conversions was measured slower: twice the shared-memory traffic and fewer CTAs per SM,
+// benchmarks/results/dev/bench-h200-20261128-staged-f32-quick.jsonl.)
+inline int64_t staged_kv_bytes(const Dims& d, int64_t elem) {
   if (!staging_enabled() || d.Bq <= 1 || d.N > kStagedMaxN) return 0;
-  const int64_t bytes = 2 * align16(d.N * d.D * int64_t(sizeof(float)));
+  const int64_t bytes = 2 * align16(d.N * d.D * elem);
   return bytes <= kStagedKvBudget ? bytes : 0;
 }
 

@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     bwd_dq_staged_kernel(const AttnParams p, const BwdIn in, Aux* aux, T* dq_out) {
   constexpr int kLanes = D / kDimsPerLane;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* ks = reinterpret_cast<float*>(smem);  // float32: converted once while staging
-  float* vs = ks + p.seq.N * D;
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + p.seq.N * D;
   const int64_t bq = blockIdx.x, g = blockIdx.y;
   int64_t s, L;
   seq_bounds(p.seq, bq, &s, &L);
@@ -493,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   const int64_t elem = q.element_size();
-  const BwdPlan plan{staged_kv_bytes(d), staged_dkdv_smem(d, elem, p.width, select_block)};
+  const BwdPlan plan{staged_kv_bytes(d, elem), staged_dkdv_smem(d, elem, p.width, select_block)};
 
   // Pass 2 (unless pass 3 is staged and builds its lists itself): it only reads the selection.
   at::Tensor q_rows, offsets;

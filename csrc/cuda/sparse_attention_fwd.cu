@@ -137,14 +137,14 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 }
 
 // Staged path (sparse_attention.cuh): grid (Bq, KVH, splits); the sequence's k and v of the kv
-// head are copied to shared memory (as float32) once, then the CTA walks its rows.
+// head are copied to shared memory once, then the CTA walks its rows.
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     sparse_attention_fwd_staged_kernel(const AttnParams p, const FwdOut o) {
   constexpr int kLanes = D / kDimsPerLane;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* ks = reinterpret_cast<float*>(smem);
-  float* vs = ks + p.seq.N * D;
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + p.seq.N * D;
   const int64_t bq = blockIdx.x, g = blockIdx.y;
   int64_t s, L;
   seq_bounds(p.seq, bq, &s, &L);
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 
 template <typename T, int D>
 void launch_fwd_typed(const AttnParams& p, const FwdOut& o, const Dims& d, cudaStream_t stream) {
-  const int64_t smem = staged_kv_bytes(d);
+  const int64_t smem = staged_kv_bytes(d, sizeof(T));
   if (smem > 0) {
     const int64_t rows_per_block = kAttnThreads / (p.G * (D / kDimsPerLane));
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
