@@ -533,6 +533,7 @@ def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypat
     dup = (cnt >= 2) & (rows % 3 == 0)
     idx[..., 1] = torch.where(dup, idx[..., 0], idx[..., 1])
     dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
+    monkeypatch.setenv("BLOSSOMREC_TILED", "0")  # the forward's row kernels, staged or gathering
     monkeypatch.setenv("BLOSSOMREC_STAGED", "1")
     staged = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
     monkeypatch.setenv("BLOSSOMREC_STAGED", "0")
@@ -542,3 +543,116 @@ def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypat
         assert not torch.isnan(a).any(), f"{name}: NaN on the staged path"
         assert torch.equal(a, b_), (f"{name}: staged and gather paths differ, max diff "
                                     f"{(a.double() - b_.double()).abs().max().item():.3e}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the tensor-core forward (query tiles, csrc/cuda/sparse_attention_fwd_tiled.cu) against the row
+# kernels
+# --------------------------------------------------------------------------------------------------
+TILED_CASES = [
+    # lengths, N, H, KVH, D, layout, hyper-parameters, STIS switches; comments: what is awkward
+    ([2000, 1, 15, 16, 17, 33], 2000, 8, 2, 16, "right",
+     dict(compress_stride=16, select_block=16, num_select=4),
+     dict(window=8, power_block=1, use_power=True, use_sink=True)),  # far distances up to 1024
+    ([300, 257, 100], 300, 8, 1, 64, "left",
+     dict(compress_stride=4, select_block=8, num_select=16),
+     dict(window=40, power_block=1, use_power=True, use_sink=True)),  # G = 8, wide window, width 16
+    ([129, 64, 1, 0, 90], 129, 3, 3, 128, "packed",
+     dict(compress_stride=2, select_block=6, num_select=5),
+     dict(window=3, power_block=1, use_power=False, use_sink=True)),  # G = 1, D = 128, b not | 16
+    ([500, 311], 500, 4, 2, 32, "right",
+     dict(compress_stride=16, select_block=32, num_select=3),
+     dict(window=17, power_block=1, use_power=True, use_sink=False)),  # b = 32, w - 1 = 16
+    ([77, 50, 16], 80, 6, 2, 16, "packed",
+     dict(compress_stride=4, select_block=4, num_select=8),
+     dict(window=1, power_block=1, use_power=True, use_sink=True)),  # G = 3, b = 4, w = 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", range(len(TILED_CASES)))
+def test_tiled_forward_matches_row_kernels(case, causal, dtype, monkeypatch):
+    """The tensor-core forward (the default for float16/bfloat16 with p = 1) against the row kernels
+    (BLOSSOMREC_TILED=0) run in float32 on the same values, with the FlashAttention criterion and
+    the row kernels in the test dtype as the low-precision baseline. Unlike the reference, the row
+    kernels take a hand-made selection literally, so the selection here also lists a block twice
+    in some rows (both kernels attend it twice) and, in some rows, a block that is not visible to
+    the row (both skip it). Padding rows must be exactly 0, every output finite."""
+    lengths, N, H, KVH, D, layout, case_hp, stis = TILED_CASES[case]
+    hp = _hp(case_hp, stis, causal)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
+                                       s=hp["compress_stride"], seed=70 + case)
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
+        hp["num_select"], causal, D ** -0.5)
+    idx = idx.clone()
+    rows = torch.arange(idx.shape[1], device=DEV)[None, :, None].expand_as(cnt)
+    if idx.shape[-1] >= 2:
+        dup = (cnt >= 2) & (rows % 3 == 0)
+        idx[..., 1] = torch.where(dup, idx[..., 0], idx[..., 1])
+        # a block the row cannot see (its own block, or past the end): skipped by both paths
+        own = (rows // hp["select_block"]).to(torch.int32)
+        bad = (cnt >= 2) & (rows % 5 == 1)
+        idx[..., 1] = torch.where(bad, own, idx[..., 1])
+    args = (hp["select_block"], hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"],
+            causal, D ** -0.5)
+
+    def fwd(tt):
+        return torch.ops.blossomrec.sparse_attention_fwd(tt["q"], tt["k"], tt["v"], tt["gates"],
+                                                         idx, cnt, seq_start, seq_len, *args)
+
+    monkeypatch.setenv("BLOSSOMREC_TILED", "1")
+    tiled = fwd(t)
+    monkeypatch.setenv("BLOSSOMREC_TILED", "0")
+    rows_low = fwd(t)
+    rows32 = fwd({k_: v_.float() for k_, v_ in t.items()})
+    pad = _padding_rows(seq_start, seq_len, t["q"].shape[0], t["q"].shape[1]).to(DEV)
+    # The row kernels round only their outputs; the tiled kernel also rounds the softmax weights to
+    # the input dtype for the P V product (as FlashAttention does): at most eps/2 relative per weight,
+    # so at most eps/2 * max|v| on an output; the allowance is eps * max|v|.
+    atol = torch.finfo(dtype).eps * t["v"].float().abs().max().item()
+    for name, a, b_, c in zip(("out", "o_sel", "o_win"), tiled, rows32, rows_low):
+        assert (a[pad] == 0).all(), f"{name}: padding rows must be exactly 0"
+        assert_fa_close(a, b_, c, atol, name)
+    lse_t, lse_r = tiled[3], rows32[3]
+    assert torch.isfinite(lse_t).all() and (lse_t[pad] == 0).all(), "lse: padding rows / non-finite"
+    err = (lse_t - lse_r).abs().max().item()
+    low = (rows_low[3] - lse_r).abs().max().item()
+    assert err <= 2 * low + 1e-2, f"lse: max |tiled-rows32| = {err:.3e}, rows in {dtype}: {low:.3e}"
+
+
+def test_tiled_forward_is_taken_and_deterministic(monkeypatch):
+    """The tiled path is really the default (its result differs from the row kernels' in the last
+    bits somewhere) and gives bitwise-identical results on repeated runs."""
+    lengths, N, H, KVH, D = [700, 300], 700, 8, 2, 16
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, "right", s=16, seed=5)
+    idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 16, 16, 4,
+                                                  True, D ** -0.5)
+    args = (16, 8, 1, True, False, True, D ** -0.5)
+    run = lambda: torch.ops.blossomrec.sparse_attention_fwd(  # noqa: E731
+        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, *args)
+    first, second = run(), run()
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_), "two tiled forward runs differ"
+    monkeypatch.setenv("BLOSSOMREC_TILED", "0")
+    rows = run()
+    assert not torch.equal(first[0], rows[0]), "the tiled forward did not run (same bits as rows)"
+    assert (first[0].float() - rows[0].float()).abs().max().item() < 0.05
+
+
+def test_misaligned_input_is_a_clear_error():
+    """The kernels use 16-byte accesses: a view at an odd element offset is refused, not a crash."""
+    N, H, KVH, D = 32, 2, 1, 16
+    base = torch.randn(1, N, H * D + 1, device=DEV, dtype=torch.bfloat16)
+    q = base[..., 1:].view(1, N, H, D)
+    k = torch.randn(1, N, KVH, D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    gates = torch.rand(1, N, H, 2, device=DEV, dtype=torch.bfloat16)
+    idx = torch.full((1, N, KVH, 1), -1, dtype=torch.int32, device=DEV)
+    cnt = torch.zeros(1, N, KVH, dtype=torch.int32, device=DEV)
+    st = torch.zeros(1, dtype=torch.int32, device=DEV)
+    ln = torch.full((1,), N, dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.blossomrec.sparse_attention_fwd(q, k, v, gates, idx, cnt, st, ln, 16, 8, 1, True,
+                                                  False, True, D ** -0.5)

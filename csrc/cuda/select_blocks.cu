@@ -225,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q, const
   check_select_inputs(q, kc, seq_start, seq_len, compress_stride, select_block, num_select, &d);
   TORCH_CHECK(q.scalar_type() != at::kDouble,
               "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
+  check_vec_aligned(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t width = num_select > 1 ? num_select : 1;
   at::Tensor idx = alloc_output({d.Bq, d.N, d.KVH, width}, q.options().dtype(at::kInt));

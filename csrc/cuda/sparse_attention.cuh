@@ -43,6 +43,14 @@ struct AttnParams {
   float scale_log2;  // scale * log2(e)
 };
 
+// The forward's outputs.
+struct FwdOut {
+  void* out;    // [rows, H, D] contiguous
+  void* o_sel;  // [rows, H, D]
+  void* o_win;  // [rows, H, D]
+  float* lse;   // [rows, H, 2]
+};
+
 // Position of one thread: which (row, head, lane) it serves.
 struct RowThread {
   int64_t r;   // buffer row

@@ -482,6 +482,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
                                         causal, scale);
   const at::Tensor dout_c = dout.contiguous(), o_sel_c = o_sel.contiguous(),
                    o_win_c = o_win.contiguous(), lse_c = lse.contiguous();
+  check_vec_aligned(dout_c, "dout");
+  check_vec_aligned(o_sel_c, "o_sel");
+  check_vec_aligned(o_win_c, "o_win");
   const BwdIn in{dout_c.data_ptr(), o_sel_c.data_ptr(), o_win_c.data_ptr(), lse_c.data_ptr<float>()};
 
   at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());

@@ -8,17 +8,11 @@
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "cuda/sparse_attention.cuh"
+#include "cuda/sparse_attention_tiled.h"
 
 namespace blossomrec {
 namespace cuda {
 namespace {
-
-struct FwdOut {
-  void* out;    // [rows, H, D] contiguous
-  void* o_sel;  // [rows, H, D]
-  void* o_win;  // [rows, H, D]
-  float* lse;   // [rows, H, 2]
-};
 
 // Padding rows: zeros everywhere.
 template <typename T, int D>
@@ -206,6 +200,9 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.scalar_type() != at::kDouble,
               "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   TORCH_CHECK(sel_idx.stride(-1) == 1, "sel_idx must have a contiguous last dimension");
+  check_vec_aligned(q, "q");
+  check_vec_aligned(k, "k");
+  check_vec_aligned(v, "v");
   TORCH_CHECK(seq_start.is_contiguous() && seq_len.is_contiguous(),
               "seq_start and seq_len must be contiguous");
   TORCH_CHECK(gates_f32.is_contiguous() && gates_f32.scalar_type() == at::kFloat,
@@ -256,6 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
   if (d.Bq * d.N == 0) return {out, o_sel, o_win, lse};
   const FwdOut o{out.data_ptr(), o_sel.data_ptr(), o_win.data_ptr(), lse.data_ptr<float>()};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (fwd_tiled_eligible(d, q.scalar_type(), power_block, sel_idx.size(3), window)) {
+    launch_fwd_tiled(p, o, d, q.scalar_type(), st, ln, stream);
+    return {out, o_sel, o_win, lse};
+  }
   switch (d.D) {
     case 16: launch_fwd<16>(p, o, d, q.scalar_type(), stream); break;
     case 32: launch_fwd<32>(p, o, d, q.scalar_type(), stream); break;
