@@ -5,7 +5,8 @@
 #   DATASETS="beauty games ml50 ml200" SEEDS="0 1" EPOCHS=200 PATIENCE=15 bash benchmarks/accuracy_sweep.sh
 #
 # Knobs: DATASETS (beauty, games, ml50, ml200 = MovieLens with max length 50 / 200), SEEDS, EPOCHS,
-# PATIENCE, METHODS ("ops reference dense"), RUN_TIMEOUT (seconds per run), EXTRA_ARGS (passed on to
+# PATIENCE, METHODS ("ops reference dense"), RUNS (an explicit list instead of the three loops:
+# "games:1:dense ml200:0:ops ..."), RUN_TIMEOUT (seconds per run), EXTRA_ARGS (passed on to
 # the train command), BLOSSOMREC_DATA (the data
 # folder, default .data: the git-ignored copy of ../shared/data that travels to the device), OUT,
 # JOBS (runs at the same time on the one device, default 1). With JOBS > 1 the three methods of a
@@ -60,13 +61,20 @@ run_one() {  # dataset seed method
   [ $rc -eq 0 ] || tail -n 5 "$log"
 }
 
-for ds in $DATASETS; do
-  for seed in $SEEDS; do
-    for method in $METHODS; do
-      run_one "$ds" "$seed" "$method" &
-      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+if [ -n "${RUNS:-}" ]; then
+  runs=$RUNS
+else
+  runs=""
+  for ds in $DATASETS; do
+    for seed in $SEEDS; do
+      for method in $METHODS; do runs="$runs $ds:$seed:$method"; done
     done
   done
+fi
+for r in $runs; do
+  IFS=: read -r ds seed method <<<"$r"
+  run_one "$ds" "$seed" "$method" &
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
 done
 wait
 [ -n "${OUT:-}" ] && [ -f "$RESULTS" ] && [ "$(dirname "$(realpath "$RESULTS")")" != "$(realpath "$OUT")" ] && cp "$RESULTS" "$OUT/"

@@ -8,9 +8,9 @@ Methods (PERF.md names):
 - ``blossomrec_select`` / ``blossomrec_attn``: its two parts (``select_blocks``, ``sparse_attention``
   on a selection made outside the timed region); ``blossomrec_select`` has no backward and runs in
   the ``fwd`` pass only;
-- ``blossomrec_rows``: the whole op with the forward's tensor-core query tiles turned off
-  (``BLOSSOMREC_TILED=0``: the per-row forward kernels); ``blossomrec_gather`` also without the
-  staged kernels for short sequences (``BLOSSOMREC_STAGED=0``): the first CUDA version;
+- ``blossomrec_tiled``: the whole op with the forward's tensor-core query tiles
+  (``BLOSSOMREC_TILED=1``, opt-in) instead of the per-row forward kernels; ``blossomrec_gather``:
+  the whole op without the staged kernels for short sequences (``BLOSSOMREC_STAGED=0``);
 - ``sdpa_dense``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`` on the
   ``[B, H, N, D]`` layout (transposed copies made outside the timed region);
 - ``flex_stis``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` of the STIS mask alone;
@@ -66,9 +66,9 @@ RAGGED_SHAPES = {"R1"}
 # Tiny CPU shapes for --cpu-smoke: (B, N); CR is ragged like R1.
 CPU_SMOKE_SHAPES: dict[str, tuple[int, int]] = {"C1": (4, 64), "C2": (2, 256), "CR": (16, 50)}
 
-ALL_METHODS = ("blossomrec", "blossomrec_rows", "blossomrec_gather", "blossomrec_select",
+ALL_METHODS = ("blossomrec", "blossomrec_tiled", "blossomrec_gather", "blossomrec_select",
                "blossomrec_attn", "sdpa_dense", "flex_stis", "reference")
-DEFAULT_METHODS = ("blossomrec", "blossomrec_rows", "blossomrec_select", "blossomrec_attn",
+DEFAULT_METHODS = ("blossomrec", "blossomrec_tiled", "blossomrec_select", "blossomrec_attn",
                    "sdpa_dense", "flex_stis")
 FWD_ONLY_METHODS = {"blossomrec_select"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
@@ -340,17 +340,16 @@ def _with_env(inner: Callable[[int], object], env: dict[str, str]) -> Callable[[
     return run
 
 
-def build_blossomrec_rows(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
-    """The whole op with the forward's tensor-core tiles turned off (BLOSSOMREC_TILED=0): the
-    per-row forward kernels (staged for short padded sequences), what the tiles replace."""
-    return _with_env(build_blossomrec(sets, case, pass_), {"BLOSSOMREC_TILED": "0"})
+def build_blossomrec_tiled(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
+    """The whole op with the forward's tensor-core query tiles (BLOSSOMREC_TILED=1, opt-in) instead
+    of the per-row forward kernels."""
+    return _with_env(build_blossomrec(sets, case, pass_), {"BLOSSOMREC_TILED": "1"})
 
 
 def build_blossomrec_gather(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
-    """The per-row kernels without the staged path either (BLOSSOMREC_TILED=0,
-    BLOSSOMREC_STAGED=0): the first CUDA version."""
-    return _with_env(build_blossomrec(sets, case, pass_),
-                     {"BLOSSOMREC_TILED": "0", "BLOSSOMREC_STAGED": "0"})
+    """The whole op without the staged kernels for short padded sequences (BLOSSOMREC_STAGED=0):
+    the first CUDA version."""
+    return _with_env(build_blossomrec(sets, case, pass_), {"BLOSSOMREC_STAGED": "0"})
 
 
 def build_blossomrec_select(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
@@ -503,7 +502,7 @@ def build_reference(sets: list[dict], case: Case, pass_: str) -> Callable[[int],
 
 BUILDERS = {
     "blossomrec": build_blossomrec,
-    "blossomrec_rows": build_blossomrec_rows,
+    "blossomrec_tiled": build_blossomrec_tiled,
     "blossomrec_gather": build_blossomrec_gather,
     "blossomrec_select": build_blossomrec_select,
     "blossomrec_attn": build_blossomrec_attn,

@@ -243,10 +243,13 @@ def _padding_rows(seq_start, seq_len, Bq, N):
     return ~covered
 
 
+@pytest.mark.parametrize("tiled", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_padding_invariance_and_zero_padding(dtype):
+def test_padding_invariance_and_zero_padding(dtype, tiled, monkeypatch):
     """One set of sequences, right-padded, left-padded and packed: identical rows, forward and
-    gradients (bitwise: each row's work does not depend on the layout); padding rows exactly 0."""
+    gradients (bitwise: each row's work does not depend on the layout); padding rows exactly 0.
+    With BLOSSOMREC_TILED=1 the bfloat16 forward takes the tensor-core tiles."""
+    monkeypatch.setenv("BLOSSOMREC_TILED", tiled)
     lengths = [37, 0, 1, 64, 20]
     N, H, KVH, D = 64, 4, 2, 16
     results = {}
@@ -573,8 +576,8 @@ TILED_CASES = [
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", range(len(TILED_CASES)))
 def test_tiled_forward_matches_row_kernels(case, causal, dtype, monkeypatch):
-    """The tensor-core forward (the default for float16/bfloat16 with p = 1) against the row kernels
-    (BLOSSOMREC_TILED=0) run in float32 on the same values, with the FlashAttention criterion and
+    """The tensor-core forward (BLOSSOMREC_TILED=1; float16/bfloat16 with p = 1) against the row
+    kernels (the default) run in float32 on the same values, with the FlashAttention criterion and
     the row kernels in the test dtype as the low-precision baseline. Unlike the reference, the row
     kernels take a hand-made selection literally, so the selection here also lists a block twice
     in some rows (both kernels attend it twice) and, in some rows, a block that is not visible to
@@ -623,8 +626,8 @@ def test_tiled_forward_matches_row_kernels(case, causal, dtype, monkeypatch):
 
 
 def test_tiled_forward_is_taken_and_deterministic(monkeypatch):
-    """The tiled path is really the default (its result differs from the row kernels' in the last
-    bits somewhere) and gives bitwise-identical results on repeated runs."""
+    """BLOSSOMREC_TILED=1 really switches the forward to the tiles (the result differs from the row
+    kernels' in the last bits somewhere), and the tiles give bitwise-identical repeated runs."""
     lengths, N, H, KVH, D = [700, 300], 700, 8, 2, 16
     t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, "right", s=16, seed=5)
     idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 16, 16, 4,
@@ -632,27 +635,42 @@ def test_tiled_forward_is_taken_and_deterministic(monkeypatch):
     args = (16, 8, 1, True, False, True, D ** -0.5)
     run = lambda: torch.ops.blossomrec.sparse_attention_fwd(  # noqa: E731
         t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, *args)
+    monkeypatch.setenv("BLOSSOMREC_TILED", "1")
     first, second = run(), run()
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_), "two tiled forward runs differ"
-    monkeypatch.setenv("BLOSSOMREC_TILED", "0")
+    monkeypatch.delenv("BLOSSOMREC_TILED")  # the default: the row kernels
     rows = run()
     assert not torch.equal(first[0], rows[0]), "the tiled forward did not run (same bits as rows)"
     assert (first[0].float() - rows[0].float()).abs().max().item() < 0.05
 
 
-def test_misaligned_input_is_a_clear_error():
-    """The kernels use 16-byte accesses: a view at an odd element offset is refused, not a crash."""
-    N, H, KVH, D = 32, 2, 1, 16
-    base = torch.randn(1, N, H * D + 1, device=DEV, dtype=torch.bfloat16)
-    q = base[..., 1:].view(1, N, H, D)
-    k = torch.randn(1, N, KVH, D, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    gates = torch.rand(1, N, H, 2, device=DEV, dtype=torch.bfloat16)
-    idx = torch.full((1, N, KVH, 1), -1, dtype=torch.int32, device=DEV)
-    cnt = torch.zeros(1, N, KVH, dtype=torch.int32, device=DEV)
+@pytest.mark.parametrize("tiled", ["0", "1"])
+def test_misaligned_inputs_are_copied(tiled, monkeypatch):
+    """The kernels use 16-byte accesses: views at an odd element offset (and row strides that are
+    not multiples of 16 bytes) are copied to an aligned buffer first, never read misaligned. Same
+    results as on aligned copies, selection, forward and backward."""
+    monkeypatch.setenv("BLOSSOMREC_TILED", tiled)
+    N, H, KVH, D = 40, 2, 1, 16
+    g = torch.Generator(device="cpu").manual_seed(9)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEV, torch.bfloat16)  # noqa: E731
+    q = rnd(1, N, H * D + 1)[..., 1:].view(1, N, H, D)
+    k = rnd(1, N, KVH * D + 3)[..., 3:].view(1, N, KVH, D)
+    v = rnd(1, N, KVH * D + 1)[..., 1:].view(1, N, KVH, D)
+    kc = rnd(1, N // 4, KVH, D)
+    gates = torch.rand(1, N, H, 2, generator=g).to(DEV, torch.bfloat16)
     st = torch.zeros(1, dtype=torch.int32, device=DEV)
     ln = torch.full((1,), N, dtype=torch.int32, device=DEV)
-    with pytest.raises(RuntimeError, match="16-byte aligned"):
-        torch.ops.blossomrec.sparse_attention_fwd(q, k, v, gates, idx, cnt, st, ln, 16, 8, 1, True,
-                                                  False, True, D ** -0.5)
+    args = (8, 8, 1, True, False, True, D ** -0.5)
+
+    def run(q_, k_, v_):
+        idx, cnt = torch.ops.blossomrec.select_blocks(q_, kc, st, ln, 4, 8, 2, True, D ** -0.5)
+        fwd = torch.ops.blossomrec.sparse_attention_fwd(q_, k_, v_, gates, idx, cnt, st, ln, *args)
+        dout = torch.ones_like(fwd[0])
+        bwd = torch.ops.blossomrec.sparse_attention_bwd(dout, q_, k_, v_, gates, fwd[1], fwd[2],
+                                                        fwd[3], idx, cnt, st, ln, *args)
+        return [idx, cnt] + list(fwd) + list(bwd)
+
+    assert q.data_ptr() % 16 != 0 and k.data_ptr() % 16 != 0
+    for a, b_ in zip(run(q, k, v), run(q.clone(), k.clone(), v.clone())):
+        assert torch.equal(a, b_), "a misaligned view gives a different result from its copy"

@@ -266,18 +266,17 @@ constexpr float kLn2 = 0.6931471805599453f;
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The kernels read and write head vectors with 16-byte accesses: the data pointer and every stride
-// of a dimension longer than 1 must be multiples of 16 bytes (true for contiguous tensors and for
-// q/k/v sliced per head out of one projection; not for an odd element offset).
-inline void check_vec_aligned(const at::Tensor& t, const char* name) {
-  if (t.numel() == 0) return;
-  const int64_t elem = t.element_size();
+// of a dimension longer than 1 must be multiples of 16 bytes. That holds for contiguous tensors and
+// for q/k/v sliced per head out of one projection, not for a view at an odd element offset: such
+// an input is copied (a fresh allocation is aligned), so that it costs time but never gives a
+// misaligned access. Keep the returned tensor alive until the kernels that read it are launched.
+inline at::Tensor vec_aligned(const at::Tensor& t) {
+  if (t.numel() == 0) return t;
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t dim = 0; dim + 1 < t.dim(); ++dim) {
-    if (t.size(dim) > 1 && (t.stride(dim) * elem) % 16 != 0) ok = false;
+    if (t.size(dim) > 1 && (t.stride(dim) * int64_t(t.element_size())) % 16 != 0) ok = false;
   }
-  TORCH_CHECK(ok, name, " must be 16-byte aligned on CUDA (data pointer and the strides of its "
-              "leading dimensions, in bytes); got strides ", t.strides(), " and storage offset ",
-              t.storage_offset(), ": pass a .clone() of it");
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 }  // namespace cuda

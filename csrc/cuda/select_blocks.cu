@@ -215,18 +215,18 @@ void launch_select(const SelectParams& p, at::ScalarType dtype, int64_t rows, cu
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q, const at::Tensor& kc,
+std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, const at::Tensor& kc,
                                                       const at::Tensor& seq_start,
                                                       const at::Tensor& seq_len,
                                                       int64_t compress_stride, int64_t select_block,
                                                       int64_t num_select, bool causal,
                                                       double scale) {
   Dims d;
-  check_select_inputs(q, kc, seq_start, seq_len, compress_stride, select_block, num_select, &d);
-  TORCH_CHECK(q.scalar_type() != at::kDouble,
+  check_select_inputs(q_in, kc, seq_start, seq_len, compress_stride, select_block, num_select, &d);
+  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
               "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
-  check_vec_aligned(q, "q");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = vec_aligned(q_in);
   const int64_t width = num_select > 1 ? num_select : 1;
   at::Tensor idx = alloc_output({d.Bq, d.N, d.KVH, width}, q.options().dtype(at::kInt));
   at::Tensor cnt = alloc_output({d.Bq, d.N, d.KVH}, q.options().dtype(at::kInt));

@@ -462,16 +462,19 @@ void launch_bwd_dtype(at::ScalarType dtype, const AttnParams& p, const Dims& d,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& gates, const at::Tensor& o_sel, const at::Tensor& o_win,
+    const at::Tensor& dout, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& gates, const at::Tensor& o_sel,
+    const at::Tensor& o_win,
     const at::Tensor& lse, const at::Tensor& sel_idx, const at::Tensor& sel_cnt,
     const at::Tensor& seq_start, const at::Tensor& seq_len, int64_t select_block, int64_t window,
     int64_t power_block, bool use_power, bool use_sink, bool causal, double scale) {
-  const Dims d = check_attention_inputs(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len,
-                                        select_block, window, power_block, use_sink, causal);
-  check_saved(dout, q, d, "dout");
-  check_saved(o_sel, q, d, "o_sel");
-  check_saved(o_win, q, d, "o_win");
+  const Dims d = check_attention_inputs(q_in, k_in, v_in, gates, sel_idx, sel_cnt, seq_start,
+                                        seq_len, select_block, window, power_block, use_sink,
+                                        causal);
+  check_saved(dout, q_in, d, "dout");
+  check_saved(o_sel, q_in, d, "o_sel");
+  check_saved(o_win, q_in, d, "o_win");
+  const at::Tensor q = vec_aligned(q_in), k = vec_aligned(k_in), v = vec_aligned(v_in);
   BR_CHECK_SHAPE(lse, d.Bq, d.N, d.H, 2);
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -480,11 +483,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,
                                         select_block, window, power_block, use_power, use_sink,
                                         causal, scale);
-  const at::Tensor dout_c = dout.contiguous(), o_sel_c = o_sel.contiguous(),
-                   o_win_c = o_win.contiguous(), lse_c = lse.contiguous();
-  check_vec_aligned(dout_c, "dout");
-  check_vec_aligned(o_sel_c, "o_sel");
-  check_vec_aligned(o_win_c, "o_win");
+  const at::Tensor dout_c = vec_aligned(dout.contiguous()),
+                   o_sel_c = vec_aligned(o_sel.contiguous()),
+                   o_win_c = vec_aligned(o_win.contiguous()), lse_c = lse.contiguous();
   const BwdIn in{dout_c.data_ptr(), o_sel_c.data_ptr(), o_win_c.data_ptr(), lse_c.data_ptr<float>()};
 
   at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());

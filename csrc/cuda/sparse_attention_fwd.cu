@@ -200,9 +200,6 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.scalar_type() != at::kDouble,
               "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   TORCH_CHECK(sel_idx.stride(-1) == 1, "sel_idx must have a contiguous last dimension");
-  check_vec_aligned(q, "q");
-  check_vec_aligned(k, "k");
-  check_vec_aligned(v, "v");
   TORCH_CHECK(seq_start.is_contiguous() && seq_len.is_contiguous(),
               "seq_start and seq_len must be contiguous");
   TORCH_CHECK(gates_f32.is_contiguous() && gates_f32.scalar_type() == at::kFloat,
@@ -234,13 +231,15 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gates,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& gates,
     const at::Tensor& sel_idx, const at::Tensor& sel_cnt, const at::Tensor& seq_start,
     const at::Tensor& seq_len, int64_t select_block, int64_t window, int64_t power_block,
     bool use_power, bool use_sink, bool causal, double scale) {
-  const Dims d = check_attention_inputs(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len,
-                                        select_block, window, power_block, use_sink, causal);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const Dims d = check_attention_inputs(q_in, k_in, v_in, gates, sel_idx, sel_cnt, seq_start,
+                                        seq_len, select_block, window, power_block, use_sink,
+                                        causal);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = vec_aligned(q_in), k = vec_aligned(k_in), v = vec_aligned(v_in);
   const at::Tensor gates_f = gates.to(at::kFloat).contiguous();
   const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
   const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,

@@ -20,8 +20,9 @@
 // while the warps run the MMAs of the previous chunk. Rows of a tile past the sequence's end read
 // zeros and write nothing; a separate small kernel zeroes the padding rows of the buffer.
 //
-// Eligibility (sparse_attention_fwd.cu falls back to the row kernels otherwise): float16 or
-// bfloat16, power block 1, selection width <= 16, sm_80 or newer, BLOSSOMREC_TILED not "0".
+// Eligibility (sparse_attention_fwd.cu takes the row kernels otherwise): BLOSSOMREC_TILED=1 (opt-in:
+// measured slower than the row kernels on every PERF.md shape, see docs/PERF_NOTES.md), float16
+// or bfloat16, power block 1, selection width <= 16, G <= 8, sm_80 or newer.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -601,7 +602,7 @@ void launch_tiled_dtype(const AttnParams& p, const FwdOut& o, const Dims& d,
 bool fwd_tiled_eligible(const Dims& d, at::ScalarType dtype, int64_t power_block, int64_t width,
                         int64_t window) {
   const char* e = std::getenv("BLOSSOMREC_TILED");
-  if (e != nullptr && e[0] == '0') return false;
+  if (e == nullptr || e[0] != '1') return false;
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
   if (power_block != 1 || width > 16 || d.G > 8) return false;
   if (d.D != 16 && d.D != 32 && d.D != 64 && d.D != 128) return false;
