@@ -4,9 +4,11 @@
 // Thread layout: a "segment" of kLanes = D / 16 threads serves one (query row, head), each lane
 // holding 16 dims in float32. The G segments of one row (the heads of one kv group) are adjacent, so
 // they walk identical key lists (the group shares its selection and STIS set) and their k/v loads
-// coincide. Why no tensor-core tiles: each query sees about 100 keys (own block + n selected blocks +
-// w + log2 L STIS keys) and neighbouring queries share only part of them, so a 64 x 64 MMA tile
-// would be mostly masked; per-row online softmax over the enumerated keys does no wasted work.
+// coincide. Why the default is not tensor-core tiles: each query sees about 100 keys (own block + n
+// selected blocks + w + log2 L STIS keys) and neighbouring queries share only part of them, so an
+// MMA tile is mostly masked; per-row online softmax over the enumerated keys does no wasted work.
+// The tiled forward exists (sparse_attention_fwd_tiled.cu, BLOSSOMREC_TILED=1) and was measured
+// slower on every PERF.md shape but ragged R1 (docs/PERF_NOTES.md, v6).
 #pragma once
 
 #include <cstdlib>

@@ -20,9 +20,9 @@
 // while the warps run the MMAs of the previous chunk. Rows of a tile past the sequence's end read
 // zeros and write nothing; a separate small kernel zeroes the padding rows of the buffer.
 //
-// Eligibility (sparse_attention_fwd.cu takes the row kernels otherwise): BLOSSOMREC_TILED=1 (opt-in:
-// measured slower than the row kernels on every PERF.md shape, see docs/PERF_NOTES.md), float16
-// or bfloat16, power block 1, selection width <= 16, G <= 8, sm_80 or newer.
+// Eligibility (sparse_attention_fwd.cu takes the row kernels otherwise): BLOSSOMREC_TILED=1
+// (opt-in: measured slower than the row kernels on the PERF.md shapes, docs/PERF_NOTES.md v6),
+// float16 or bfloat16, power block 1, selection width <= 16, G <= 8, sm_80 or newer.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -84,9 +84,6 @@ struct Mma<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  __device__ __forceinline__ static float2 unpack(uint32_t x) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
-  }
 };
 
 template <>
@@ -105,9 +102,6 @@ struct Mma<__half> {
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ __forceinline__ static float2 unpack(uint32_t x) {
-    return __half22float2(*reinterpret_cast<__half2*>(&x));
   }
 };
 
