@@ -20,6 +20,7 @@
 # stay readable beside it), and the plots too if they would push the count over 8.
 #
 # Env flags: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE=1 FULL_TESTS=1 BENCH_ARGS="..."
+# PROFILE=1 PROFILE_ARGS="..." (benchmarks/profile_kernels.py) NCU=1 NCU_ARGS="..." NCU_LAUNCHES=N
 # SANITIZE_PYTEST="test ids" SANITIZE_DEMO=0 (skip the demo batch) MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
 # git-ignored copy of ../shared/data, which does not travel to the device otherwise; name it in carry).
 set -uo pipefail
@@ -132,6 +133,25 @@ if [ "${SANITIZE:-0}" = "1" ] && [ $BUILD_OK -eq 1 ]; then
   record sanitize "$([ $san_rc -eq 0 ] && echo ok || echo "FAILED (logs/sanitizer.log)")" $((SECONDS - t0))
 else
   record sanitize skipped 0
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# 4b. Per-kernel profile (PROFILE=1: torch.profiler tables; NCU=1: Nsight Compute sections of the
+#     attention kernels, hardware counters where the machine allows them)
+# ---------------------------------------------------------------------------------------------------
+if [ $BUILD_OK -eq 1 ] && { [ "${PROFILE:-0}" = "1" ] || [ "${NCU:-0}" = "1" ]; }; then
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  [ "${PROFILE:-0}" = "1" ] && "$PY" benchmarks/profile_kernels.py ${PROFILE_ARGS:-} \
+    >"$LOGS/profile.log" 2>&1
+  if [ "${NCU:-0}" = "1" ]; then
+    # shellcheck disable=SC2086
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats -k "regex:sparse_attention|select_blocks" \
+      --launch-count "${NCU_LAUNCHES:-12}" "$PY" benchmarks/profile_kernels.py --iters 1 \
+      ${NCU_ARGS:---shapes S2 --dims 16 --fwd-only} >"$LOGS/ncu.log" 2>&1
+  fi
+  record profile "done (logs/profile.log, logs/ncu.log)" $((SECONDS - t0))
 fi
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""Per-kernel GPU time of the whole op (selection, forward, backward) on PERF.md shapes, with the
+forward's row kernels and with its tensor-core tiles (BLOSSOMREC_TILED=1), from torch.profiler.
+
+Complements benchmarks/bench_attention.py (whole-op medians against the baselines): this says which
+kernel the time goes to. Under Nsight Compute (``NCU=1 bash benchmarks/device_run.sh``) run it with
+``--iters 1`` so that each kernel is captured once.
+
+    python benchmarks/profile_kernels.py --shapes S2,S4 --dims 16,64
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import blossomrec_cuda
+
+SHAPES = {"S1": (2048, 50), "S2": (512, 200), "S3": (64, 1024), "S4": (16, 4096),
+          "S5": (4, 16384), "S6": (1, 65536)}
+H, KVH = 8, 2
+
+
+def inputs(B: int, N: int, D: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, grad=False):
+        t = torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)
+        return t.requires_grad_(grad)
+
+    return dict(q=rnd(B, N, H, D, grad=True), k=rnd(B, N, KVH, D, grad=True),
+                v=rnd(B, N, KVH, D, grad=True), kc=rnd(B, N // 16, KVH, D),
+                gates=torch.sigmoid(rnd(B, N, H, 2)).detach().requires_grad_(True),
+                dout=rnd(B, N, H, D))
+
+
+def step(x: dict[str, torch.Tensor], backward: bool) -> None:
+    out = blossomrec_cuda.blossom_attention(x["q"], x["k"], x["v"], x["kc"], x["gates"])
+    if backward:
+        out.backward(x["dout"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="S1,S2,S4,S6")
+    p.add_argument("--dims", default="16,64")
+    p.add_argument("--paths", default="rows,tiled", help="rows (the default forward), tiled")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--fwd-only", action="store_true")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_kernels.py needs a CUDA GPU")
+    for name in a.shapes.split(","):
+        B, N = SHAPES[name]
+        for D in (int(d) for d in a.dims.split(",")):
+            x = inputs(B, N, D)
+            for path in a.paths.split(","):
+                os.environ["BLOSSOMREC_TILED"] = "1" if path == "tiled" else "0"
+                for _ in range(2):  # warm-up
+                    step(x, not a.fwd_only)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(a.iters):
+                        step(x, not a.fwd_only)
+                    torch.cuda.synchronize()
+                print(f"===== {name} (B={B}, N={N}), D={D}, forward: {path}, {a.iters} iterations, "
+                      f"{torch.cuda.get_device_name(0)}")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                                max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
