@@ -7,7 +7,11 @@
 # Knobs: DATASETS (beauty, games, ml50, ml200 = MovieLens with max length 50 / 200), SEEDS, EPOCHS,
 # PATIENCE, METHODS ("ops reference dense"), RUNS (an explicit list instead of the three loops:
 # "games:1:dense ml200:0:ops ..."), RUN_TIMEOUT (seconds per run), EXTRA_ARGS (passed on to
-# the train command), BLOSSOMREC_DATA (the data
+# the train command), CKPT_ROOT (a folder: each run checkpoints every epoch to its own
+# $CKPT_ROOT/<dataset>-seed<seed>-<method> and resumes from there, so a run cut by RUN_TIMEOUT or by
+# the end of a device call continues where it stopped when the same command runs again on the same
+# machine; its log is appended to; use a git-ignored folder such as checkpoints/, which stays on a
+# warm device machine between calls), BLOSSOMREC_DATA (the data
 # folder, default .data: the git-ignored copy of ../shared/data that travels to the device), OUT,
 # JOBS (runs at the same time on the one device, default 1). With JOBS > 1 the three methods of a
 # (dataset, seed) are queued next to each other so that they share the device with the same
@@ -51,11 +55,16 @@ run_one() {  # dataset seed method
     dense) m=(--attention dense) ;;
     *) echo "unknown method $method" >&2; return 2 ;;
   esac
-  local log="$LOGDIR/$ds-seed$seed-$method.log" t0=$SECONDS
+  local log="$LOGDIR/$ds-seed$seed-$method.log" t0=$SECONDS ckpt=()
+  if [ -n "${CKPT_ROOT:-}" ]; then
+    ckpt=(--checkpoint-dir "$CKPT_ROOT/$ds-seed$seed-$method" --resume)
+  else
+    : >"$log"  # a fresh run starts a fresh log; a resumed one appends to its earlier part
+  fi
   # shellcheck disable=SC2086
   timeout "$RUN_TIMEOUT" "$PY" -m blossomrec_cuda.rec.train "${args[@]}" "${m[@]}" --seed "$seed" \
-    --epochs "$EPOCHS" --patience "$PATIENCE" --no-progress --jsonl "$RESULTS" ${EXTRA_ARGS:-} \
-    >"$log" 2>&1
+    --epochs "$EPOCHS" --patience "$PATIENCE" --no-progress --jsonl "$RESULTS" "${ckpt[@]}" \
+    ${EXTRA_ARGS:-} >>"$log" 2>&1
   local rc=$?
   echo "=== $ds seed $seed $method: exit $rc, $((SECONDS - t0)) s ($log)"
   [ $rc -eq 0 ] || tail -n 5 "$log"
