@@ -30,13 +30,16 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
     """``seq_start [B]`` and ``seq_len [B]`` (int64, on ``x.device``) for ``x [B, N, ...]``.
 
     ``attention_mask [B, N]`` bool (True = valid) must hold one contiguous run of valid tokens per
-    row; ``lengths [B]`` counts valid tokens placed at the ``padding_side`` end opposite the padding.
-    Neither: every row is fully valid. The mask's contiguity is checked in eager mode only (the check
-    needs the values on the host; while compiling it is skipped, as the op wrappers skip theirs).
+    row; ``lengths [B]`` (each in ``0..N``) counts valid tokens placed at the ``padding_side`` end
+    opposite the padding. Neither: every row is fully valid. The mask's contiguity and the lengths'
+    range are checked in eager mode only (the checks need the values on the host; while compiling
+    they are skipped, as the op wrappers skip theirs).
     """
     B, N = x.shape[0], x.shape[1]
     if attention_mask is not None and lengths is not None:
         raise ValueError("pass either attention_mask or lengths, not both")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
             raise TypeError(f"attention_mask must be a bool tensor (True = valid token), got "
@@ -59,11 +62,16 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
         raise TypeError(f"lengths must be an integer tensor [B] = [{B}], got {seq_len.dtype} of "
                         f"shape {list(seq_len.shape)}")
     seq_len = seq_len.long()
+    if not _ops._is_tracing():
+        # Out-of-range lengths would otherwise be clamped (CUDA kernels, dense masks) or wrap in
+        # the int32 the ops take: a wrong answer without an error. Eager only, like the mask check.
+        bad = (seq_len < 0) | (seq_len > N)
+        if bool(bad.any()):
+            raise ValueError(f"lengths must be in 0..N = 0..{N} (the sequence dimension of x), "
+                             f"got {seq_len.tolist()}")
     if padding_side == "right":
         return torch.zeros_like(seq_len), seq_len
-    if padding_side == "left":
-        return N - seq_len, seq_len
-    raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    return N - seq_len, seq_len
 
 
 def _check_contiguous(mask: Tensor, seq_start: Tensor, seq_len: Tensor) -> None:
@@ -95,6 +103,11 @@ def relative_positions(seq_start: Tensor, N: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # The shared front end: qkv projection and RoPE
 # --------------------------------------------------------------------------------------------------
+# What the compiled ops take (csrc/common/checks.h).
+OPS_HEAD_DIMS = (16, 32, 64, 128)
+OPS_MAX_GROUP = 8
+
+
 class _QKVAttention(nn.Module):
     """One bias-free ``dim -> (H + 2*KVH) * D`` projection, interleaved RoPE on q and k, and a
     bias-free ``H*D -> dim`` output projection: the parameters both attention modules share, under the
@@ -112,6 +125,11 @@ class _QKVAttention(nn.Module):
         self.rope_theta = rope_theta
         self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, N, dim] with dim = {self.dim}, got shape "
+                             f"{list(x.shape)}")
 
     def _qkv(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B, N, dim]`` -> RoPE'd ``q [B, N, H, D]``, ``k [B, N, KVH, D]`` and ``v``, a view of
@@ -166,14 +184,19 @@ class BlossomAttention(_QKVAttention):
         if stride <= 0 or compress_block_size < stride:
             raise ValueError(f"need 0 < stride <= compress_block_size, got stride={stride}, "
                              f"compress_block_size={compress_block_size}")
-        if selection_block_size % stride != 0:
-            raise ValueError(f"selection_block_size ({selection_block_size}) must be a multiple of "
-                             f"stride ({stride})")
+        if selection_block_size < stride or selection_block_size % stride != 0:
+            raise ValueError(f"selection_block_size ({selection_block_size}) must be a positive "
+                             f"multiple of stride ({stride})")
         if window < 1 or power_block_size < 1 or num_selected_blocks < 0:
             raise ValueError(f"need window >= 1, power_block_size >= 1, num_selected_blocks >= 0; "
                              f"got {window}, {power_block_size}, {num_selected_blocks}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "ops" and (dim_head not in OPS_HEAD_DIMS or heads // kv_heads > OPS_MAX_GROUP):
+            # Said here rather than at the first forward (the ops would refuse it there).
+            raise ValueError(f"backend='ops' needs dim_head in {OPS_HEAD_DIMS} and heads / kv_heads "
+                             f"<= {OPS_MAX_GROUP}, got dim_head={dim_head}, heads={heads}, "
+                             f"kv_heads={kv_heads} (backend='reference' takes any)")
         self.compress_block_size = compress_block_size
         self.stride = stride
         self.selection_block_size = selection_block_size
@@ -229,8 +252,7 @@ class BlossomAttention(_QKVAttention):
         ``attention_mask [B, N]`` bool (True = valid, one contiguous run per row) or ``lengths [B]``
         with ``padding_side`` ("right" | "left"); neither means every token is valid.
         """
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, N, dim], got shape {list(x.shape)}")
+        self._check_input(x)
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
         q, k, v = self._qkv(x, seq_start)
         with torch.no_grad():
@@ -287,8 +309,7 @@ class DenseAttention(_QKVAttention):
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, padding_side: str = "right") -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; padding as in :meth:`BlossomAttention.forward`."""
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, N, dim], got shape {list(x.shape)}")
+        self._check_input(x)
         B, N, _ = x.shape
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
         valid = valid_mask(seq_start, seq_len, N)

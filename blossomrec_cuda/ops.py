@@ -10,6 +10,7 @@ Layouts (docs/DESIGN.md):
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 Lengths = Optional[Union[Tensor, Sequence[int]]]
+CuSeqlens = Optional[Union[Tensor, Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -43,63 +45,84 @@ def _is_tracing() -> bool:
 
 
 def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
-               cu_seqlens: Optional[Tensor] = None) -> SeqLayout:
-    """Describe a padded (``q [B, N, H, D]``) or packed (``q [T, H, D]`` + ``cu_seqlens``) batch."""
+               cu_seqlens: CuSeqlens = None) -> SeqLayout:
+    """Describe a padded (``q [B, N, H, D]``) or packed (``q [T, H, D]`` + ``cu_seqlens``) batch.
+
+    ``cu_seqlens [B + 1]`` starts at 0 and does not decrease; rows from ``cu_seqlens[-1]`` to ``T``
+    belong to no sequence (padding: their outputs are 0)."""
     if cu_seqlens is not None:
         if lengths is not None:
             raise ValueError("pass either lengths (padded layout) or cu_seqlens (packed), not both")
         if q.dim() != 3:
             raise ValueError(f"the packed layout takes q as [T, H, D]; got rank {q.dim()}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        cu_in = _int_tensor(cu_seqlens, "cu_seqlens")
+        if cu_in.dim() != 1 or cu_in.numel() < 1:
             raise ValueError("cu_seqlens must be a 1-D tensor [B + 1] of cumulative lengths")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        start, length = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
-        return SeqLayout(start, length, True, _validate(start, length, q.shape[0], packed=True))
+        if cu_in.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_in.dtype}")
+        # Checked in int64, before the narrowing to the ops' int32 (which would wrap large values).
+        cu = cu_in.to(device=q.device, dtype=torch.int64)
+        start, length = cu[:-1], cu[1:] - cu[:-1]
+        max_len = _validate(start, length, q.shape[0], packed=True)
+        return SeqLayout(start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(),
+                         True, max_len)
     if q.dim() != 4:
         raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
                          "(pass cu_seqlens for a packed [T, H, D] batch)")
     B, N = q.shape[0], q.shape[1]
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if lengths is None:
         length = torch.full((B,), N, dtype=torch.int32, device=q.device)
-    else:
-        length = torch.as_tensor(lengths, device=q.device)
-        if length.dtype not in (torch.int32, torch.int64) or length.dim() != 1:
-            raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype} "
-                            f"of rank {length.dim()}")
-        if length.shape[0] != B:
-            raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
-        length = length.to(torch.int32)
-    if padding_side == "right":
         start = torch.zeros_like(length)
-    elif padding_side == "left":
-        start = N - length
-    else:
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    start, length = start.contiguous(), length.contiguous()
-    # Full-length batches need no check (and no device sync).
-    max_len = N if lengths is None else _validate(start, length, N, packed=False)
-    return SeqLayout(start, length, False, max_len)
+        # Full-length batches need no check (and no device sync).
+        return SeqLayout(start, length, False, N)
+    length = _int_tensor(lengths, "lengths").to(q.device)
+    if length.dtype not in (torch.int32, torch.int64) or length.dim() != 1:
+        raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype} "
+                        f"of rank {length.dim()}")
+    if length.shape[0] != B:
+        raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
+    # Checked in int64, before the narrowing to the ops' int32 (which would wrap large values).
+    length = length.to(torch.int64)
+    start = torch.zeros_like(length) if padding_side == "right" else N - length
+    max_len = _validate(start, length, N, packed=False)
+    return SeqLayout(start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(),
+                     False, max_len)
+
+
+def _int_tensor(x: Union[Tensor, Sequence[int]], name: str) -> Tensor:
+    """``x`` as a tensor: tensors pass through, Python sequences become int64 tensors (an empty
+    list too) or raise a TypeError that names the argument."""
+    if isinstance(x, Tensor):
+        return x
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise TypeError(f"{name} must be a 1-D integer tensor or list, got {type(x).__name__} "
+                        f"({e})") from None
+    return t.to(torch.int64) if t.numel() == 0 else t
 
 
 def _validate(seq_start: Tensor, seq_len: Tensor, N: int, packed: bool) -> Optional[int]:
     """Value checks that need the lengths on the host (a device sync for CUDA lengths); skipped
-    while tracing or capturing (the kernels clamp lengths, so bad values there cannot go out of
-    bounds). Returns the longest length when it was checked."""
-    if _is_tracing():
+    while tracing or capturing, and for meta tensors (the kernels clamp lengths, so bad values there
+    cannot go out of bounds). Returns the longest length when it was checked."""
+    if _is_tracing() or seq_len.device.type == "meta":
         return None
     if seq_len.numel() == 0:
         return 0
     start, length = seq_start.cpu(), seq_len.cpu()
     # Messages name what the caller passed: cu_seqlens (packed) or lengths (padded).
+    if packed and int(start[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(start[0])} (cumulative lengths "
+                         f"[0, L_0, L_0 + L_1, ...], not the lengths themselves)")
     if packed and bool((length < 0).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got differences {length.tolist()}")
     if bool((length < 0).any()):
         raise ValueError(f"lengths must be >= 0, got {length.tolist()}")
-    if packed and bool((start < 0).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing from >= 0, got starts {start.tolist()}")
-    # (a padded start is below 0 only for a left-padded length above N)
+    # (packed starts are >= 0 from here on; a padded start is below 0 only for a left-padded
+    # length above N)
     if bool((start < 0).any()) or bool((start + length > N).any()):
         raise ValueError(f"lengths must be <= the sequence dimension N = {N}, got "
                          f"{length.tolist()} at starts {start.tolist()}")
@@ -115,6 +138,22 @@ def _check_kc_rows(kc: Tensor, layout: SeqLayout, compress_stride: int) -> None:
     if kc.shape[1] < need:
         raise ValueError(f"kc holds {kc.shape[1]} compressed rows per sequence but the longest "
                          f"sequence needs floor(L / compress_stride) = {need}")
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _check_int_args(**args: int) -> None:
+    """Integer hyper-parameters: ints (anything ``operator.index`` takes) within int32. The ops
+    check the exact ranges (``window >= 1``, ...) and the raw ops the same int32 bound; a value past
+    int64 would otherwise fail in torch's argument parser with a confusing message."""
+    for name, value in args.items():
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+        if not -_INT32_MAX <= v <= _INT32_MAX:
+            raise ValueError(f"{name} must be within int32 (|{name}| <= {_INT32_MAX}), got {v}")
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
@@ -183,12 +222,14 @@ torch.library.register_autograd("blossomrec::sparse_attention_fwd", _fwd_backwar
 # Public wrappers
 # --------------------------------------------------------------------------------------------------
 def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_side: str = "right",
-                  cu_seqlens: Optional[Tensor] = None, compress_stride: int = 16,
+                  cu_seqlens: CuSeqlens = None, compress_stride: int = 16,
                   select_block: int = 16, num_select: int = 4, causal: bool = True,
                   scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """LTIS block selection (SPEC 1b). ``q [B, N, H, D]`` (or packed ``[T, H, D]``),
     ``kc [B, C, KVH, D]`` -> ``sel_idx [B, N, KVH, max(n,1)]`` int32 (-1 past the count) and
     ``sel_cnt [B, N, KVH]`` int32 (packed: without the leading ``B``)."""
+    _check_int_args(compress_stride=compress_stride, select_block=select_block,
+                    num_select=num_select)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
     _check_kc_rows(kc, layout, compress_stride)
     idx, cnt = torch.ops.blossomrec.select_blocks(
@@ -199,13 +240,19 @@ def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_sid
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, sel_idx: Tensor,
                      sel_cnt: Tensor, *, lengths: Lengths = None, padding_side: str = "right",
-                     cu_seqlens: Optional[Tensor] = None, select_block: int = 16, window: int = 8,
+                     cu_seqlens: CuSeqlens = None, select_block: int = 16, window: int = 8,
                      power_block: int = 1, use_power: bool = True, use_sink: bool = True,
                      causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """Selected-block + STIS attention with the gated combine (SPEC 1c-3), differentiable w.r.t.
     ``q``, ``k``, ``v`` and ``gates``. Returns ``out`` shaped like ``q``; padding rows are 0.
 
-    ``use_sink`` is ignored when ``causal`` (the sink is a non-causal rule)."""
+    ``use_sink`` is ignored when ``causal`` (the sink is a non-causal rule).
+
+    ``sel_idx``/``sel_cnt`` should come from :func:`select_blocks` with the same ``select_block``
+    and layout. Other values are safe (nothing is read out of bounds: counts are clipped to
+    ``[0, n]``, blocks outside the sequence are skipped) but the CPU and CUDA kernels may treat
+    them differently (docs/DESIGN.md, "known gap")."""
+    _check_int_args(select_block=select_block, window=window, power_block=power_block)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
     return _sparse_attention(layout, q, k, v, gates, sel_idx, sel_cnt, select_block, window,
                              power_block, use_power, use_sink, causal, _scale(q, scale))
@@ -222,7 +269,7 @@ def _sparse_attention(layout: SeqLayout, q, k, v, gates, sel_idx, sel_cnt, selec
 
 def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor, *,
                       lengths: Lengths = None, padding_side: str = "right",
-                      cu_seqlens: Optional[Tensor] = None, compress_stride: int = 16,
+                      cu_seqlens: CuSeqlens = None, compress_stride: int = 16,
                       select_block: int = 16, num_select: int = 4, window: int = 8,
                       power_block: int = 1, use_power: bool = True, use_sink: bool = True,
                       causal: bool = True, scale: Optional[float] = None) -> Tensor:
@@ -230,6 +277,8 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
 
     ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``, ``kc [B, C, KVH, D]``, ``gates [B, N, H, 2]`` (or
     packed ``[T, ...]`` with ``cu_seqlens``) -> ``out`` shaped like ``q``."""
+    _check_int_args(compress_stride=compress_stride, select_block=select_block,
+                    num_select=num_select, window=window, power_block=power_block)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
     _check_kc_rows(kc, layout, compress_stride)
     sc = _scale(q, scale)

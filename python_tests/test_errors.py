@@ -188,7 +188,45 @@ WRAPPER_CASES = [
     Case("decreasing cu_seqlens", ALL, lambda x: as_packed(x, [0, 12, 5, 17]), ValueError,
          r"cu_seqlens must be non-decreasing, got differences \[12, -7, 12\]"),
     Case("cu_seqlens starting below 0", ALL, lambda x: as_packed(x, [-2, 5, 17]), ValueError,
-         r"cu_seqlens must be non-decreasing from >= 0"),
+         r"cu_seqlens must start at 0, got -2"),
+    # lengths passed where cumulative lengths are expected: silently one sequence at rows 9..17
+    Case("cu_seqlens starting above 0", ALL, lambda x: as_packed(x, [9, 17]), ValueError,
+         r"cu_seqlens must start at 0, got 9 \(cumulative lengths"),
+    # values past int32 used to wrap (2**32 + 5 -> 5) in the cast to the ops' int32: no error
+    Case("cu_seqlens past int32", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]),
+                        layout=dict(cu_seqlens=torch.tensor([0, 2**32 + 5, 2**32 + 9]))),
+         ValueError, r"lengths must be <= the sequence dimension N = 17, got \[4294967301, 4\]"),
+    Case("a length past int32", ALL, _lengths([2**32 + 3, 9]), ValueError,
+         r"lengths must be <= the sequence dimension N = 17, got \[4294967299, 9\]"),
+    Case("a length that wraps to -1 in int32", ALL, _lengths(torch.tensor([2**32 - 1, 9])),
+         ValueError, r"lengths must be <= the sequence dimension N = 17, got \[4294967295, 9\]"),
+    Case("an empty lengths list", ALL, _lengths([]), ValueError,
+         r"lengths has 0 entries for a batch of 2"),
+    Case("lengths as a string", ALL, _lengths("17 9"), TypeError,
+         r"lengths must be a 1-D integer tensor or list, got str"),
+    Case("cu_seqlens as a string", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens="0 9 17")), TypeError,
+         r"cu_seqlens must be a 1-D integer tensor or list, got str"),
+    # integer hyper-parameters past int32 (the kernels' position arithmetic would overflow)
+    Case("window past int32", ATTN, lambda x: dict(window=2**31), ValueError,
+         r"window must be within int32 \(\|window\| <= 2147483647\), got 2147483648"),
+    Case("window past int64", ATTN, lambda x: dict(window=2**64), ValueError,
+         r"window must be within int32 .*got 18446744073709551616"),
+    Case("select_block past int32", ALL, lambda x: dict(select_block=2**62), ValueError,
+         r"select_block must be within int32"),
+    Case("power_block past int32", ATTN, lambda x: dict(power_block=2**40), ValueError,
+         r"power_block must be within int32"),
+    Case("compress_stride past int32", SEL,
+         lambda x: dict(compress_stride=2**40, select_block=2**40), ValueError,
+         r"compress_stride must be within int32"),
+    Case("float window", ATTN, lambda x: dict(window=2.5), TypeError,
+         r"window must be an int, got float"),
+    Case("num_select None", SEL, lambda x: dict(num_select=None), TypeError,
+         r"num_select must be an int, got NoneType"),
+    Case("sel_idx with a strided last dim", ("sparse_attention",),
+         lambda x: dict(sel_idx=torch.full((B, N, KVH, 8), -1, dtype=torch.int32)[..., ::2]),
+         RuntimeError, r"sel_idx must have a contiguous last dimension, got stride 2"),
     Case("cu_seqlens past the packed rows", ALL, lambda x: as_packed(x, [0, 9, 18]), ValueError,
          r"lengths must be <= the sequence dimension N = 17"),
     Case("float cu_seqlens", ALL,
@@ -210,6 +248,19 @@ def test_wrapper_rejects(op, case):
     x.update(case.change(x))
     with pytest.raises(case.exc, match=case.match):
         call(op, x)
+
+
+def test_wrapper_accepts_cu_seqlens_as_a_list_and_an_empty_lengths_list():
+    x = valid_inputs()
+    packed = {**x, **as_packed(x, [0, 9, 17])}
+    want = call("blossom_attention", packed)
+    got = call("blossom_attention", {**packed, "layout": dict(cu_seqlens=[0, 9, 17])})
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    empty = dict(q=torch.randn(0, N, H, D), k=torch.randn(0, N, KVH, D),
+                 v=torch.randn(0, N, KVH, D), kc=torch.randn(0, C, KVH, D),
+                 gates=torch.rand(0, N, H, 2))
+    out = call("blossom_attention", {**x, **empty, "layout": dict(lengths=[])})
+    assert out.shape == (0, N, H, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,7 +386,37 @@ RAW_CASES = [
          RuntimeError, r"o_sel must have q's dtype"),
     Case("lse float64", ("sparse_attention_bwd",), lambda x: dict(lse=x["lse"].double()),
          RuntimeError, r"lse must be float32, got Double"),
+    # Hyper-parameters past int32: select_block = 2**62 made the CPU kernels' J * select_block
+    # overflow (a hang, or every key of the sequence for J = 4); a window past 2**62 made the CUDA
+    # STIS enumeration loop forever.
+    Case("select_block past int32", RAW_ATTN, lambda x: dict(select_block=2**62), RuntimeError,
+         r"select_block must be <= 2147483647 \(int32\), got 4611686018427387904"),
+    Case("select_block past int32", RAW_SEL,
+         lambda x: dict(compress_stride=4, select_block=2**62), RuntimeError,
+         r"select_block must be <= 2147483647 \(int32\), got 4611686018427387904"),
+    Case("compress_stride past int32", RAW_SEL,
+         lambda x: dict(compress_stride=2**40, select_block=2**40), RuntimeError,
+         r"compress_stride must be <= 2147483647 \(int32\), got 1099511627776"),
+    Case("window past int32", RAW_ATTN, lambda x: dict(window=2**62 + 1), RuntimeError,
+         r"window must be <= 2147483647 \(int32\), got 4611686018427387905"),
+    Case("power_block past int32", RAW_ATTN, lambda x: dict(power_block=2**31), RuntimeError,
+         r"power_block must be <= 2147483647 \(int32\), got 2147483648"),
+    # the CUDA kernels read a selection as a contiguous list; the CPU ops now refuse the same input
+    Case("sel_idx with a strided last dim", RAW_ATTN,
+         lambda x: dict(sel_idx=torch.full((B, N, KVH, 8), -1, dtype=torch.int32)[..., ::2]),
+         RuntimeError, r"sel_idx must have a contiguous last dimension, got stride 2"),
 ]
+
+
+def test_raw_op_select_block_that_overflowed_the_block_offsets():
+    """select_block = 2**62 and a selected block J = 4: J * select_block wrapped to 0 in the CPU
+    kernels, so the block became every key of the sequence (J = 2 looped for ever). Refused now."""
+    x = raw_inputs()
+    x.update(sel_idx=torch.full((B, N, KVH, 4), 4, dtype=torch.int32),
+             sel_cnt=torch.full((B, N, KVH), 4, dtype=torch.int32), select_block=2**62)
+    for op in RAW_ATTN:
+        with pytest.raises(RuntimeError, match=r"select_block must be <= 2147483647"):
+            call_raw(op, x)
 
 
 @pytest.mark.parametrize("op", RAW_OPS)
@@ -351,6 +432,163 @@ def test_raw_op_rejects(op, case):
     x.update(case.change(x))
     with pytest.raises(case.exc, match=case.match):
         call_raw(op, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The modules (BlossomAttention with both backends, DenseAttention)
+# --------------------------------------------------------------------------------------------------
+DIM, MN = 32, 20
+MODULES = ("blossom-ops", "blossom-reference", "dense")
+
+
+def make_module(kind: str) -> torch.nn.Module:
+    if kind == "dense":
+        return br.DenseAttention(DIM, 4, 2, 16)
+    return br.BlossomAttention(DIM, 4, 2, 16, compress_block_size=8, stride=4,
+                               selection_block_size=8, backend=kind.split("-")[1])
+
+
+class ModuleCase(NamedTuple):
+    name: str
+    kwargs: Callable[[], dict]  # forward's keyword arguments besides x
+    exc: type
+    match: str
+
+
+def _holes() -> torch.Tensor:
+    mask = torch.ones(2, MN, dtype=torch.bool)
+    mask[1, 4] = False
+    return mask
+
+
+MODULE_CASES = [
+    # Lengths out of 0..N were clamped (CUDA kernels, the reference, the dense masks) or wrapped in
+    # the int32 the ops take (2**32 + 3 -> 3): a result without an error. Left-padded ones failed
+    # deep in torch.gather ("index -5 is out of bounds").
+    ModuleCase("length above N", lambda: dict(lengths=torch.tensor([25, 5])), ValueError,
+               r"lengths must be in 0..N = 0..20 \(the sequence dimension of x\), got \[25, 5\]"),
+    ModuleCase("length above N, left padded",
+               lambda: dict(lengths=torch.tensor([25, 5]), padding_side="left"), ValueError,
+               r"lengths must be in 0..N = 0..20"),
+    ModuleCase("negative length", lambda: dict(lengths=torch.tensor([-3, 5])), ValueError,
+               r"lengths must be in 0..N = 0..20 .*got \[-3, 5\]"),
+    ModuleCase("length past int32", lambda: dict(lengths=torch.tensor([2**32 + 3, 5])),
+               ValueError, r"got \[4294967299, 5\]"),
+    ModuleCase("padding_side without lengths", lambda: dict(padding_side="top"), ValueError,
+               r"padding_side must be 'right' or 'left', got 'top'"),
+    ModuleCase("mask with a hole", lambda: dict(attention_mask=_holes()), ValueError,
+               r"attention_mask row 1 has holes: its valid tokens \[0, 1, 2, 3, 5,"),
+    ModuleCase("mask and lengths", lambda: dict(attention_mask=_holes(),
+                                                lengths=torch.tensor([20, 20])),
+               ValueError, r"pass either attention_mask or lengths, not both"),
+    ModuleCase("integer mask", lambda: dict(attention_mask=_holes().long()), TypeError,
+               r"attention_mask must be a bool tensor"),
+    ModuleCase("mask of rank 3", lambda: dict(attention_mask=_holes()[..., None]), ValueError,
+               r"attention_mask must be \[B, N\] = \[2, 20\], got \[2, 20, 1\]"),
+]
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: c.name)
+def test_module_rejects(kind, case):
+    m = make_module(kind)
+    x = torch.randn(2, MN, DIM)
+    with pytest.raises(case.exc, match=case.match):
+        m(x, **case.kwargs())
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_module_rejects_x_of_the_wrong_width_or_rank(kind):
+    m = make_module(kind)
+    with pytest.raises(ValueError, match=r"x must be \[B, N, dim\] with dim = 32, got shape "
+                                         r"\[2, 20, 33\]"):
+        m(torch.randn(2, MN, DIM + 1))
+    with pytest.raises(ValueError, match=r"x must be \[B, N, dim\] with dim = 32, got shape "
+                                         r"\[20, 32\]"):
+        m(torch.randn(MN, DIM))
+
+
+@pytest.mark.parametrize("size", [0, -16])
+def test_module_rejects_a_selection_block_that_is_not_positive(size):
+    # (0 and -16 are multiples of the stride; the op refused them only at the first forward)
+    with pytest.raises(ValueError, match=rf"selection_block_size \({size}\) must be a positive "
+                                         r"multiple of stride \(16\)"):
+        br.BlossomAttention(DIM, 4, 2, 16, selection_block_size=size)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim_head", [(8, 2, 4), (4, 2, 24), (16, 1, 16)])
+def test_module_ops_backend_rejects_what_the_ops_cannot_run(heads, kv_heads, dim_head):
+    # (the ops refused these only at the first forward, after a training command had loaded its data)
+    with pytest.raises(ValueError, match=r"backend='ops' needs dim_head in \(16, 32, 64, 128\) and "
+                                         r"heads / kv_heads <= 8"):
+        br.BlossomAttention(DIM, heads, kv_heads, dim_head)
+    # the reference backend computes any head dim and group size
+    m = br.BlossomAttention(DIM, heads, kv_heads, dim_head, compress_block_size=8, stride=4,
+                            selection_block_size=8, backend="reference")
+    assert m(torch.randn(2, 20, DIM)).shape == (2, 20, DIM)
+
+
+# --------------------------------------------------------------------------------------------------
+# The recommender: model, data files, training configuration
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, kwargs", [
+    ("heads", dict(heads=0)),  # was ZeroDivisionError
+    ("hidden", dict(hidden=0)),  # was ZeroDivisionError in RoPE
+    ("kv_heads", dict(kv_heads=0)),
+    ("layers", dict(layers=0)),  # was a model without attention, silently
+    ("inner", dict(inner=0)),
+])
+def test_rec_model_rejects_empty_sizes(name, kwargs):
+    from blossomrec_cuda.rec.model import BlossomRec
+    with pytest.raises(ValueError, match=rf"{name} must be >= 1, got 0"):
+        BlossomRec(20, **{**dict(hidden=32, heads=2, kv_heads=1, layers=1, inner=32), **kwargs})
+
+
+def test_rec_data_files_with_bad_contents(tmp_path):
+    from blossomrec_cuda.rec.data import load_dataset
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\x00\x01\xff\xfe 1 2\n")
+    with pytest.raises(ValueError, match=r"binary.txt: not a text file"):
+        load_dataset(str(binary))
+    csv = tmp_path / "ratings.csv"
+    csv.write_text("userId,movieId,rating,timestamp\n1,2,3.0,100\n1,3,4.0,soon\n")
+    with pytest.raises(ValueError,
+                       match=r"ratings.csv:3: timestamp must be an integer, got 'soon'"):
+        load_dataset(str(csv))
+    csv.write_text("userId,movieId,rating,timestamp\n1\n")
+    with pytest.raises(ValueError, match=r"ratings.csv:2: a row needs userId and movieId"):
+        load_dataset(str(csv))
+
+
+def _config_error(tmp_path) -> list:
+    (tmp_path / "file").write_text("")
+    return [
+        (dict(batch_size=0), r"batch_size must be >= 1, got 0"),  # was batch 1, silently
+        (dict(batch_size=-5), r"batch_size must be >= 1, got -5"),
+        (dict(eval_batch_size=0), r"eval_batch_size must be >= 1, got 0"),  # was range() error
+        (dict(num_negatives=0), r"num_negatives must be >= 1, got 0"),  # was sampled recall 1.0
+        (dict(num_negatives=-1), r"num_negatives must be >= 1, got -1"),
+        (dict(max_users=-1), r"max_users must be >= 1 \(or left out for all users\), got -1"),
+        (dict(dropout=1.5), r"dropout must be in \[0, 1\), got 1.5"),
+        # these failed with FileExistsError only after the first epoch (or the whole run)
+        (dict(checkpoint_dir=str(tmp_path / "file")), r"exists and is not a directory"),
+        (dict(out=str(tmp_path / "file" / "r.json")), r"file'? is not a directory"),
+        (dict(out=str(tmp_path)), r"is a directory; give a file name"),
+    ]
+
+
+def test_rec_training_config_errors(tmp_path):
+    from blossomrec_cuda.rec.train import TrainConfig, run
+    base = TrainConfig(device="cpu", progress=False, epochs=1)
+    for change, match in _config_error(tmp_path):
+        with pytest.raises(ValueError, match=match):
+            run(TrainConfig(**{**base.__dict__, **change}))
+
+
+def test_rec_command_line_rejects_a_zero_batch(tmp_path):
+    from blossomrec_cuda.rec.train import main
+    with pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
+        main(["--batch-size", "0", "--device", "cpu", "--no-progress"])
 
 
 # --------------------------------------------------------------------------------------------------

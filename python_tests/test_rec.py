@@ -251,6 +251,9 @@ def test_short_run_on_real_data_beats_popularity(shared_data):
     assert losses[-1] < losses[0] - 0.5, losses
     model, pop = result["test"]["sampled"]["ndcg@10"], result["popularity"]["sampled"]["ndcg@10"]
     assert model > pop + 0.02, f"BlossomRec NDCG@10 {model:.4f} vs popularity {pop:.4f}"
+    # the row names its machine and code (results files must say which card and commit made them)
+    assert result["device_name"] == "cpu" and result["torch"] == torch.__version__
+    assert result["commit"] and isinstance(result["commit"], str)
 
 
 # --------------------------------------------------------------------------------------------------

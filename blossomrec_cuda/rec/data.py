@@ -98,10 +98,18 @@ def read_movielens(path: str, max_users: Optional[int] = None) -> InteractionDat
             raise ValueError(f"{path}: a MovieLens CSV needs the columns userId, movieId, timestamp; "
                              f"missing {sorted(missing)}")
         for row_no, row in enumerate(reader):
-            user = row["userId"]
+            user, item, stamp = row["userId"], row["movieId"], row["timestamp"]
+            if user in (None, "") or item in (None, ""):
+                raise ValueError(f"{path}:{reader.line_num}: a row needs userId and movieId, got "
+                                 f"{row!r}")
+            try:
+                timestamp = int(stamp)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{reader.line_num}: timestamp must be an integer, got "
+                                 f"{stamp!r}") from None
             if user not in per_user and max_users is not None and len(per_user) >= max_users:
                 continue
-            per_user.setdefault(user, []).append((int(row["timestamp"]), row_no, row["movieId"]))
+            per_user.setdefault(user, []).append((timestamp, row_no, item))
     ordered = ([item for _, _, item in sorted(rows)] for rows in per_user.values())
     return _compact(_name(path), ordered, None)
 
@@ -132,13 +140,17 @@ def load_dataset(path: str, fmt: str = "auto", max_users: Optional[int] = None) 
     if not os.path.exists(path):
         raise ValueError(f"no dataset at {path!r}; pass --data with a file in one of the formats "
                          f"{FORMATS[1:]} (or leave --data out for the synthetic dataset)")
-    if fmt == "auto":
-        fmt = detect_format(path)
     readers = {"user-items": read_user_items, "user-item-pairs": read_user_item_pairs,
                "movielens": read_movielens}
-    if fmt not in readers:
+    if fmt != "auto" and fmt not in readers:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    return readers[fmt](path, max_users)
+    try:
+        if fmt == "auto":
+            fmt = detect_format(path)
+        return readers[fmt](path, max_users)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e.reason} at byte {e.start}); expected one of "
+                         f"the formats {FORMATS[1:]}") from None
 
 
 def _name(path: str) -> str:

@@ -54,6 +54,10 @@ class BlossomRec(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for name, value in (("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads),
+                            ("layers", layers), ("inner", inner)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if hidden % heads != 0:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
         if num_items < 1:

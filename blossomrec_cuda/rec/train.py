@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -241,6 +242,24 @@ def _amp_context(cfg: TrainConfig, device: torch.device) -> Callable:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def _device_name(device: torch.device) -> str:
+    """The card's name for the result rows ("NVIDIA H200"), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _commit() -> str:
+    """The code's commit: $BLOSSOMREC_COMMIT (a device copy of the tree has no git history), else
+    ``git rev-parse`` of the checkout this package sits in, else "unknown"."""
+    if os.environ.get("BLOSSOMREC_COMMIT"):
+        return os.environ["BLOSSOMREC_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
+                              "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def _checkpoint_path(cfg: TrainConfig) -> Optional[str]:
     return os.path.join(cfg.checkpoint_dir, CHECKPOINT_NAME) if cfg.checkpoint_dir else None
 
@@ -366,6 +385,7 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
         "interactions": data.num_interactions,
         "model": "BlossomRec" if cfg.attention == "blossom" else "SASRec",
         "attention": cfg.attention, "backend": cfg.backend, "device": str(rt.device),
+        "device_name": _device_name(rt.device), "torch": torch.__version__, "commit": _commit(),
         "world_size": rt.world, "config": asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -480,6 +500,28 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"valid_protocol must be 'sampled' or 'full', got {cfg.valid_protocol!r}")
     if cfg.epochs < 1 or cfg.eval_every < 1 or cfg.patience < 1 or cfg.max_len < 1:
         raise ValueError("epochs, eval_every, patience and max_len must all be >= 1")
+    for name in ("batch_size", "eval_batch_size", "num_negatives"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_users is not None and cfg.max_users < 1:
+        raise ValueError(f"max_users must be >= 1 (or left out for all users), got {cfg.max_users}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    # Fail before training rather than when the first checkpoint or the result is written.
+    if cfg.checkpoint_dir and os.path.exists(cfg.checkpoint_dir) \
+            and not os.path.isdir(cfg.checkpoint_dir):
+        raise ValueError(f"checkpoint_dir {cfg.checkpoint_dir!r} exists and is not a directory")
+    for name in ("out", "jsonl"):
+        path = getattr(cfg, name)
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise ValueError(f"{name} {path!r} is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{name} {path!r}: {parent!r} is not a directory")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:

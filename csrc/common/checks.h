@@ -104,11 +104,23 @@ inline void check_seq_values(const at::Tensor& seq_start, const at::Tensor& seq_
   }
 }
 
+// Block sizes, window and power block are positions: at most INT32_MAX. Larger values mean nothing
+// for any sequence a buffer can hold, and they would overflow the kernels' position arithmetic
+// (block J * select_block, the powers of two up to the window).
+constexpr int64_t kMaxHparam = 2147483647;
+
+inline void check_hparam_max(int64_t value, const char* name) {
+  TORCH_CHECK(value <= kMaxHparam, name, " must be <= ", kMaxHparam, " (int32), got ", value);
+}
+
 inline void check_hparams(int64_t select_block, int64_t window, int64_t power_block, bool use_sink,
                           bool causal) {
   TORCH_CHECK(select_block >= 1, "select_block must be >= 1, got ", select_block);
   TORCH_CHECK(window >= 1, "window must be >= 1, got ", window);
   TORCH_CHECK(power_block >= 1, "power_block must be >= 1, got ", power_block);
+  check_hparam_max(select_block, "select_block");
+  check_hparam_max(window, "window");
+  check_hparam_max(power_block, "power_block");
   TORCH_CHECK(!(use_sink && causal), "use_sink applies to non-causal attention only");
 }
 
@@ -128,6 +140,8 @@ inline void check_select_inputs(const at::Tensor& q, const at::Tensor& kc, const
   TORCH_CHECK(select_block >= compress_stride && select_block % compress_stride == 0,
               "select_block (", select_block, ") must be a positive multiple of compress_stride (",
               compress_stride, ")");
+  check_hparam_max(compress_stride, "compress_stride");
+  check_hparam_max(select_block, "select_block");
   TORCH_CHECK(num_select >= 0 && num_select <= 64, "num_select must be 0..64, got ", num_select);
   check_seq_values(seq_start, seq_len, d);
   if (seq_len.device().is_cpu()) {
@@ -163,6 +177,9 @@ inline void check_selection(const at::Tensor& sel_idx, const at::Tensor& sel_cnt
               "sel_idx and sel_cnt must be int32");
   check_same_device(sel_idx, q, "sel_idx");
   check_same_device(sel_cnt, q, "sel_cnt");
+  // The CUDA kernels read a row's selection as one contiguous list; the CPU kernels could stride,
+  // but both backends take the same inputs.
+  check_last_dim_contiguous(sel_idx, "sel_idx");
 }
 
 // All checks of sparse_attention_fwd / _bwd's common inputs.
