@@ -62,16 +62,11 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
         raise TypeError(f"lengths must be an integer tensor [B] = [{B}], got {seq_len.dtype} of "
                         f"shape {list(seq_len.shape)}")
     seq_len = seq_len.long()
-    if not _ops._is_tracing():
-        # Out-of-range lengths would otherwise be clamped (CUDA kernels, dense masks) or wrap in
-        # the int32 the ops take: a wrong answer without an error. Eager only, like the mask check.
-        bad = (seq_len < 0) | (seq_len > N)
-        if bool(bad.any()):
-            raise ValueError(f"lengths must be in 0..N = 0..{N} (the sequence dimension of x), "
-                             f"got {seq_len.tolist()}")
-    if padding_side == "right":
-        return torch.zeros_like(seq_len), seq_len
-    return N - seq_len, seq_len
+    seq_start = torch.zeros_like(seq_len) if padding_side == "right" else N - seq_len
+    # Out-of-range lengths would otherwise be clamped (CUDA kernels, dense masks) or wrap in the
+    # int32 the ops take: a wrong answer without an error. The op wrappers' check (eager only).
+    _ops._validate(seq_start, seq_len, N, packed=False)
+    return seq_start, seq_len
 
 
 def _check_contiguous(mask: Tensor, seq_start: Tensor, seq_len: Tensor) -> None:

@@ -466,12 +466,12 @@ MODULE_CASES = [
     # the int32 the ops take (2**32 + 3 -> 3): a result without an error. Left-padded ones failed
     # deep in torch.gather ("index -5 is out of bounds").
     ModuleCase("length above N", lambda: dict(lengths=torch.tensor([25, 5])), ValueError,
-               r"lengths must be in 0..N = 0..20 \(the sequence dimension of x\), got \[25, 5\]"),
+               r"lengths must be <= the sequence dimension N = 20, got \[25, 5\]"),
     ModuleCase("length above N, left padded",
                lambda: dict(lengths=torch.tensor([25, 5]), padding_side="left"), ValueError,
-               r"lengths must be in 0..N = 0..20"),
+               r"lengths must be <= the sequence dimension N = 20, got \[25, 5\]"),
     ModuleCase("negative length", lambda: dict(lengths=torch.tensor([-3, 5])), ValueError,
-               r"lengths must be in 0..N = 0..20 .*got \[-3, 5\]"),
+               r"lengths must be >= 0, got \[-3, 5\]"),
     ModuleCase("length past int32", lambda: dict(lengths=torch.tensor([2**32 + 3, 5])),
                ValueError, r"got \[4294967299, 5\]"),
     ModuleCase("padding_side without lengths", lambda: dict(padding_side="top"), ValueError,

@@ -249,7 +249,9 @@ def _device_name(device: torch.device) -> str:
 
 def _commit() -> str:
     """The code's commit: $BLOSSOMREC_COMMIT (a device copy of the tree has no git history), else
-    ``git rev-parse`` of the checkout this package sits in, else "unknown"."""
+    ``git rev-parse`` of the checkout this package sits in, else "unknown". (benchmarks/
+    bench_attention.py has its own copy: it must record rows even when this package fails to
+    import.)"""
     if os.environ.get("BLOSSOMREC_COMMIT"):
         return os.environ["BLOSSOMREC_COMMIT"]
     try:
