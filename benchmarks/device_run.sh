@@ -141,6 +141,7 @@ fi
 # ---------------------------------------------------------------------------------------------------
 if [ $BUILD_OK -eq 1 ] && { [ "${PROFILE:-0}" = "1" ] || [ "${NCU:-0}" = "1" ]; }; then
   t0=$SECONDS
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build of this checkout
   # shellcheck disable=SC2086
   [ "${PROFILE:-0}" = "1" ] && "$PY" benchmarks/profile_kernels.py ${PROFILE_ARGS:-} \
     >"$LOGS/profile.log" 2>&1

@@ -674,3 +674,58 @@ def test_misaligned_inputs_are_copied(tiled, monkeypatch):
     assert q.data_ptr() % 16 != 0 and k.data_ptr() % 16 != 0
     for a, b_ in zip(run(q, k, v), run(q.clone(), k.clone(), v.clone())):
         assert torch.equal(a, b_), "a misaligned view gives a different result from its copy"
+
+
+# --------------------------------------------------------------------------------------------------
+# selection on sequences of several 128-row CTAs: the tensor-core scoring (BLOSSOMREC_SELECT_MMA,
+# default on for D <= 64) and the FFMA path, each against the reference
+# --------------------------------------------------------------------------------------------------
+SELECT_LONG = [
+    # lengths, N, H, KVH, D, hyper-parameters
+    ([700, 300, 129], 700, 4, 2, 16, dict(compress_stride=4, select_block=8, num_select=4)),
+    ([1000], 1000, 8, 2, 32, dict(compress_stride=16, select_block=16, num_select=16)),
+    ([520, 260], 520, 6, 3, 64, dict(compress_stride=2, select_block=4, num_select=64)),
+    ([300], 300, 2, 1, 128, dict(compress_stride=4, select_block=4, num_select=3)),  # FFMA only
+    ([333, 12, 257], 333, 2, 2, 16, dict(compress_stride=2, select_block=6, num_select=1)),
+]
+
+
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["right", "packed"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", range(len(SELECT_LONG)))
+def test_selection_long_sequences_matches_reference(case, causal, layout, dtype, mma, monkeypatch):
+    monkeypatch.setenv("BLOSSOMREC_SELECT_MMA", mma)
+    lengths, N, H, KVH, D, hp = SELECT_LONG[case]
+    hp = dict(hp, causal=causal)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
+                                       s=hp["compress_stride"], seed=100 + case)
+    t64 = {k_: v_.detach().double() for k_, v_ in t.items()}
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
+        hp["num_select"], causal, D ** -0.5)
+    fragile = check_selection(idx, cnt, t64, seq_start, seq_len, hp)
+    rows = int(seq_len.sum()) * KVH
+    assert fragile < rows // 20, f"{fragile} of {rows} rows near a tie: the check says little"
+    assert int(cnt.sum()) > 0
+
+
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("D", [16, 64])
+def test_selection_ties_take_the_lower_blocks(D, mma, monkeypatch):
+    """All block-mean keys equal: every visible block has the same score, and the n lowest visible
+    blocks must win (SPEC 1b), on both scoring paths and across the four lanes that share a row."""
+    monkeypatch.setenv("BLOSSOMREC_SELECT_MMA", mma)
+    L, H, KVH, n = 600, 4, 2, 5
+    g = torch.Generator(device="cpu").manual_seed(5)
+    q = torch.randn(1, L, H, D, generator=g).to(DEV)
+    kc = torch.randn(1, 1, KVH, D, generator=g).expand(1, L // 4, KVH, D).contiguous().to(DEV)
+    st = torch.zeros(1, dtype=torch.int32, device=DEV)
+    ln = torch.full((1,), L, dtype=torch.int32, device=DEV)
+    for causal in (True, False):
+        idx, cnt = torch.ops.blossomrec.select_blocks(q, kc, st, ln, 4, 8, n, causal, D ** -0.5)
+        ri, rc = ref.select_blocks(q[0].double().cpu(), kc[0].double().cpu(), L, compress_stride=4,
+                                   select_block=8, num_select=n, causal=causal)
+        assert torch.equal(cnt[0].cpu(), rc)
+        assert torch.equal(idx[0].cpu().sort(-1).values, ri.sort(-1).values), causal
