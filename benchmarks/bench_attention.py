@@ -11,8 +11,6 @@ Methods (PERF.md names):
 - ``blossomrec_tiled``: the whole op with the forward's tensor-core query tiles
   (``BLOSSOMREC_TILED=1``, opt-in) instead of the per-row forward kernels; ``blossomrec_gather``:
   the whole op without the staged kernels for short sequences (``BLOSSOMREC_STAGED=0``);
-  ``blossomrec_select_ffma``: ``blossomrec_select`` with the selection's FFMA scoring instead of its
-  tensor-core scoring (``BLOSSOMREC_SELECT_MMA=0``), on request;
 - ``sdpa_dense``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`` on the
   ``[B, H, N, D]`` layout (transposed copies made outside the timed region);
 - ``flex_stis``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` of the STIS mask alone;
@@ -69,11 +67,10 @@ RAGGED_SHAPES = {"R1"}
 CPU_SMOKE_SHAPES: dict[str, tuple[int, int]] = {"C1": (4, 64), "C2": (2, 256), "CR": (16, 50)}
 
 ALL_METHODS = ("blossomrec", "blossomrec_tiled", "blossomrec_gather", "blossomrec_select",
-               "blossomrec_select_ffma", "blossomrec_attn", "sdpa_dense", "flex_stis", "reference")
-# The opt-in variants (blossomrec_tiled, blossomrec_gather, blossomrec_select_ffma) and the
-# reference run only on request.
+               "blossomrec_attn", "sdpa_dense", "flex_stis", "reference")
+# The opt-in variants (blossomrec_tiled, blossomrec_gather) and the reference run only on request.
 DEFAULT_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_dense", "flex_stis")
-FWD_ONLY_METHODS = {"blossomrec_select", "blossomrec_select_ffma"}
+FWD_ONLY_METHODS = {"blossomrec_select"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
 
 # The op's hyper-parameters (SPEC.md defaults).
@@ -368,11 +365,6 @@ def build_blossomrec_select(sets: list[dict], case: Case, pass_: str) -> Callabl
     return fwd
 
 
-def build_blossomrec_select_ffma(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
-    """The selection with FFMA scoring (BLOSSOMREC_SELECT_MMA=0) instead of tensor-core scoring."""
-    return _with_env(build_blossomrec_select(sets, case, pass_), {"BLOSSOMREC_SELECT_MMA": "0"})
-
-
 def build_blossomrec_attn(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
     import blossomrec_cuda
 
@@ -513,7 +505,6 @@ BUILDERS = {
     "blossomrec_tiled": build_blossomrec_tiled,
     "blossomrec_gather": build_blossomrec_gather,
     "blossomrec_select": build_blossomrec_select,
-    "blossomrec_select_ffma": build_blossomrec_select_ffma,
     "blossomrec_attn": build_blossomrec_attn,
     "sdpa_dense": build_sdpa_dense,
     "flex_stis": build_flex_stis,

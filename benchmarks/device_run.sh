@@ -21,6 +21,7 @@
 #
 # Env flags: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE=1 FULL_TESTS=1 BENCH_ARGS="..."
 # PROFILE=1 PROFILE_ARGS="..." (benchmarks/profile_kernels.py) NCU=1 NCU_ARGS="..." NCU_LAUNCHES=N
+# NCU_SECTIONS="--section ..." NCU_KERNELS="regex:..." (which kernels Nsight Compute captures)
 # SANITIZE_PYTEST="test ids" SANITIZE_DEMO=0 (skip the demo batch) MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
 # git-ignored copy of ../shared/data, which does not travel to the device otherwise; name it in carry).
 set -uo pipefail
@@ -147,8 +148,9 @@ if [ $BUILD_OK -eq 1 ] && { [ "${PROFILE:-0}" = "1" ] || [ "${NCU:-0}" = "1" ]; 
     >"$LOGS/profile.log" 2>&1
   if [ "${NCU:-0}" = "1" ]; then
     # shellcheck disable=SC2086
-    ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section SchedulerStats -k "regex:sparse_attention|select_blocks" \
+    ncu --clock-control none ${NCU_SECTIONS:---section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section SchedulerStats} \
+      -k "${NCU_KERNELS:-regex:sparse_attention|select_blocks}" \
       --launch-count "${NCU_LAUNCHES:-12}" "$PY" benchmarks/profile_kernels.py --iters 1 \
       ${NCU_ARGS:---shapes S2 --dims 16 --fwd-only} >"$LOGS/ncu.log" 2>&1
   fi

@@ -677,26 +677,24 @@ def test_misaligned_inputs_are_copied(tiled, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# selection on sequences of several 128-row CTAs: the tensor-core scoring (BLOSSOMREC_SELECT_MMA,
-# default on for D <= 64) and the FFMA path, each against the reference
+# selection on sequences of several 128-row CTAs (the shared-memory tiles, causal CTAs issued last to
+# first) against the reference
 # --------------------------------------------------------------------------------------------------
 SELECT_LONG = [
     # lengths, N, H, KVH, D, hyper-parameters
     ([700, 300, 129], 700, 4, 2, 16, dict(compress_stride=4, select_block=8, num_select=4)),
     ([1000], 1000, 8, 2, 32, dict(compress_stride=16, select_block=16, num_select=16)),
     ([520, 260], 520, 6, 3, 64, dict(compress_stride=2, select_block=4, num_select=64)),
-    ([300], 300, 2, 1, 128, dict(compress_stride=4, select_block=4, num_select=3)),  # FFMA only
+    ([300], 300, 2, 1, 128, dict(compress_stride=4, select_block=4, num_select=3)),
     ([333, 12, 257], 333, 2, 2, 16, dict(compress_stride=2, select_block=6, num_select=1)),
 ]
 
 
-@pytest.mark.parametrize("mma", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["right", "packed"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", range(len(SELECT_LONG)))
-def test_selection_long_sequences_matches_reference(case, causal, layout, dtype, mma, monkeypatch):
-    monkeypatch.setenv("BLOSSOMREC_SELECT_MMA", mma)
+def test_selection_long_sequences_matches_reference(case, causal, layout, dtype):
     lengths, N, H, KVH, D, hp = SELECT_LONG[case]
     hp = dict(hp, causal=causal)
     t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
@@ -711,12 +709,10 @@ def test_selection_long_sequences_matches_reference(case, causal, layout, dtype,
     assert int(cnt.sum()) > 0
 
 
-@pytest.mark.parametrize("mma", ["1", "0"])
 @pytest.mark.parametrize("D", [16, 64])
-def test_selection_ties_take_the_lower_blocks(D, mma, monkeypatch):
+def test_selection_ties_take_the_lower_blocks(D):
     """All block-mean keys equal: every visible block has the same score, and the n lowest visible
-    blocks must win (SPEC 1b), on both scoring paths and across the four lanes that share a row."""
-    monkeypatch.setenv("BLOSSOMREC_SELECT_MMA", mma)
+    blocks must win (SPEC 1b), in the shared-memory tiles (one sequence of several CTAs)."""
     L, H, KVH, n = 600, 4, 2, 5
     g = torch.Generator(device="cpu").manual_seed(5)
     q = torch.randn(1, L, H, D, generator=g).to(DEV)

@@ -11,24 +11,12 @@
 // one sequence (every sequence longer than a few CTAs), kcb streams through shared-memory tiles,
 // read once per CTA and then as broadcasts, and each thread computes a tile of independent dot
 // products before it touches the running softmax and top-n. CTAs that straddle sequences (short or
-// packed ones, with few blocks each) read their blocks directly.
-//
-// Tensor-core scoring (head dims up to 64, sm_80+, the default; BLOSSOMREC_SELECT_MMA=0 turns it
-// off): in a CTA of one sequence each warp scores its 32 rows against a tile of blocks with
-// mma.sync m16n8k8 in TF32, three products per tile (hi*hi + hi*lo + lo*hi of each operand split
-// into a TF32 high part and a TF32 remainder), which keeps the scores within ~1e-6 relative of
-// float32 FMAs: plain TF32 (~1e-3) would move the top-n cut on scores that the tests' 1e-4
-// near-tie rule calls distinct. A thread then holds 2 columns of every 8 blocks for 4 rows, so it
-// keeps a partial normaliser and top-n per row over its columns; the four threads of a row merge
-// them at the end (the top-n of a union is the top-n of the parts' top-n under the same order:
-// score, then lower block). CTAs are issued heaviest first when causal (the last rows see the most
-// blocks) so that the long CTAs do not form the tail.
+// packed ones, with few blocks each) read their blocks directly. Causal CTAs are issued last to
+// first: the last rows of a sequence see the most blocks, and started first they do not form the
+// tail of the grid (S6 selection 1.10 -> 0.90 ms on an H200, docs/PERF_NOTES.md v7).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cstdint>
-#include <cstdlib>
 
 #include "common/alloc.h"
 #include "common/checks.h"
@@ -52,7 +40,6 @@ struct SelectParams {
   int64_t KVH, G, width;
   int64_t compress_stride, select_block, num_select;
   bool causal;
-  bool use_mma;      // tensor-core scoring in CTAs of one sequence (D <= 64, sm_80+)
   float scale_log2;  // scale * log2(e): scores are kept in base 2
 };
 
@@ -61,36 +48,20 @@ struct SelectParams {
 template <int D>
 constexpr int select_tile() { return D <= 32 ? 32 : 16; }
 
-// The MMA path's shared memory: the CTA's 128 group-mean queries (float32, the A operand) and a
-// tile of block-mean keys split into TF32 high and low parts (the B operand), rows padded by 4
-// floats so that the fragment loads (8 rows x 4 consecutive columns) hit 32 distinct banks.
-constexpr int kMmaPad = 4;
-template <int D>
-constexpr bool mma_select_supported() { return D <= 64; }  // D = 128: the queries need 67 KiB
-template <int D>
-constexpr int mma_select_tile() { return D <= 32 ? 32 : 16; }
-template <int D>
-constexpr int64_t mma_select_smem_bytes() {
-  return int64_t(sizeof(float)) * (D + kMmaPad) * (kSelectThreads + 2 * mma_select_tile<D>());
-}
-template <int D>
-constexpr int64_t ffma_select_smem_bytes() { return int64_t(sizeof(float)) * select_tile<D>() * D; }
-
 // Running state of one (row, kv head): the softmax normaliser over the visible blocks (started
 // from the -1000 entry) and the top-n, in base-2 logits.
 struct SelectState {
   float M = kSelectNullLogit * kLog2e;
-  float S = 1.f;  // 0 in the partial states of the MMA path but one (the -1000 entry counts once)
+  float S = 1.f;
   float thresh = -INFINITY;  // the n-th best score once the top-n is full
   int count = 0;
   float top_s[kMaxSelect];
   int32_t top_j[kMaxSelect];
 
-  // A tile of scores (-inf for blocks that are not candidates) of blocks block_of(0), block_of(1),
-  // ... (increasing): one rescale of the normaliser per tile, and the top-n visited in increasing J.
-  template <int kTile, typename BlockOf>
-  __device__ __forceinline__ void add_tile(const float* sc, float tile_max, BlockOf block_of,
-                                           int n) {
+  // A tile of scores (-inf for blocks that are not candidates) of blocks J0, J0 + 1, ...: one
+  // rescale of the normaliser per tile, and the top-n visited in increasing J.
+  template <int kTile>
+  __device__ __forceinline__ void add_tile(const float* sc, float tile_max, int32_t J0, int n) {
     if (tile_max > M) {
       S *= exp2f(M - tile_max);
       M = tile_max;
@@ -100,7 +71,7 @@ struct SelectState {
 #pragma unroll
     for (int jj = 0; jj < kTile; ++jj) {
       if (sc[jj] > thresh || (count < n && sc[jj] > -INFINITY)) {
-        topn_insert(top_s, top_j, count, n, sc[jj], block_of(jj));
+        topn_insert(top_s, top_j, count, n, sc[jj], J0 + jj);
         if (count == n) thresh = top_s[n - 1];
       }
     }
@@ -135,186 +106,11 @@ __device__ __forceinline__ float dot_smem(const float* qbar, const float* k) {
   return s;
 }
 
-// x = hi + lo with hi = x rounded to TF32 and lo the remainder rounded to TF32 (~2^-22 |x| lost).
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
-#else
-  __trap();
-#endif
-}
-
-// c += a b for a 16 x 8 (rows x dims) A, an 8 x 8 (dims x blocks) B. Fragments (PTX ISA, "Matrix
-// fragments for mma.m16n8k8", .tf32), g = lane / 4, t = lane % 4: a0 (row g, dim t), a1 (row g+8,
-// dim t), a2 (row g, dim t+4), a3 (row g+8, dim t+4); b0 (dim t, block g), b1 (dim t+4, block g);
-// c0, c1 (row g, blocks 2t, 2t+1), c2, c3 (row g+8, same blocks).
-__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
-
-// Scores and selection of a CTA whose rows all belong to sequence `b` (see the file comment).
-// Warp w scores rows 32w .. 32w+31 of the CTA (its own threads' rows) in two 16-row MMA tiles;
-// lane (g, t) keeps the partial states of rows g, g+8, 16+g, 24+g over blocks 2t, 2t+1 mod 8.
-template <int D>
-__device__ __forceinline__ void select_rows_mma(const SelectParams& p, float* smem, const float* qbar, int64_t b,
-                                int64_t r0, int64_t cta_end, int64_t j_end, int64_t own) {
-  constexpr int kLd = D + kMmaPad;
-  constexpr int kT = mma_select_tile<D>();
-  constexpr int kNt = kT / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int gq = lane >> 2, tq = lane & 3;
-  const unsigned full = 0xffffffffu;
-  float* qs = smem;                                                 // [kSelectThreads][kLd]
-  uint32_t* kh = reinterpret_cast<uint32_t*>(smem + kSelectThreads * kLd);  // [kT][kLd]
-  uint32_t* kl = kh + kT * kLd;
-
-#pragma unroll
-  for (int e = 0; e < D; e += 4) {
-    *reinterpret_cast<float4*>(qs + threadIdx.x * kLd + e) =
-        make_float4(qbar[e], qbar[e + 1], qbar[e + 2], qbar[e + 3]);
-  }
-  // The visible range of the 4 rows this lane scores (rows of its own warp: shuffles).
-  const int32_t my_end = int32_t(j_end), my_own = int32_t(own);
-  int32_t row_end[4], row_own[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int src = (k >> 1) * 16 + (k & 1) * 8 + gq;
-    row_end[k] = __shfl_sync(full, my_end, src);
-    row_own[k] = __shfl_sync(full, my_own, src);
-  }
-  const int32_t warp_end = __reduce_max_sync(full, my_end);
-  const int n_sel = int(p.num_select);
-  SelectState st[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) st[k].S = tq == 0 ? 1.f : 0.f;
-
-  const float* kcb = p.kcb + (b * p.KVH + blockIdx.y) * p.nb_max * D;  // [B, KVH, nb_max, D]
-  const float* qw = qs + warp * 32 * kLd;
-  for (int64_t J0 = 0; J0 < cta_end; J0 += kT) {
-    __syncthreads();  // the previous tile is consumed (and, the first time, qs is written)
-    for (int e = threadIdx.x; e < kT * D / 4; e += kSelectThreads) {
-      const int jr = e / (D / 4), c = (e % (D / 4)) * 4;
-      const float4 v = J0 + jr < cta_end
-                           ? __ldg(reinterpret_cast<const float4*>(kcb + (J0 + jr) * D + c))
-                           : make_float4(0.f, 0.f, 0.f, 0.f);
-      uint4 hi, lo;
-      split_tf32(v.x, hi.x, lo.x);
-      split_tf32(v.y, hi.y, lo.y);
-      split_tf32(v.z, hi.z, lo.z);
-      split_tf32(v.w, hi.w, lo.w);
-      *reinterpret_cast<uint4*>(kh + jr * kLd + c) = hi;
-      *reinterpret_cast<uint4*>(kl + jr * kLd + c) = lo;
-    }
-    __syncthreads();
-    if (J0 >= warp_end) continue;  // warp-uniform: none of the warp's rows sees these blocks
-
-    float acc[2][kNt][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
-#pragma unroll
-    for (int k0 = 0; k0 < D; k0 += 8) {
-      uint32_t ahi[2][4], alo[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const float* a = qw + (mt * 16 + gq) * kLd + k0 + tq;
-        split_tf32(a[0], ahi[mt][0], alo[mt][0]);
-        split_tf32(a[8 * kLd], ahi[mt][1], alo[mt][1]);
-        split_tf32(a[4], ahi[mt][2], alo[mt][2]);
-        split_tf32(a[8 * kLd + 4], ahi[mt][3], alo[mt][3]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt) {
-        const int o = (nt * 8 + gq) * kLd + k0 + tq;
-        const uint32_t bh0 = kh[o], bh1 = kh[o + 4], bl0 = kl[o], bl1 = kl[o + 4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {  // small products first
-          mma_tf32(acc[mt][nt], alo[mt], bh0, bh1);
-          mma_tf32(acc[mt][nt], ahi[mt], bl0, bl1);
-          mma_tf32(acc[mt][nt], ahi[mt], bh0, bh1);
-        }
-      }
-    }
-    // This lane's blocks of the tile, in increasing order: J0 + 8 nt + 2 tq + c.
-    const auto block_of = [J0, tq](int jj) { return int32_t(J0) + (jj >> 1) * 8 + 2 * tq + (jj & 1); };
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int mt = k >> 1, hh = k & 1;
-      float sc[2 * kNt];
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int jj = 0; jj < 2 * kNt; ++jj) {
-        const int32_t J = block_of(jj);
-        const bool visible = J < row_end[k] && (p.causal || J != row_own[k]);
-        sc[jj] = visible ? acc[mt][jj >> 1][2 * hh + (jj & 1)] : -INFINITY;
-        tile_max = fmaxf(tile_max, sc[jj]);
-      }
-      st[k].add_tile<2 * kNt>(sc, tile_max, block_of, n_sel);
-    }
-  }
-
-  // Merge the four partial states of each row (lanes 4g .. 4g+3) and write the row.
-  const int64_t rows = p.seq.Bq * p.seq.N;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    SelectState& s = st[k];
-    float M = fmaxf(s.M, __shfl_xor_sync(full, s.M, 1));
-    M = fmaxf(M, __shfl_xor_sync(full, M, 2));
-    float S = s.S * exp2f(s.M - M);
-    S += __shfl_xor_sync(full, S, 1);
-    S += __shfl_xor_sync(full, S, 2);
-    const int64_t r = r0 + warp * 32 + (k >> 1) * 16 + (k & 1) * 8 + gq;
-    const bool writer = tq == 0 && r < rows;
-    int32_t* idx_out = p.idx + (r * p.KVH + blockIdx.y) * p.width;
-    int ptr = 0, kept = 0;
-    bool done = false;
-    for (int c = 0; c < n_sel; ++c) {  // warp-uniform trip count: the shuffles need every lane
-      const bool has = ptr < s.count;
-      float best = has ? s.top_s[ptr] : -INFINITY;
-      int32_t best_j = has ? s.top_j[ptr] : INT32_MAX;
-#pragma unroll
-      for (int off = 1; off <= 2; off <<= 1) {
-        const float o_s = __shfl_xor_sync(full, best, off);
-        const int32_t o_j = __shfl_xor_sync(full, best_j, off);
-        if (o_s > best || (o_s == best && o_j < best_j)) {
-          best = o_s;
-          best_j = o_j;
-        }
-      }
-      if (has && s.top_j[ptr] == best_j) ++ptr;  // blocks are disjoint between the lanes
-      if (!done && best > -INFINITY && exp2f(best - M) / S > kSelectMinProb) {
-        if (writer) idx_out[c] = best_j;
-        kept = c + 1;
-      } else {
-        done = true;
-      }
-    }
-    if (writer) {
-      for (int c = kept; c < p.width; ++c) idx_out[c] = -1;
-      p.cnt[r * p.KVH + blockIdx.y] = kept;
-    }
-  }
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectParams p) {
   constexpr int kTile = select_tile<D>();
-  extern __shared__ __align__(16) float smem[];
-  float* tile = smem;  // [kTile][D] on the FFMA path
+  __shared__ __align__(16) float tile[kTile * D];
   const int64_t rows = p.seq.Bq * p.seq.N;
-  // Causal: the last rows of a sequence see the most blocks, so issue the CTAs last to first.
   const int64_t cta = p.causal ? int64_t(gridDim.x) - 1 - blockIdx.x : int64_t(blockIdx.x);
   const int64_t r0 = cta * blockDim.x;
   const int64_t r = r0 + threadIdx.x;
@@ -358,12 +154,6 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     const int64_t nb_seq = num_select_blocks(first.L, p.c_avail, p.compress_stride, p.select_block);
     const int64_t last_own = last.i / p.select_block;
     const int64_t cta_end = p.causal ? (last_own < nb_seq ? last_own : nb_seq) : nb_seq;
-    if constexpr (mma_select_supported<D>()) {
-      if (p.use_mma) {
-        select_rows_mma<D>(p, smem, qbar, first.b, r0, cta_end, j_end, own);
-        return;
-      }
-    }
     const float* kcb = p.kcb + (first.b * p.KVH + g) * p.nb_max * D;  // [B, KVH, nb_max, D]
     for (int64_t J0 = 0; J0 < cta_end; J0 += kTile) {
       __syncthreads();  // the previous tile is consumed
@@ -382,7 +172,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
         sc[jj] = visible ? dot_smem<D>(qbar, tile + jj * D) : -INFINITY;
         tile_max = fmaxf(tile_max, sc[jj]);
       }
-      st.add_tile<kTile>(sc, tile_max, [J0](int jj) { return int32_t(J0) + jj; }, n_sel);
+      st.add_tile<kTile>(sc, tile_max, int32_t(J0), n_sel);
     }
   } else if (row.b >= 0) {
     // Rows of several sequences (short or packed sequences): each thread reads its own blocks.
@@ -409,30 +199,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   p.cnt[r * p.KVH + g] = kept;
 }
 
-// Tensor-core scoring unless BLOSSOMREC_SELECT_MMA=0 (read on every call: tests and benchmarks
-// compare both paths), for D <= 64 on sm_80 and newer.
-bool mma_select_enabled() {
-  const char* e = std::getenv("BLOSSOMREC_SELECT_MMA");
-  if (e != nullptr && e[0] == '0') return false;
-  return at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
-
 template <int D>
-void launch_select(SelectParams p, at::ScalarType dtype, int64_t rows, cudaStream_t stream) {
+void launch_select(const SelectParams& p, at::ScalarType dtype, int64_t rows, cudaStream_t stream) {
   const dim3 grid(unsigned(ceil_div(rows, kSelectThreads)), unsigned(p.KVH));
-  p.use_mma = mma_select_supported<D>() && mma_select_enabled();
-  // Dynamic shared memory, at most 43.5 KiB (D = 64 with MMA): under the 48 KiB default.
-  const size_t smem = size_t(p.use_mma ? mma_select_smem_bytes<D>() : ffma_select_smem_bytes<D>());
-  static_assert(mma_select_smem_bytes<64>() <= 48 * 1024, "select smem over the default limit");
   switch (dtype) {
     case at::kFloat:
-      select_blocks_kernel<float, D><<<grid, kSelectThreads, smem, stream>>>(p);
+      select_blocks_kernel<float, D><<<grid, kSelectThreads, 0, stream>>>(p);
       break;
     case at::kHalf:
-      select_blocks_kernel<__half, D><<<grid, kSelectThreads, smem, stream>>>(p);
+      select_blocks_kernel<__half, D><<<grid, kSelectThreads, 0, stream>>>(p);
       break;
     case at::kBFloat16:
-      select_blocks_kernel<__nv_bfloat16, D><<<grid, kSelectThreads, smem, stream>>>(p);
+      select_blocks_kernel<__nv_bfloat16, D><<<grid, kSelectThreads, 0, stream>>>(p);
       break;
     default:
       TORCH_CHECK(false, "unsupported dtype ", dtype);
@@ -489,7 +267,6 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   p.select_block = select_block;
   p.num_select = num_select;
   p.causal = causal;
-  p.use_mma = false;
   p.scale_log2 = float(scale) * kLog2e;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (d.D) {
