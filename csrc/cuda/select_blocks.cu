@@ -72,7 +72,7 @@ struct SelectState {
     for (int jj = 0; jj < kTile; ++jj) {
       if (sc[jj] > thresh || (count < n && sc[jj] > -INFINITY)) {
         topn_insert(top_s, top_j, count, n, sc[jj], J0 + jj);
-        if (count == n) thresh = top_s[n - 1];
+        if (count == n && n > 0) thresh = top_s[n - 1];
       }
     }
   }
@@ -87,7 +87,7 @@ struct SelectState {
     }
     if (s > thresh || count < n) {
       topn_insert(top_s, top_j, count, n, s, J);
-      if (count == n) thresh = top_s[n - 1];
+      if (count == n && n > 0) thresh = top_s[n - 1];
     }
   }
 };
