@@ -1,5 +1,6 @@
 """DEV experiment (2026-11-30): time select_blocks' kernel variants (BLOSSOMREC_SELECT_VARIANT, bf16
-only, a temporary switch of the build under test) on PERF.md shapes, in one process, and check that
+only: a temporary switch in an uncommitted patch on e2dee46, removed again in 3fe0df9; this script
+does nothing useful on other builds) on PERF.md shapes, in one process, and check that
 they select the same blocks. Variants: 3 = e2dee46 (64-bit mask per block, insertion test
 `s > thresh || (count < n && s > -inf)`), 0 = that mask with the new insertion test (`s > thresh`,
 skipped for a tile whose maximum does not beat thresh), 1 = new test and a 32-bit mask with the
