@@ -1,6 +1,7 @@
 """DEV experiment (2026-11-30): time select_blocks' kernel variants (BLOSSOMREC_SELECT_VARIANT, bf16
 only: a temporary switch in an uncommitted patch on e2dee46, removed again in 3fe0df9; this script
-does nothing useful on other builds) on PERF.md shapes, in one process, and check that
+does nothing useful on other builds; the variant kernel carried __launch_bounds__(128, 1 or 5), so
+variant 3 had v7's source but 96 registers at D = 16 against 72 in v7's own build) on PERF.md shapes, in one process, and check that
 they select the same blocks. Variants: 3 = e2dee46 (64-bit mask per block, insertion test
 `s > thresh || (count < n && s > -inf)`), 0 = that mask with the new insertion test (`s > thresh`,
 skipped for a tile whose maximum does not beat thresh), 1 = new test and a 32-bit mask with the
