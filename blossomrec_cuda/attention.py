@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from . import ops as _ops  # noqa: F401  (registers the fake kernels and autograd of the ops)
+from . import ops as _ops  # also registers the fake kernels and autograd of the ops
 
 BACKENDS = ("ops", "reference")
 
@@ -38,8 +38,7 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
     B, N = x.shape[0], x.shape[1]
     if attention_mask is not None and lengths is not None:
         raise ValueError("pass either attention_mask or lengths, not both")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    _ops._check_padding_side(padding_side)
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
             raise TypeError(f"attention_mask must be a bool tensor (True = valid token), got "
@@ -57,15 +56,9 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
     if lengths is None:
         full = torch.full((B,), N, dtype=torch.long, device=x.device)
         return torch.zeros_like(full), full
-    seq_len = torch.as_tensor(lengths, device=x.device)
-    if seq_len.dtype not in (torch.int32, torch.int64) or tuple(seq_len.shape) != (B,):
-        raise TypeError(f"lengths must be an integer tensor [B] = [{B}], got {seq_len.dtype} of "
-                        f"shape {list(seq_len.shape)}")
-    seq_len = seq_len.long()
-    seq_start = torch.zeros_like(seq_len) if padding_side == "right" else N - seq_len
-    # Out-of-range lengths would otherwise be clamped (CUDA kernels, dense masks) or wrap in the
-    # int32 the ops take: a wrong answer without an error. The op wrappers' check (eager only).
-    _ops._validate(seq_start, seq_len, N, packed=False)
+    # The op wrappers' conversion and range check (eager only): out-of-range lengths would
+    # otherwise be clamped (CUDA kernels, dense masks) or wrap in the ops' int32, without an error.
+    seq_start, seq_len, _ = _ops.padded_bounds(lengths, B, N, padding_side, x.device)
     return seq_start, seq_len
 
 

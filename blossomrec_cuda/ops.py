@@ -70,25 +70,39 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
         raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
                          "(pass cu_seqlens for a packed [T, H, D] batch)")
     B, N = q.shape[0], q.shape[1]
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if lengths is None:
+        _check_padding_side(padding_side)
         length = torch.full((B,), N, dtype=torch.int32, device=q.device)
         start = torch.zeros_like(length)
         # Full-length batches need no check (and no device sync).
         return SeqLayout(start, length, False, N)
-    length = _int_tensor(lengths, "lengths").to(q.device)
+    start, length, max_len = padded_bounds(lengths, B, N, padding_side, q.device)
+    return SeqLayout(start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(),
+                     False, max_len)
+
+
+def _check_padding_side(padding_side: str) -> None:
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+
+
+def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding_side: str,
+                  device: torch.device) -> tuple[Tensor, Tensor, Optional[int]]:
+    """``(seq_start, seq_len, max_len)`` for the ``lengths [B]`` of a padded ``[B, N, ...]`` batch,
+    the tensors int64 on ``device``: the valid tokens sit at the end opposite ``padding_side``.
+    Values are checked (0 <= length <= N) in int64, before anything narrows them to the ops' int32,
+    which would wrap large ones; eager only, see :func:`_validate` (``max_len`` is None when
+    skipped). Shared by the op wrappers and the attention modules."""
+    _check_padding_side(padding_side)
+    length = _int_tensor(lengths, "lengths").to(device)
     if length.dtype not in (torch.int32, torch.int64) or length.dim() != 1:
         raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype} "
                         f"of rank {length.dim()}")
     if length.shape[0] != B:
         raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
-    # Checked in int64, before the narrowing to the ops' int32 (which would wrap large values).
     length = length.to(torch.int64)
     start = torch.zeros_like(length) if padding_side == "right" else N - length
-    max_len = _validate(start, length, N, packed=False)
-    return SeqLayout(start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(),
-                     False, max_len)
+    return start, length, _validate(start, length, N, packed=False)
 
 
 def _int_tensor(x: Union[Tensor, Sequence[int]], name: str) -> Tensor:
