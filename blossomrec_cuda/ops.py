@@ -60,12 +60,12 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
             raise ValueError("cu_seqlens must be a 1-D tensor [B + 1] of cumulative lengths")
         if cu_in.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_in.dtype}")
-        # Checked in int64, before the narrowing to the ops' int32 (which would wrap large values).
-        cu = cu_in.to(device=q.device, dtype=torch.int64)
+        # Checked in int64, before the narrowing to the ops' int32 (which would wrap large values),
+        # and where the values are: host offsets need no round trip through the device.
+        cu = cu_in.to(torch.int64)
         start, length = cu[:-1], cu[1:] - cu[:-1]
         max_len = _validate(start, length, q.shape[0], packed=True)
-        return SeqLayout(start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(),
-                         True, max_len)
+        return SeqLayout(_ops_int(start, q.device), _ops_int(length, q.device), True, max_len)
     if q.dim() != 4:
         raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
                          "(pass cu_seqlens for a packed [T, H, D] batch)")
@@ -77,8 +77,12 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
         # Full-length batches need no check (and no device sync).
         return SeqLayout(start, length, False, N)
     start, length, max_len = padded_bounds(lengths, B, N, padding_side, q.device)
-    return SeqLayout(start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(),
-                     False, max_len)
+    return SeqLayout(_ops_int(start, q.device), _ops_int(length, q.device), False, max_len)
+
+
+def _ops_int(x: Tensor, device: torch.device) -> Tensor:
+    """A checked int64 bound as the ops take it: contiguous int32 on ``device``."""
+    return x.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _check_padding_side(padding_side: str) -> None:
@@ -91,10 +95,12 @@ def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding
     """``(seq_start, seq_len, max_len)`` for the ``lengths [B]`` of a padded ``[B, N, ...]`` batch,
     the tensors int64 on ``device``: the valid tokens sit at the end opposite ``padding_side``.
     Values are checked (0 <= length <= N) in int64, before anything narrows them to the ops' int32,
-    which would wrap large ones; eager only, see :func:`_validate` (``max_len`` is None when
-    skipped). Shared by the op wrappers and the attention modules."""
+    which would wrap large ones, and before they move to ``device`` (lengths given as a list or a
+    CPU tensor are checked on the host, with no round trip through the GPU); eager only, see
+    :func:`_validate` (``max_len`` is None when skipped). Shared by the op wrappers and the
+    attention modules."""
     _check_padding_side(padding_side)
-    length = _int_tensor(lengths, "lengths").to(device)
+    length = _int_tensor(lengths, "lengths")
     if length.dtype not in (torch.int32, torch.int64) or length.dim() != 1:
         raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype} "
                         f"of rank {length.dim()}")
@@ -102,7 +108,8 @@ def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding
         raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
     length = length.to(torch.int64)
     start = torch.zeros_like(length) if padding_side == "right" else N - length
-    return start, length, _validate(start, length, N, packed=False)
+    max_len = _validate(start, length, N, packed=False)
+    return start.to(device), length.to(device), max_len
 
 
 def _int_tensor(x: Union[Tensor, Sequence[int]], name: str) -> Tensor:

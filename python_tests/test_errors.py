@@ -263,6 +263,22 @@ def test_wrapper_accepts_cu_seqlens_as_a_list_and_an_empty_lengths_list():
     assert out.shape == (0, N, H, D)
 
 
+def test_host_lengths_are_checked_on_the_host_then_moved():
+    """Lengths and offsets given on the host are checked there, before they move to q's device: a
+    meta q (no values to read on the device side) still gets the range check, and the bounds come
+    back on q's device as the ops' int32."""
+    q = torch.empty(B, N, H, D, device="meta")
+    layout = br.seq_layout(q, lengths=[17, 9], padding_side="left")
+    assert layout.seq_start.device.type == "meta" and layout.seq_len.dtype == torch.int32
+    assert layout.max_len == 17
+    with pytest.raises(ValueError, match="lengths must be <= the sequence dimension"):
+        br.seq_layout(q, lengths=[18, 9])
+    packed = torch.empty(17, H, D, device="meta")
+    assert br.seq_layout(packed, cu_seqlens=[0, 9, 17]).max_len == 9
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        br.seq_layout(packed, cu_seqlens=[0, 9, 5])
+
+
 # --------------------------------------------------------------------------------------------------
 # Through torch.ops.blossomrec.* directly (the row-buffer layout, no Python checks in between)
 # --------------------------------------------------------------------------------------------------
