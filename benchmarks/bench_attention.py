@@ -8,9 +8,8 @@ Methods (PERF.md names):
 - ``blossomrec_select`` / ``blossomrec_attn``: its two parts (``select_blocks``, ``sparse_attention``
   on a selection made outside the timed region); ``blossomrec_select`` has no backward and runs in
   the ``fwd`` pass only;
-- ``blossomrec_tiled``: the whole op with the forward's tensor-core query tiles
-  (``BLOSSOMREC_TILED=1``, opt-in) instead of the per-row forward kernels; ``blossomrec_gather``:
-  the whole op without the staged kernels for short sequences (``BLOSSOMREC_STAGED=0``);
+- ``blossomrec_gather``: the whole op without the staged row kernels for short padded sequences
+  (``BLOSSOMREC_STAGED=0``; only float32 or sequences past the fused kernels' limits take them);
 - ``sdpa_dense``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`` on the
   ``[B, H, N, D]`` layout (transposed copies made outside the timed region);
 - ``flex_stis``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` of the STIS mask alone;
@@ -66,9 +65,9 @@ RAGGED_SHAPES = {"R1"}
 # Tiny CPU shapes for --cpu-smoke: (B, N); CR is ragged like R1.
 CPU_SMOKE_SHAPES: dict[str, tuple[int, int]] = {"C1": (4, 64), "C2": (2, 256), "CR": (16, 50)}
 
-ALL_METHODS = ("blossomrec", "blossomrec_tiled", "blossomrec_gather", "blossomrec_select",
-               "blossomrec_attn", "sdpa_dense", "flex_stis", "reference")
-# The opt-in variants (blossomrec_tiled, blossomrec_gather) and the reference run only on request.
+ALL_METHODS = ("blossomrec", "blossomrec_gather", "blossomrec_select", "blossomrec_attn",
+               "sdpa_dense", "flex_stis", "reference")
+# The opt-in variant (blossomrec_gather) and the reference run only on request.
 DEFAULT_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_dense", "flex_stis")
 FWD_ONLY_METHODS = {"blossomrec_select"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
@@ -340,12 +339,6 @@ def _with_env(inner: Callable[[int], object], env: dict[str, str]) -> Callable[[
     return run
 
 
-def build_blossomrec_tiled(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
-    """The whole op with the forward's tensor-core query tiles (BLOSSOMREC_TILED=1, opt-in) instead
-    of the per-row forward kernels."""
-    return _with_env(build_blossomrec(sets, case, pass_), {"BLOSSOMREC_TILED": "1"})
-
-
 def build_blossomrec_gather(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
     """The whole op without the staged kernels for short padded sequences (BLOSSOMREC_STAGED=0):
     the first CUDA version."""
@@ -502,7 +495,6 @@ def build_reference(sets: list[dict], case: Case, pass_: str) -> Callable[[int],
 
 BUILDERS = {
     "blossomrec": build_blossomrec,
-    "blossomrec_tiled": build_blossomrec_tiled,
     "blossomrec_gather": build_blossomrec_gather,
     "blossomrec_select": build_blossomrec_select,
     "blossomrec_attn": build_blossomrec_attn,

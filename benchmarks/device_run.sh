@@ -20,6 +20,7 @@
 # stay readable beside it), and the plots too if they would push the count over 8.
 #
 # Env flags: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE=1 FULL_TESTS=1 BENCH_ARGS="..."
+# TEST_ARGS="..." (extra pytest arguments, e.g. -k fused) TEST_TIMEOUT (seconds, default 420)
 # PROFILE=1 PROFILE_ARGS="..." (benchmarks/profile_kernels.py) NCU=1 NCU_ARGS="..." NCU_LAUNCHES=N
 # NCU_SECTIONS="--section ..." NCU_KERNELS="regex:..." (which kernels Nsight Compute captures)
 # SANITIZE_PYTEST="test ids" SANITIZE_DEMO=0 (skip the demo batch) MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
@@ -100,7 +101,9 @@ if [ "${SKIP_TESTS:-0}" != "1" ] && [ $BUILD_OK -eq 1 ]; then
   t0=$SECONDS
   selection=(-m cuda)
   [ "${FULL_TESTS:-0}" = "1" ] && selection=()
-  "$PY" -m pytest python_tests "${selection[@]}" -q -ra --junitxml="$LOGS/junit.xml" >"$OUT/tests.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest python_tests "${selection[@]}" -q -ra ${TEST_ARGS:-} \
+    --junitxml="$LOGS/junit.xml" >"$OUT/tests.log" 2>&1
   rc=$?
   TEST_SUMMARY=$(tail -n 1 "$OUT/tests.log")
   record tests "$([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t0))

@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 RAGGED_PREFIX = "R"
 METHOD_STYLE = {  # a fixed look per method, so that figures of different runs compare at a glance
     "blossomrec": ("tab:red", "o", "-"),
-    "blossomrec_tiled": ("tab:brown", "o", "-."),
     "blossomrec_rows": ("tab:gray", "o", "-."),
     "blossomrec_gather": ("tab:purple", "o", ":"),
     "blossomrec_select": ("tab:orange", "v", "--"),

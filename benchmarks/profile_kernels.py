@@ -1,5 +1,5 @@
-"""Per-kernel GPU time of the whole op (selection, forward, backward) on PERF.md shapes, with the
-forward's row kernels and with its tensor-core tiles (BLOSSOMREC_TILED=1), from torch.profiler.
+"""Per-kernel GPU time of the whole op (selection, forward, backward) on PERF.md shapes, from
+torch.profiler.
 
 Complements benchmarks/bench_attention.py (whole-op medians against the baselines): this says which
 kernel the time goes to. Under Nsight Compute (``NCU=1 bash benchmarks/device_run.sh``) run it with
@@ -10,7 +10,6 @@ kernel the time goes to. Under Nsight Compute (``NCU=1 bash benchmarks/device_ru
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -45,7 +44,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="S1,S2,S4,S6")
     p.add_argument("--dims", default="16,64")
-    p.add_argument("--paths", default="rows,tiled", help="rows (the default forward), tiled")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--fwd-only", action="store_true")
     a = p.parse_args()
@@ -55,19 +53,17 @@ def main() -> None:
         B, N = SHAPES[name]
         for D in (int(d) for d in a.dims.split(",")):
             x = inputs(B, N, D)
-            for path in a.paths.split(","):
-                os.environ["BLOSSOMREC_TILED"] = "1" if path == "tiled" else "0"
-                for _ in range(2):  # warm-up
+            for _ in range(2):  # warm-up
+                step(x, not a.fwd_only)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(a.iters):
                     step(x, not a.fwd_only)
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(a.iters):
-                        step(x, not a.fwd_only)
-                    torch.cuda.synchronize()
-                print(f"===== {name} (B={B}, N={N}), D={D}, forward: {path}, {a.iters} iterations, "
-                      f"{torch.cuda.get_device_name(0)}")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
-                                                max_name_column_width=70))
+            print(f"===== {name} (B={B}, N={N}), D={D}, {a.iters} iterations, "
+                  f"{torch.cuda.get_device_name(0)}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                            max_name_column_width=70))
 
 
 if __name__ == "__main__":

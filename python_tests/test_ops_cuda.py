@@ -207,8 +207,16 @@ GRID += [(case, 0, causal, layout, dtype)
 def test_forward_backward_matches_reference(case, stis, causal, layout, dtype):
     lengths, N, H, KVH, D, case_hp = CASES[case]
     hp = _hp(case_hp, STIS[stis], causal)
+    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=case * 7 + stis)
+
+
+def check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed, sel_fn=None):
+    """The op's selection against the reference's, then its forward and every gradient against the
+    reference given that selection (FlashAttention's criterion). ``sel_fn(idx, cnt)`` may edit the
+    selection first (hand-made input)."""
+    causal = hp["causal"]
     t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
-                                       s=hp["compress_stride"], seed=case * 7 + stis)
+                                       s=hp["compress_stride"], seed=seed)
     t = {k_: v_.detach().requires_grad_(k_ in ("q", "k", "v", "gates")) for k_, v_ in t.items()}
     t64 = {k_: v_.detach().double().requires_grad_(k_ in ("q", "k", "v", "gates"))
            for k_, v_ in t.items()}
@@ -219,6 +227,8 @@ def test_forward_backward_matches_reference(case, stis, causal, layout, dtype):
         t["q"].detach(), t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
         hp["num_select"], causal, D ** -0.5)
     check_selection(idx, cnt, t64, seq_start, seq_len, hp)
+    if sel_fn is not None:
+        idx, cnt = sel_fn(idx, cnt)
 
     out = blossomrec_cuda.ops._sparse_attention(
         blossomrec_cuda.SeqLayout(seq_start, seq_len, packed=False), t["q"], t["k"], t["v"],
@@ -243,15 +253,13 @@ def _padding_rows(seq_start, seq_len, Bq, N):
     return ~covered
 
 
-@pytest.mark.parametrize("tiled", ["0", "1"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_padding_invariance_and_zero_padding(dtype, tiled, monkeypatch):
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 16), (torch.float16, 64), (torch.float32, 16)])
+def test_padding_invariance_and_zero_padding(dtype, D):
     """One set of sequences, right-padded, left-padded and packed: identical rows, forward and
     gradients (bitwise: each row's work does not depend on the layout); padding rows exactly 0.
-    With BLOSSOMREC_TILED=1 the bfloat16 forward takes the tensor-core tiles."""
-    monkeypatch.setenv("BLOSSOMREC_TILED", tiled)
+    bfloat16 / float16 take the fused tensor-core kernels, float32 the row kernels."""
     lengths = [37, 0, 1, 64, 20]
-    N, H, KVH, D = 64, 4, 2, 16
+    N, H, KVH = 64, 4, 2
     results = {}
     base, _, _ = make_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=3)
     base_dout = torch.randn(len(lengths), N, H, D, device=DEV, dtype=dtype)
@@ -293,30 +301,35 @@ def test_padding_invariance_and_zero_padding(dtype, tiled, monkeypatch):
                 assert torch.equal(x, y), f"{layout} differs from right padding for sequence {b}"
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("select_block,layout", [(4, "right"), (16, "right"), (16, "packed")])
+def test_backward_is_deterministic(select_block, layout):
+    """Bitwise-identical repeated backward runs: the row kernels (b = 4: N = 300 is past the fused
+    kernels' 64 selection blocks) and the fused kernels (b = 16), padded and packed."""
     lengths, N, H, KVH, D = [300, 250], 300, 8, 2, 16
-    hp = _hp(dict(compress_stride=4, select_block=4, num_select=4), STIS[0], True)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, "right", s=4)
+    b = select_block
+    hp = _hp(dict(compress_stride=4, select_block=b, num_select=4), STIS[0], True)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, layout, s=4)
     idx, cnt, out, lse = run_op(t, seq_start, seq_len, hp)
     _, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(
-        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, 4, 8, 1, True, False,
+        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, b, 8, 1, True, False,
         True, D ** -0.5)
     dout = torch.randn_like(out)
     runs = [torch.ops.blossomrec.sparse_attention_bwd(
         dout, t["q"], t["k"], t["v"], t["gates"], o_sel, o_win, lse, idx, cnt, seq_start, seq_len,
-        4, 8, 1, True, False, True, D ** -0.5) for _ in range(3)]
+        b, 8, 1, True, False, True, D ** -0.5) for _ in range(3)]
     for other in runs[1:]:
         for a, b_ in zip(runs[0], other):
             assert torch.equal(a, b_), "two backward runs differ"
 
 
-@pytest.mark.parametrize("mode", ["all_same", "none"])
-def test_duplicate_and_empty_selections(mode):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["all_same", "repeated", "none"])
+def test_duplicate_and_empty_selections(mode, dtype):
     """Every query selects the same blocks (the normal case for a sparse backward, at its most
-    extreme), or nothing at all."""
+    extreme), a hand-made selection lists one block three times (attended once, as the reference's
+    key set says), or nothing at all. bfloat16 takes the fused kernels, float32 the row kernels."""
     lengths, N, H, KVH, D = [128, 77], 128, 4, 2, 32
     hp = _hp(dict(compress_stride=4, select_block=8, num_select=3), STIS[0], True)
-    dtype = torch.bfloat16
     t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=11)
     pos = torch.arange(N, device=DEV)
     idx = torch.full((2, N, KVH, 3), -1, dtype=torch.int32, device=DEV)
@@ -327,6 +340,10 @@ def test_duplicate_and_empty_selections(mode):
             idx[:, :, :, c] = torch.where(vis, J, -1)[None, :, None].to(torch.int32)
             cnt += vis[None, :, None].to(torch.int32)
         # compact: visible blocks come first because J grows with c
+    elif mode == "repeated":
+        vis = 8 <= pos  # block 0 is visible from row 8 on
+        idx[:] = torch.where(vis, 0, -1)[None, :, None, None].to(torch.int32)
+        cnt += 3 * vis[None, :, None].to(torch.int32)
     t = {k_: v_.detach().requires_grad_(k_ in ("q", "k", "v", "gates")) for k_, v_ in t.items()}
     t64 = {k_: v_.detach().double().requires_grad_(k_ in ("q", "k", "v", "gates"))
            for k_, v_ in t.items()}
@@ -488,15 +505,16 @@ def test_module_compiles_fullgraph_on_cuda():
 # --------------------------------------------------------------------------------------------------
 STAGED_CASES = [
     # lengths, N, H, KVH, D, dtype, hyper-parameters; comments: which kernels take the staged path
-    ([50, 9, 1, 0, 50], 50, 8, 2, 16, torch.bfloat16,
+    # (the row kernels: float32, or float16 / bfloat16 past the fused kernels' 64 selection blocks)
+    ([50, 9, 1, 0, 50], 50, 8, 2, 16, torch.float32,
      dict(compress_stride=16, select_block=16, num_select=4)),  # all three, small shared memory
-    ([200, 133, 7], 200, 8, 2, 16, torch.bfloat16,
-     dict(compress_stride=4, select_block=8, num_select=4)),  # dk/dv with > 48 KiB (opt-in)
+    ([300, 133, 7], 300, 8, 2, 16, torch.bfloat16,
+     dict(compress_stride=4, select_block=4, num_select=4)),  # dk/dv with > 48 KiB (opt-in)
     ([1000, 517], 1000, 8, 2, 16, torch.float16,
-     dict(compress_stride=16, select_block=16, num_select=4)),  # fwd/dq 64 KiB; dk/dv gathers
+     dict(compress_stride=8, select_block=8, num_select=4)),  # fwd/dq 64 KiB; dk/dv gathers
     ([97, 40, 96], 97, 8, 1, 64, torch.float32,
      dict(compress_stride=4, select_block=8, num_select=5)),  # G = 8, float32, fwd/dq > 48 KiB
-    ([33, 64], 64, 3, 3, 128, torch.bfloat16,
+    ([33, 64], 64, 3, 3, 128, torch.float32,
      dict(compress_stride=2, select_block=6, num_select=20)),  # G = 1, D = 128, width 20
 ]
 
@@ -522,7 +540,7 @@ def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypat
     same per-row code in the same order, so every output and gradient must be bitwise equal (the
     reference comparison of test_forward_backward_matches_reference covers the staged path's
     values). The selection includes a block listed twice in some rows (hand-made input): both
-    paths attend it twice."""
+    paths attend it once."""
     lengths, N, H, KVH, D, dtype, case_hp = STAGED_CASES[case]
     hp = _hp(case_hp, STIS[0], causal)
     t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
@@ -536,7 +554,6 @@ def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypat
     dup = (cnt >= 2) & (rows % 3 == 0)
     idx[..., 1] = torch.where(dup, idx[..., 0], idx[..., 1])
     dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
-    monkeypatch.setenv("BLOSSOMREC_TILED", "0")  # the forward's row kernels, staged or gathering
     monkeypatch.setenv("BLOSSOMREC_STAGED", "1")
     staged = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
     monkeypatch.setenv("BLOSSOMREC_STAGED", "0")
@@ -549,130 +566,156 @@ def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypat
 
 
 # --------------------------------------------------------------------------------------------------
-# the tensor-core forward (query tiles, csrc/cuda/sparse_attention_fwd_tiled.cu) against the row
-# kernels
+# the fused tensor-core kernels (csrc/cuda/fused_attention.cu): float16 / bfloat16 sequences of at most
+# 1024 tokens and 64 selection blocks
 # --------------------------------------------------------------------------------------------------
-TILED_CASES = [
-    # lengths, N, H, KVH, D, layout, hyper-parameters, STIS switches; comments: what is awkward
-    ([2000, 1, 15, 16, 17, 33], 2000, 8, 2, 16, "right",
-     dict(compress_stride=16, select_block=16, num_select=4),
-     dict(window=8, power_block=1, use_power=True, use_sink=True)),  # far distances up to 1024
-    ([300, 257, 100], 300, 8, 1, 64, "left",
-     dict(compress_stride=4, select_block=8, num_select=16),
-     dict(window=40, power_block=1, use_power=True, use_sink=True)),  # G = 8, wide window, width 16
-    ([129, 64, 1, 0, 90], 129, 3, 3, 128, "packed",
-     dict(compress_stride=2, select_block=6, num_select=5),
-     dict(window=3, power_block=1, use_power=False, use_sink=True)),  # G = 1, D = 128, b not | 16
-    ([500, 311], 500, 4, 2, 32, "right",
-     dict(compress_stride=16, select_block=32, num_select=3),
-     dict(window=17, power_block=1, use_power=True, use_sink=False)),  # b = 32, w - 1 = 16
-    ([77, 50, 16], 80, 6, 2, 16, "packed",
-     dict(compress_stride=4, select_block=4, num_select=8),
-     dict(window=1, power_block=1, use_power=True, use_sink=True)),  # G = 3, b = 4, w = 1
+def cuda_kernel_names(fn) -> set:
+    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+def _has(names, kernel):
+    return any(kernel in n for n in names)
+
+
+ROW_KERNELS = ("sparse_attention_fwd_kernel", "sparse_attention_fwd_staged_kernel", "bwd_dq_kernel",
+               "bwd_dq_staged_kernel", "bwd_dkdv_kernel", "bwd_dkdv_staged_kernel")
+FUSED_KERNELS = ("fused_fwd_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
+
+
+@pytest.mark.parametrize("dtype,layout,lengths,N,select_block,fused,rows", [
+    (torch.bfloat16, "right", [200, 37], 200, 16, True, False),
+    (torch.float16, "left", [1024, 1], 1024, 16, True, False),
+    (torch.bfloat16, "right", [1025], 1025, 16, False, True),     # past 1024 tokens
+    (torch.bfloat16, "right", [300], 300, 4, False, True),        # past 64 selection blocks
+    (torch.float32, "right", [200, 37], 200, 16, False, True),    # float32: the row kernels
+    (torch.bfloat16, "packed", [50, 300, 9], None, 16, True, True),  # rows: the padding only
+    (torch.bfloat16, "packed", [1100, 50, 300], None, 16, True, True),  # rows: the long one too
+])
+def test_fused_path_is_taken(dtype, layout, lengths, N, select_block, fused, rows):
+    """Dispatch: the fused kernels run exactly where claimed (a fallback to the row kernels, or the
+    fused kernels running where they cannot, fails here), forward and backward; results are the
+    reference's (the packed buffers mix both kernel families)."""
+    N = N or max(lengths)
+    H, KVH, D = 8, 2, 16
+    hp = _hp(dict(compress_stride=4, select_block=select_block, num_select=4), STIS[0], True)
+    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=21)
+    idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 4,
+                                                  select_block, 4, True, D ** -0.5)
+    args = (select_block, 8, 1, True, False, True, D ** -0.5)
+    dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
+
+    def run():
+        o = torch.ops.blossomrec.sparse_attention_fwd(t["q"], t["k"], t["v"], t["gates"], idx, cnt,
+                                                      seq_start, seq_len, *args)
+        torch.ops.blossomrec.sparse_attention_bwd(dout, t["q"], t["k"], t["v"], t["gates"], o[1],
+                                                  o[2], o[3], idx, cnt, seq_start, seq_len, *args)
+
+    names = cuda_kernel_names(run)
+    for k_ in FUSED_KERNELS:
+        assert _has(names, k_) == fused, f"{k_}: expected {'a' if fused else 'no'} launch in {names}"
+    assert any(_has(names, k_) for k_ in ROW_KERNELS) == rows, f"row kernels: {names}"
+    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=21)
+
+
+# Sequence lengths around every tile, block and limit edge, each with its own choice of group size,
+# head dim, block size, window, power block, selection width and dtype, so that every value of each
+# appears several times without the full product.
+FUSED_N = [1, 15, 17, 47, 48, 49, 97, 255, 256, 257, 1023, 1024]
+FUSED_G = [1, 2, 4, 8, 3, 4]
+FUSED_D = [16, 32, 64, 128]
+FUSED_HP = [  # compress stride, select block, num_select, window, power block, use_power
+    (16, 16, 4, 8, 1, True), (4, 8, 3, 1, 2, True), (8, 32, 2, 17, 1, True),
+    (2, 16, 8, 3, 1, False), (16, 16, 1, 40, 3, True), (4, 16, 16, 8, 1, True),
+    (16, 16, 0, 8, 1, True),
 ]
+FUSED_LAYOUTS = ["right", "left", "packed"]
+FUSED_GRID = [(x, causal) for x in range(len(FUSED_N)) for causal in (True, False)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("case", range(len(TILED_CASES)))
-def test_tiled_forward_matches_row_kernels(case, causal, dtype, monkeypatch):
-    """The tensor-core forward (BLOSSOMREC_TILED=1; float16/bfloat16 with p = 1) against the row
-    kernels (the default) run in float32 on the same values, with the FlashAttention criterion and
-    the row kernels in the test dtype as the low-precision baseline. Unlike the reference, the row
-    kernels take a hand-made selection literally, so the selection here also lists a block twice
-    in some rows (both kernels attend it twice) and, in some rows, a block that is not visible to
-    the row (both skip it). Padding rows must be exactly 0, every output finite."""
-    lengths, N, H, KVH, D, layout, case_hp, stis = TILED_CASES[case]
-    hp = _hp(case_hp, stis, causal)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
-                                       s=hp["compress_stride"], seed=70 + case)
-    idx, cnt = torch.ops.blossomrec.select_blocks(
-        t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
-        hp["num_select"], causal, D ** -0.5)
-    idx = idx.clone()
-    rows = torch.arange(idx.shape[1], device=DEV)[None, :, None].expand_as(cnt)
-    if idx.shape[-1] >= 2:
-        dup = (cnt >= 2) & (rows % 3 == 0)
-        idx[..., 1] = torch.where(dup, idx[..., 0], idx[..., 1])
-        # a block the row cannot see (its own block, or past the end): skipped by both paths
-        own = (rows // hp["select_block"]).to(torch.int32)
-        bad = (cnt >= 2) & (rows % 5 == 1)
-        idx[..., 1] = torch.where(bad, own, idx[..., 1])
-    args = (hp["select_block"], hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"],
-            causal, D ** -0.5)
-
-    def fwd(tt):
-        return torch.ops.blossomrec.sparse_attention_fwd(tt["q"], tt["k"], tt["v"], tt["gates"],
-                                                         idx, cnt, seq_start, seq_len, *args)
-
-    monkeypatch.setenv("BLOSSOMREC_TILED", "1")
-    tiled = fwd(t)
-    monkeypatch.setenv("BLOSSOMREC_TILED", "0")
-    rows_low = fwd(t)
-    rows32 = fwd({k_: v_.float() for k_, v_ in t.items()})
-    pad = _padding_rows(seq_start, seq_len, t["q"].shape[0], t["q"].shape[1]).to(DEV)
-    # The row kernels round only their outputs; the tiled kernel also rounds the softmax weights to
-    # the input dtype for the P V product (as FlashAttention does): at most eps/2 relative per weight,
-    # so at most eps/2 * max|v| on an output; the allowance is eps * max|v|.
-    atol = torch.finfo(dtype).eps * t["v"].float().abs().max().item()
-    for name, a, b_, c in zip(("out", "o_sel", "o_win"), tiled, rows32, rows_low):
-        assert (a[pad] == 0).all(), f"{name}: padding rows must be exactly 0"
-        assert_fa_close(a, b_, c, atol, name)
-    lse_t, lse_r = tiled[3], rows32[3]
-    assert torch.isfinite(lse_t).all() and (lse_t[pad] == 0).all(), "lse: padding rows / non-finite"
-    err = (lse_t - lse_r).abs().max().item()
-    low = (rows_low[3] - lse_r).abs().max().item()
-    assert err <= 2 * low + 1e-2, f"lse: max |tiled-rows32| = {err:.3e}, rows in {dtype}: {low:.3e}"
+@pytest.mark.parametrize("x,causal", FUSED_GRID)
+def test_fused_matches_reference(x, causal):
+    N = FUSED_N[x]
+    G, D = FUSED_G[x % len(FUSED_G)], FUSED_D[x % len(FUSED_D)]
+    s, b, n, w, p, power = FUSED_HP[x % len(FUSED_HP)]
+    if N > 65 * b - 1:
+        b, s = 16, 16  # the fused kernels' 64 selection blocks
+    KVH = 2 if G <= 4 else 1
+    H = G * KVH
+    dtype = torch.bfloat16 if x % 2 == 0 else torch.float16
+    layout = FUSED_LAYOUTS[x % 3]
+    lengths = [N, max(N // 3, 1), 0] if layout != "left" else [N, 1]
+    hp = dict(compress_stride=s, select_block=b, num_select=n, window=w, power_block=p,
+              use_power=power, use_sink=not causal, causal=causal)
+    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=200 + x)
 
 
-def test_tiled_forward_is_taken_and_deterministic(monkeypatch):
-    """BLOSSOMREC_TILED=1 really switches the forward to the tiles (the result differs from the row
-    kernels' in the last bits somewhere), and the tiles give bitwise-identical repeated runs."""
-    lengths, N, H, KVH, D = [700, 300], 700, 8, 2, 16
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, "right", s=16, seed=5)
-    idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 16, 16, 4,
-                                                  True, D ** -0.5)
-    args = (16, 8, 1, True, False, True, D ** -0.5)
-    run = lambda: torch.ops.blossomrec.sparse_attention_fwd(  # noqa: E731
-        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, *args)
-    monkeypatch.setenv("BLOSSOMREC_TILED", "1")
-    first, second = run(), run()
-    for a, b_ in zip(first, second):
-        assert torch.equal(a, b_), "two tiled forward runs differ"
-    monkeypatch.delenv("BLOSSOMREC_TILED")  # the default: the row kernels
-    rows = run()
-    assert not torch.equal(first[0], rows[0]), "the tiled forward did not run (same bits as rows)"
-    assert (first[0].float() - rows[0].float()).abs().max().item() < 0.05
+def test_fused_hand_made_selection_matches_reference():
+    """A hand-made selection on the fused kernels: blocks listed two or three times in a row are
+    attended once, as the reference's key set says."""
+    def edit(idx, cnt):
+        idx, cnt = idx.clone(), cnt.clone()
+        rows = torch.arange(idx.shape[1], device=DEV)[None, :, None].expand_as(cnt)
+        idx[..., 1] = torch.where((cnt >= 2) & (rows % 3 == 0), idx[..., 0], idx[..., 1])
+        idx[..., 2] = torch.where((cnt >= 3) & (rows % 5 == 1), idx[..., 0], idx[..., 2])
+        return idx, cnt
+
+    hp = _hp(dict(compress_stride=4, select_block=8, num_select=4), STIS[0], True)
+    check_against_reference([300, 120], 300, 8, 2, 16, hp, "right", torch.bfloat16, seed=7,
+                            sel_fn=edit)
 
 
-@pytest.mark.parametrize("tiled", ["0", "1"])
-def test_misaligned_inputs_are_copied(tiled, monkeypatch):
-    """The kernels use 16-byte accesses: views at an odd element offset (and row strides that are
-    not multiples of 16 bytes) are copied to an aligned buffer first, never read misaligned. Same
-    results as on aligned copies, selection, forward and backward."""
-    monkeypatch.setenv("BLOSSOMREC_TILED", tiled)
+def _odd_view(x):
+    """x's values in a view at an odd element offset (a contiguous tensor whose data pointer is not
+    16-byte aligned: what ``torch.rand(1 + n)[1:].view(...)`` gives a new user)."""
+    buf = torch.empty(x.numel() + 1, device=x.device, dtype=x.dtype)
+    view = buf[1:].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 16 != 0 and view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_misaligned_inputs_are_copied(dtype):
+    """The kernels use 8- and 16-byte accesses: views at an odd element offset (and row strides
+    that are not multiples of 16 bytes) are copied to an aligned buffer first, never read
+    misaligned, for every input of the three ops (q, k, v, kc, gates; dout, o_sel, o_win, lse in
+    the backward). Same results as on aligned copies. bfloat16: the fused kernels; float32: the row
+    kernels."""
     N, H, KVH, D = 40, 2, 1, 16
     g = torch.Generator(device="cpu").manual_seed(9)
-    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEV, torch.bfloat16)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEV, dtype)  # noqa: E731
     q = rnd(1, N, H * D + 1)[..., 1:].view(1, N, H, D)
     k = rnd(1, N, KVH * D + 3)[..., 3:].view(1, N, KVH, D)
     v = rnd(1, N, KVH * D + 1)[..., 1:].view(1, N, KVH, D)
-    kc = rnd(1, N // 4, KVH, D)
-    gates = torch.rand(1, N, H, 2, generator=g).to(DEV, torch.bfloat16)
+    kc = _odd_view(rnd(1, N // 4, KVH, D))
+    gates32 = _odd_view(torch.rand(1, N, H, 2, generator=g).to(DEV))  # float32 gates, odd offset
     st = torch.zeros(1, dtype=torch.int32, device=DEV)
     ln = torch.full((1,), N, dtype=torch.int32, device=DEV)
     args = (8, 8, 1, True, False, True, D ** -0.5)
 
-    def run(q_, k_, v_):
-        idx, cnt = torch.ops.blossomrec.select_blocks(q_, kc, st, ln, 4, 8, 2, True, D ** -0.5)
-        fwd = torch.ops.blossomrec.sparse_attention_fwd(q_, k_, v_, gates, idx, cnt, st, ln, *args)
-        dout = torch.ones_like(fwd[0])
-        bwd = torch.ops.blossomrec.sparse_attention_bwd(dout, q_, k_, v_, gates, fwd[1], fwd[2],
-                                                        fwd[3], idx, cnt, st, ln, *args)
+    def run(q_, k_, v_, kc_, gates_, odd_saved):
+        idx, cnt = torch.ops.blossomrec.select_blocks(q_, kc_, st, ln, 4, 8, 2, True, D ** -0.5)
+        fwd = torch.ops.blossomrec.sparse_attention_fwd(q_, k_, v_, gates_, idx, cnt, st, ln, *args)
+        dout = torch.ones_like(fwd[0]).mul_(0.5)
+        saved = [dout, fwd[1], fwd[2], fwd[3]]
+        if odd_saved:
+            saved = [_odd_view(x) for x in saved]
+        bwd = torch.ops.blossomrec.sparse_attention_bwd(saved[0], q_, k_, v_, gates_, saved[1],
+                                                        saved[2], saved[3], idx, cnt, st, ln, *args)
         return [idx, cnt] + list(fwd) + list(bwd)
 
     assert q.data_ptr() % 16 != 0 and k.data_ptr() % 16 != 0
-    for a, b_ in zip(run(q, k, v), run(q.clone(), k.clone(), v.clone())):
+    odd = run(q, k, v, kc, gates32, True)
+    torch.cuda.synchronize()  # a misaligned access would surface here as a CUDA error
+    aligned = run(q.clone(), k.clone(), v.clone(), kc.clone(), gates32.clone(), False)
+    for a, b_ in zip(odd, aligned):
         assert torch.equal(a, b_), "a misaligned view gives a different result from its copy"
 
 

@@ -376,6 +376,54 @@ void test_constants() {
   CHECK(blossomrec::kSelectMinProb == 1e-10f);
 }
 
+// The range enumerators against the rule: for every (i, j) of several lengths and switch settings,
+// the key ranges of query i are disjoint, non-empty and cover exactly {j : stis_visible(i, j)}, and
+// the query ranges of key j cover exactly {i : stis_visible(i, j)}.
+void test_stis_ranges() {
+  struct Setting {
+    int64_t w, p;
+    bool power, sink, causal;
+  };
+  const Setting settings[] = {
+      {8, 1, true, false, true},  {8, 1, true, true, false},  {1, 2, true, false, true},
+      {1, 2, true, true, false},  {3, 1, false, true, false}, {3, 1, false, false, true},
+      {5, 3, true, true, false},  {2, 4, true, false, true},  {100, 1, true, true, false},
+      {1, 1, true, true, false},  {6, 5, false, false, false}};
+  bool all_ok = true;
+  std::string first_bad;
+  for (const Setting& s : settings) {
+    const blossomrec::StisParams st{s.w, s.p, s.power, s.sink, s.causal};
+    for (int64_t L : {1, 2, 7, 16, 17, 40, 97, 130}) {
+      for (int64_t x = 0; x < L; ++x) {
+        for (int pass = 0; pass < 2; ++pass) {
+          std::vector<int> hits(static_cast<size_t>(L), 0);
+          bool empty_range = false;
+          auto mark = [&](int64_t lo, int64_t hi) {
+            if (lo >= hi || lo < 0 || hi > L) empty_range = true;
+            for (int64_t y = std::max<int64_t>(lo, 0); y < std::min(hi, L); ++y) ++hits[y];
+          };
+          if (pass == 0) blossomrec::for_each_stis_range(x, L, st, mark);
+          else blossomrec::for_each_stis_query_range(x, L, st, mark);
+          bool ok = !empty_range;
+          for (int64_t y = 0; y < L && ok; ++y) {
+            const int64_t i = pass == 0 ? x : y, j = pass == 0 ? y : x;
+            const bool want = blossomrec::stis_visible(i, j, L, s.w, s.p, s.power, s.sink, s.causal);
+            ok = hits[y] == (want ? 1 : 0);
+          }
+          if (!ok && all_ok) {
+            all_ok = false;
+            first_bad = std::string(pass == 0 ? "keys of i=" : "queries of j=") +
+                        std::to_string(x) + " L=" + std::to_string(L) + " w=" + std::to_string(s.w) +
+                        " p=" + std::to_string(s.p) + " power=" + std::to_string(s.power) +
+                        " sink=" + std::to_string(s.sink) + " causal=" + std::to_string(s.causal);
+          }
+        }
+      }
+    }
+  }
+  CHECK_CTX(all_ok, first_bad);
+}
+
 }  // namespace
 
 int main() {
@@ -392,6 +440,7 @@ int main() {
   test_topn_insert_hand();
   test_topn_insert_random();
   test_constants();
+  test_stis_ranges();
   std::printf("test_mask: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

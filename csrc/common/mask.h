@@ -65,6 +65,81 @@ BR_HD void own_block_range(int64_t i, int64_t L, int64_t select_block, bool caus
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// SPEC 2 key sets as ranges: the enumerators every kernel walks instead of testing stis_visible on
+// all keys (tests_cpp/test_mask.cpp checks each against {j : stis_visible(i, j)}).
+// ---------------------------------------------------------------------------------------------
+struct StisParams {
+  int64_t window, power_block;
+  bool use_power, use_sink, causal;
+};
+
+BR_HD int64_t first_power_at_least(int64_t w) {
+  int64_t d = 1;
+  while (d < w) d <<= 1;
+  return d;
+}
+
+// Calls f(lo, hi) for disjoint, non-empty key ranges [lo, hi) whose union is the STIS key set of
+// query i (0 <= i < L): the window as one range, then one range per power-of-two distance beyond
+// it (each a power block), then the sink where the other rules miss it. About w + log2(L / p) calls.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+BR_HD void for_each_stis_range(int64_t i, int64_t L, const StisParams& st, F&& f) {
+  const int64_t p = st.power_block;
+  const int64_t ib = i / p;
+  const int64_t last_block = (L - 1) / p;
+  {
+    int64_t lo_b = ib - (st.window - 1);
+    int64_t hi_b = st.causal ? ib : ib + (st.window - 1);
+    lo_b = lo_b < 0 ? 0 : lo_b;
+    hi_b = hi_b > last_block ? last_block : hi_b;
+    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+    f(lo_b * p, hi);
+  }
+  if (st.use_power) {
+    for (int64_t d = first_power_at_least(st.window); ib - d >= 0; d <<= 1) {
+      const int64_t lo = (ib - d) * p;
+      f(lo, lo + p < L ? lo + p : L);
+    }
+  }
+  if (!st.causal && st.use_sink &&
+      !stis_visible(i, L - 1, L, st.window, p, st.use_power, false, false)) {
+    f(L - 1, L);
+  }
+}
+
+// The inverse: calls f(lo, hi) for disjoint, non-empty query ranges whose union is the set of
+// queries that see key j (0 <= j < L) through STIS. O(w + log2(L / p)) calls, the sink included:
+// the last key is in the last power block, so no query sees it at a positive distance and the
+// window reaches back to block jb - (w - 1); the sink adds every query before that, one range.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+BR_HD void for_each_stis_query_range(int64_t j, int64_t L, const StisParams& st, F&& f) {
+  const int64_t p = st.power_block;
+  const int64_t jb = j / p;
+  const int64_t last_block = (L - 1) / p;
+  int64_t lo_b = st.causal ? jb : jb - (st.window - 1);
+  {
+    int64_t hi_b = jb + (st.window - 1);
+    lo_b = lo_b < 0 ? 0 : lo_b;
+    hi_b = hi_b > last_block ? last_block : hi_b;
+    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+    f(lo_b * p, hi);
+  }
+  if (st.use_power) {
+    for (int64_t d = first_power_at_least(st.window); jb + d <= last_block; d <<= 1) {
+      const int64_t lo = (jb + d) * p;
+      f(lo, lo + p < L ? lo + p : L);
+    }
+  }
+  if (!st.causal && st.use_sink && j == L - 1 && lo_b > 0) f(0, lo_b * p);
+}
+
 // Running top-n of (score, block) pairs, kept sorted by decreasing score; ties keep the lower block
 // first. Blocks must be offered in increasing order, so a new block never displaces an equal score.
 // `count` is the number of filled slots (<= n). Indices compile-time unrolled when n is a constant.

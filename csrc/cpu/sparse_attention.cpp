@@ -69,32 +69,13 @@ inline void selected_keys(int64_t i, int64_t L, const int32_t* sel, int64_t sel_
   if (!own_done) push_range(keys, own_lo, own_hi);
 }
 
-// SPEC 2: the STIS key set of query i in increasing order. Candidates are the power blocks at
-// distance d = i/p - j/p in the window (|d| < w) and at the powers of two beyond it, plus the
-// sink; stis_visible decides which of them count.
+// SPEC 2: the STIS key set of query i in increasing order, from the ranges of common/mask.h (the
+// enumerator the CUDA kernels walk too).
 inline void stis_keys(int64_t i, int64_t L, const AttnArgs& a, std::vector<int64_t>& keys) {
-  const int64_t p = a.power_block;
-  const int64_t ip = i / p;
-  const int64_t last_block = (L - 1) / p;
-  const bool sink = a.use_sink && !a.causal;
+  const StisParams st{a.window, a.power_block, a.use_power, a.use_sink && !a.causal, a.causal};
   keys.clear();
-  auto add_block = [&](int64_t d) {
-    const int64_t jb = ip - d;
-    for (int64_t j = jb * p; j < std::min((jb + 1) * p, L); ++j) {
-      if (stis_visible(i, j, L, a.window, p, a.use_power, sink, a.causal)) keys.push_back(j);
-    }
-  };
-  // Powers of two at or beyond the window, farthest first so that positions increase.
-  int64_t top = 1;
-  while (top * 2 <= ip) top *= 2;
-  for (int64_t d = top; d >= 1 && d >= a.window && d <= ip; d /= 2) add_block(d);
-  const int64_t d_hi = std::min(a.window - 1, ip);
-  const int64_t d_lo = std::max(a.causal ? int64_t(0) : -(a.window - 1), ip - last_block);
-  for (int64_t d = d_hi; d >= d_lo; --d) add_block(d);
-  if (sink && (keys.empty() || keys.back() != L - 1) &&
-      stis_visible(i, L - 1, L, a.window, p, a.use_power, sink, a.causal)) {
-    keys.push_back(L - 1);
-  }
+  for_each_stis_range(i, L, st, [&](int64_t lo, int64_t hi) { push_range(keys, lo, hi); });
+  std::sort(keys.begin(), keys.end());
 }
 
 // Calls fn(q_tag, gate_tag) with values of q's dtype and of the gates' dtype (q's or float32,

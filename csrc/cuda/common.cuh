@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels: the row -> sequence map of the row-buffer layout,
-// 16-element vector loads/stores, lane-segment reductions and the STIS key/query enumerators.
+// 16-element vector loads/stores, lane-segment reductions. The STIS key/query enumerators live in common/mask.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -170,79 +170,6 @@ __device__ __forceinline__ float dot16(const float* a, const float* b) {
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) s = fmaf(a[e], b[e], s);
   return s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// STIS (SPEC 2) key sets, enumerated instead of masked. A "power block" is p consecutive positions.
-// ---------------------------------------------------------------------------------------------
-struct StisParams {
-  int64_t window, power_block;
-  bool use_power, use_sink, causal;
-};
-
-__device__ __forceinline__ int64_t first_power_at_least(int64_t w) {
-  int64_t d = 1;
-  while (d < w) d <<= 1;
-  return d;
-}
-
-// Calls f(lo, hi) for disjoint key ranges [lo, hi) whose union is the STIS key set of query i in a
-// sequence of length L: the window as one range, then one range per power-of-two distance, then
-// the sink where it is not already in the set.
-template <typename F>
-__device__ __forceinline__ void for_each_stis_range(int64_t i, int64_t L, const StisParams& st,
-                                                    F&& f) {
-  const int64_t p = st.power_block;
-  const int64_t ib = i / p;
-  const int64_t last_block = (L - 1) / p;
-  {
-    int64_t lo_b = ib - (st.window - 1);
-    int64_t hi_b = st.causal ? ib : ib + (st.window - 1);
-    lo_b = lo_b < 0 ? 0 : lo_b;
-    hi_b = hi_b > last_block ? last_block : hi_b;
-    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
-    f(lo_b * p, hi);
-  }
-  if (st.use_power) {
-    for (int64_t d = first_power_at_least(st.window); ib - d >= 0; d <<= 1) {
-      const int64_t lo = (ib - d) * p;
-      f(lo, lo + p < L ? lo + p : L);
-    }
-  }
-  if (!st.causal && st.use_sink &&
-      !stis_visible(i, L - 1, L, st.window, p, st.use_power, false, false)) {
-    f(L - 1, L);
-  }
-}
-
-// The inverse: calls f(lo, hi) for disjoint query ranges whose union is the set of queries that
-// see key j through STIS.
-template <typename F>
-__device__ __forceinline__ void for_each_stis_query_range(int64_t j, int64_t L, const StisParams& st,
-                                                          F&& f) {
-  const int64_t p = st.power_block;
-  const int64_t jb = j / p;
-  const int64_t last_block = (L - 1) / p;
-  {
-    int64_t lo_b = st.causal ? jb : jb - (st.window - 1);
-    int64_t hi_b = jb + (st.window - 1);
-    lo_b = lo_b < 0 ? 0 : lo_b;
-    hi_b = hi_b > last_block ? last_block : hi_b;
-    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
-    f(lo_b * p, hi);
-  }
-  if (st.use_power) {
-    for (int64_t d = first_power_at_least(st.window); jb + d <= last_block; d <<= 1) {
-      const int64_t lo = (jb + d) * p;
-      f(lo, lo + p < L ? lo + p : L);
-    }
-  }
-  if (!st.causal && st.use_sink && j == L - 1) {
-    // The sink: every query that does not already see the last token through the other rules.
-    for (int64_t i = 0; i < L; ++i) {
-      if (!stis_visible(i, j, L, st.window, p, st.use_power, false, false)) f(i, i + 1);
-    }
-  }
 }
 
 // Online softmax state of one (row, head) over one key set, in base 2 (logits pre-scaled by log2 e).

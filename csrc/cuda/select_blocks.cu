@@ -21,6 +21,7 @@
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "cuda/common.cuh"
+#include "cuda/dispatch.h"
 
 namespace blossomrec {
 namespace cuda {
@@ -199,22 +200,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   p.cnt[r * p.KVH + g] = kept;
 }
 
-template <int D>
-void launch_select(const SelectParams& p, at::ScalarType dtype, int64_t rows, cudaStream_t stream) {
+template <typename T, int D>
+void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   const dim3 grid(unsigned(ceil_div(rows, kSelectThreads)), unsigned(p.KVH));
-  switch (dtype) {
-    case at::kFloat:
-      select_blocks_kernel<float, D><<<grid, kSelectThreads, 0, stream>>>(p);
-      break;
-    case at::kHalf:
-      select_blocks_kernel<__half, D><<<grid, kSelectThreads, 0, stream>>>(p);
-      break;
-    case at::kBFloat16:
-      select_blocks_kernel<__nv_bfloat16, D><<<grid, kSelectThreads, 0, stream>>>(p);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
+  select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -269,13 +258,9 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   p.causal = causal;
   p.scale_log2 = float(scale) * kLog2e;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (d.D) {
-    case 16: launch_select<16>(p, q.scalar_type(), rows, stream); break;
-    case 32: launch_select<32>(p, q.scalar_type(), rows, stream); break;
-    case 64: launch_select<64>(p, q.scalar_type(), rows, stream); break;
-    case 128: launch_select<128>(p, q.scalar_type(), rows, stream); break;
-    default: TORCH_CHECK(false, "unsupported head dim ", d.D);
-  }
+  BR_DTYPE_SWITCH(q.scalar_type(), [&] {
+    BR_HEADDIM_SWITCH(d.D, [&] { launch_select<scalar_t, kHeadDim>(p, rows, stream); });
+  });
   return {idx, cnt};
 }
 

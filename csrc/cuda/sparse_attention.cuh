@@ -1,14 +1,15 @@
-// Shared pieces of the fused sparse attention forward and backward kernels: parameters, the
-// thread layout and the selected-branch key enumeration.
+// Shared pieces of the sparse attention forward and backward kernels: parameters, the thread
+// layout of the row kernels and the selected-branch key enumeration.
 //
-// Thread layout: a "segment" of kLanes = D / 16 threads serves one (query row, head), each lane
-// holding 16 dims in float32. The G segments of one row (the heads of one kv group) are adjacent, so
-// they walk identical key lists (the group shares its selection and STIS set) and their k/v loads
-// coincide. Why the default is not tensor-core tiles: each query sees about 100 keys (own block + n
-// selected blocks + w + log2 L STIS keys) and neighbouring queries share only part of them, so an
-// MMA tile is mostly masked; per-row online softmax over the enumerated keys does no wasted work.
-// The tiled forward exists (sparse_attention_fwd_tiled.cu, BLOSSOMREC_TILED=1) and was measured
-// slower on every PERF.md shape but ragged R1 (docs/PERF_NOTES.md, v6).
+// Two kernel families compute the op (docs/DESIGN.md, "CUDA paths"):
+// - the fused tensor-core kernels (fused_attention.cu) for float16 / bfloat16 sequences up to
+//   fused_max_len() tokens: 16-row query tiles x 16-key tiles through mma.sync, both branches from
+//   one QK^T tile;
+// - the row kernels here and in sparse_attention_{fwd,bwd}.cu for everything else (float32, longer
+//   sequences): a "segment" of kLanes = D / 16 threads serves one (query row, head), each lane
+//   holding 16 dims in float32. The G segments of one row (the heads of one kv group) are adjacent,
+//   so they walk identical key lists (the group shares its selection and STIS set) and their k/v
+//   loads coincide.
 #pragma once
 
 #include <cstdlib>
@@ -43,6 +44,9 @@ struct AttnParams {
   int64_t H, KVH, G, select_block;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
+  // Row kernels only: valid rows of sequences of at most skip_len tokens belong to the fused
+  // kernels, which run in the same call (packed batches mix both); 0 skips nothing.
+  int64_t skip_len;
 };
 
 // The forward's outputs.
@@ -87,6 +91,15 @@ inline dim3 attn_grid(const AttnParams& p) {
   return dim3(unsigned(ceil_div(p.seq.Bq * p.seq.N, rows_per_block)), unsigned(p.KVH));
 }
 
+// Does the selection list sel[0 .. c) already hold block J? A hand-made selection may repeat a
+// block; the key set is a set (SPEC 1c), so only the first entry counts.
+__device__ __forceinline__ bool listed_before(const int32_t* sel, int64_t c, int64_t J) {
+  for (int64_t x = 0; x < c; ++x) {
+    if (sel[x] == J) return true;
+  }
+  return false;
+}
+
 // Calls f(lo, hi) for the disjoint key ranges of the selected branch of query i (SPEC 1c): the own
 // block, then the selected blocks in selection order. Indices that are not visible whole blocks
 // cannot come from select_blocks and are skipped.
@@ -103,6 +116,7 @@ __device__ __forceinline__ void for_each_selected_range(const AttnParams& p, int
   for (int64_t c = 0; c < cnt; ++c) {
     const int64_t J = sel[c];
     if (!block_visible(J, i, L / p.select_block, p.select_block, p.stis.causal)) continue;
+    if (listed_before(sel, c, J)) continue;  // a block listed twice is attended once
     f(J * p.select_block, (J + 1) * p.select_block);
   }
 }
@@ -213,6 +227,28 @@ inline void allow_dynamic_smem(Kernel kernel, int64_t dynamic_bytes, int64_t sta
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(dynamic_bytes)));
   }
+}
+
+// The backward's saved inputs.
+struct BwdIn {
+  const void* dout;   // [rows, H, D] contiguous
+  const void* o_sel;  // [rows, H, D] contiguous
+  const void* o_win;  // [rows, H, D] contiguous
+  const float* lse;   // [rows, H, 2] contiguous
+};
+
+// Per (row, head, branch) what the dk/dv pass needs of a query, in one 16-byte load, written by the
+// dq pass: {gate, lse in base 2, delta = gate * <dout, o_branch>, <dout, o_branch>}. The last is
+// the gate gradient.
+using Aux = float4;
+
+// A float32 tensor the kernels read with 8- or 16-byte loads: contiguous, and copied when its data
+// pointer is not 16-byte aligned (a contiguous view at an odd element offset stays one after
+// .contiguous()).
+inline at::Tensor aligned_f32(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kFloat).contiguous();
+  if (c.numel() > 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
 }
 
 // Fills AttnParams from checked inputs (defined in sparse_attention_fwd.cu). gates_f32 is the gates

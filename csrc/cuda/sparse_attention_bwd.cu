@@ -1,10 +1,12 @@
 // blossomrec::sparse_attention_bwd on CUDA: dq, dk, dv and dgates of the fused sparse attention,
-// deterministic (no floating-point atomics; every sum runs in a fixed order).
+// deterministic (no floating-point atomics; every sum runs in a fixed order). float16 / bfloat16
+// sequences up to fused_max_len() take the tensor-core kernels of fused_attention.cu; the row
+// kernels here serve the rest:
 //
 // Pass 1 (query-centric, one segment per (row, head), the forward's layout): the gate gradients
 // <dout, o_sel> and <dout, o_win> (with each branch's gate, lse and softmax correction
-// delta = gate * <dout, o>, kept in float32 for pass 3), then dq over the row's two key sets, recomputing the probabilities
-// from the saved lse.
+// delta = gate * <dout, o>, kept in float32 for pass 3), then dq over the row's two key sets,
+// recomputing the probabilities from the saved lse.
 // Pass 2: the inverted selection index. For every valid (row, kv head, slot) a key names the
 // selected block (kv head, buffer row of the block's first token); a stable sort groups the rows
 // that selected each block in increasing row order, and searchsorted gives each block's range.
@@ -20,26 +22,17 @@
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "cuda/dispatch.h"
+#include "cuda/fused_attention.cuh"
 #include "cuda/sparse_attention.cuh"
 
 namespace blossomrec {
 namespace cuda {
 namespace {
 
-struct BwdIn {
-  const void* dout;   // [rows, H, D] contiguous
-  const void* o_sel;  // [rows, H, D] contiguous
-  const void* o_win;  // [rows, H, D] contiguous
-  const float* lse;   // [rows, H, 2] contiguous
-};
-
 // ---------------------------------------------------------------------------------------------
 // Pass 1: dgates and dq
 // ---------------------------------------------------------------------------------------------
-// Per (row, head, branch) what pass 3 needs of a query, in one 16-byte load:
-// {gate, lse in base 2, delta = gate * <dout, o_branch>, <dout, o_branch>}.
-using Aux = float4;
-
 template <typename T, int D>
 __device__ __forceinline__ void dq_padding_row(const AttnParams& p, Aux* aux, T* dq_out,
                                                const RowThread& t) {
@@ -123,6 +116,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   if (!t.active) return;
   const RowInfo row = row_info(p.seq, t.r);
   if (row.b < 0) return dq_padding_row<T, D>(p, aux, dq_out, t);
+  if (row.L <= p.skip_len) return;  // the fused kernels' row
   const int64_t n0 = row.base - t.bq * p.seq.N;
   const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
                    t.lane * kDimsPerLane;
@@ -173,13 +167,15 @@ __global__ void selection_keys_kernel(const AttnParams p, int64_t* keys) {
   const int64_t r = e / (p.width * p.KVH);
   int64_t key = p.KVH * rows;  // sentinel: sorts after every real block
   const RowInfo row = row_info(p.seq, r);
-  if (row.b >= 0) {
+  if (row.b >= 0 && row.L > p.skip_len) {
     const int64_t bq = r / p.seq.N, n = r - bq * p.seq.N;
     const int64_t cnt = p.sel_cnt[bq * p.cnt_sb + n * p.cnt_sn + g * p.cnt_sh];
     if (c < cnt) {
-      const int64_t J = p.sel_idx[bq * p.sel_sb + n * p.sel_sn + g * p.sel_sh + c];
+      const int32_t* sel = p.sel_idx + bq * p.sel_sb + n * p.sel_sn + g * p.sel_sh;
+      const int64_t J = sel[c];
       // The same filter as for_each_selected_range, so both passes agree on the key sets.
-      if (block_visible(J, row.i, row.L / p.select_block, p.select_block, p.stis.causal)) {
+      if (block_visible(J, row.i, row.L / p.select_block, p.select_block, p.stis.causal) &&
+          !listed_before(sel, c, J)) {
         key = g * rows + row.base + J * p.select_block;
       }
     }
@@ -256,7 +252,8 @@ __device__ __forceinline__ void dkdv_row(const AttnParams& p, const Aux* aux, co
 template <typename T, int D>
 __device__ __forceinline__ void dkdv_reduce_store(const AttnParams& p, const RowThread& t,
                                                   float (*partial)[kAttnThreads], float* dk,
-                                                  float* dv, T* dk_out, T* dv_out) {
+                                                  float* dv, T* dk_out, T* dv_out,
+                                                  bool store = true) {
   constexpr int kLanes = D / kDimsPerLane;
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) {
@@ -265,7 +262,7 @@ __device__ __forceinline__ void dkdv_reduce_store(const AttnParams& p, const Row
   }
   __syncthreads();
   const int64_t hg = t.h - t.g * p.G;
-  if (t.active && hg == 0) {
+  if (t.active && hg == 0 && store) {
 #pragma unroll
     for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
     for (int64_t h = 0; h < p.G; ++h) {
@@ -295,10 +292,12 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   static_assert(sizeof(partial) == kDkdvStaticSmem, "kDkdvStaticSmem");
   const RowThread t = row_thread<D / kDimsPerLane>(p);
   const RowInfo row = t.active ? row_info(p.seq, t.r) : RowInfo{-1, 0, 0, 0};
+  // The fused kernels' rows: computed and stored there (the barrier below still needs everyone).
+  const bool skip = row.b >= 0 && row.L <= p.skip_len;
   float dk[kDimsPerLane], dv[kDimsPerLane];
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) dk[e] = dv[e] = 0.f;
-  if (row.b >= 0) {
+  if (row.b >= 0 && !skip) {
     // Query i of this sequence: buffer row row.base + i, in the key's batch entry t.bq (no
     // division in the loop).
     const int64_t lane_off = t.lane * kDimsPerLane;
@@ -312,7 +311,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     };
     dkdv_row<T, D>(p, aux, t, row, qbase, p.q_sn, dbase, p.H * D, for_selected, dk, dv);
   }
-  dkdv_reduce_store<T, D>(p, t, partial, dk, dv, dk_out, dv_out);
+  dkdv_reduce_store<T, D>(p, t, partial, dk, dv, dk_out, dv_out, !skip);
 }
 
 // Staged pass 3 (sparse_attention.cuh): grid (Bq, KVH, splits). Shared memory holds the
@@ -345,15 +344,16 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int32_t* sel = p.sel_idx + bq * p.sel_sb + s * p.sel_sn + g * p.sel_sh;
   const int32_t* cnt = p.sel_cnt + bq * p.cnt_sb + s * p.cnt_sn + g * p.cnt_sh;
-  // How often query i lists block J (a hand-made selection may repeat a block; the forward then
-  // attends it twice, and pass 2 lists the query twice): the filter of for_each_selected_range.
+  // Whether query i lists block J (once, however often a hand-made selection repeats it): the
+  // filter of for_each_selected_range.
   auto times_selected = [&](int64_t i, int64_t J) {
     if (i >= L || !block_visible(J, i, nb, p.select_block, p.stis.causal)) return 0;
     const int64_t c_raw = cnt[i * p.cnt_sn];
     const int64_t c = c_raw < p.width ? c_raw : p.width;
-    int hits = 0;
-    for (int64_t x = 0; x < c; ++x) hits += sel[i * p.sel_sn + x] == J;
-    return hits;
+    for (int64_t x = 0; x < c; ++x) {
+      if (sel[i * p.sel_sn + x] == J) return 1;
+    }
+    return 0;
   };
   // Inclusive prefix sum over the warp's lanes.
   auto warp_scan = [&](int x) {
@@ -447,20 +447,6 @@ void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const B
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int D>
-void launch_bwd_dtype(at::ScalarType dtype, const AttnParams& p, const Dims& d,
-                      const BwdPlan& plan, const BwdIn& in, Aux* aux, const Inverted& inv,
-                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, cudaStream_t stream) {
-  switch (dtype) {
-    case at::kFloat: launch_bwd<float, D>(p, d, plan, in, aux, inv, dq, dk, dv, stream); break;
-    case at::kHalf: launch_bwd<__half, D>(p, d, plan, in, aux, inv, dq, dk, dv, stream); break;
-    case at::kBFloat16:
-      launch_bwd<__nv_bfloat16, D>(p, d, plan, in, aux, inv, dq, dk, dv, stream);
-      break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& gates, const at::Tensor& o_sel,
@@ -478,14 +464,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   BR_CHECK_SHAPE(lse, d.Bq, d.N, d.H, 2);
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gates_f = gates.to(at::kFloat).contiguous();
+  const at::Tensor gates_f = aligned_f32(gates);
   const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
   const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,
                                         select_block, window, power_block, use_power, use_sink,
                                         causal, scale);
   const at::Tensor dout_c = vec_aligned(dout.contiguous()),
                    o_sel_c = vec_aligned(o_sel.contiguous()),
-                   o_win_c = vec_aligned(o_win.contiguous()), lse_c = lse.contiguous();
+                   o_win_c = vec_aligned(o_win.contiguous()), lse_c = aligned_f32(lse);
   const BwdIn in{dout_c.data_ptr(), o_sel_c.data_ptr(), o_win_c.data_ptr(), lse_c.data_ptr<float>()};
 
   at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
@@ -496,33 +482,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   at::Tensor aux = at::empty({d.Bq, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  const int64_t elem = q.element_size();
-  const BwdPlan plan{staged_kv_bytes(d, elem), staged_dkdv_smem(d, elem, p.width, select_block)};
-
-  // Pass 2 (unless pass 3 is staged and builds its lists itself): it only reads the selection.
-  at::Tensor q_rows, offsets;
-  Inverted inv{nullptr, nullptr};
-  if (plan.dkdv.total == 0) {
-    const int64_t entries = rows * d.KVH * p.width;
-    at::Tensor keys = at::empty({entries}, q.options().dtype(at::kLong));
-    selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(
-        p, keys.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor& sorted_keys = std::get<0>(sorted);
-    // The sort's permutation indexes (row, kv head, slot) entries: keep the row.
-    q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
-    offsets = at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
-    inv = Inverted{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
-  }
-
   Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
-  switch (d.D) {
-    case 16: launch_bwd_dtype<16>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
-    case 32: launch_bwd_dtype<32>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
-    case 64: launch_bwd_dtype<64>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
-    case 128: launch_bwd_dtype<128>(q.scalar_type(), p, d, plan, in, aux_p, inv, dq, dk, dv, stream); break;
-    default: TORCH_CHECK(false, "unsupported head dim ", d.D);
+  const FusedPlan fused = plan_fused(d, q.scalar_type(), select_block);
+  if (fused.max_len > 0) {
+    fused_backward(p, in, aux_p, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), d, q.scalar_type(),
+                   fused.max_len, ln, stream);
+  }
+  if (fused.row_kernels) {
+    AttnParams pr = p;
+    pr.skip_len = fused.max_len;
+    const int64_t elem = q.element_size();
+    const BwdPlan plan{staged_kv_bytes(d, elem), staged_dkdv_smem(d, elem, p.width, select_block)};
+    // Pass 2 (unless pass 3 is staged and builds its lists itself, or every sequence is the fused
+    // kernels': a packed buffer no longer than fused_max_len): it only reads the selection.
+    at::Tensor q_rows, offsets;
+    Inverted inv{nullptr, nullptr};
+    if (plan.dkdv.total == 0 && !(fused.max_len > 0 && d.N <= fused.max_len)) {
+      const int64_t entries = rows * d.KVH * p.width;
+      at::Tensor keys = at::empty({entries}, q.options().dtype(at::kLong));
+      selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(
+          pr, keys.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      const at::Tensor& sorted_keys = std::get<0>(sorted);
+      // The sort's permutation indexes (row, kv head, slot) entries: keep the row.
+      q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
+      offsets = at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
+      inv = Inverted{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+    }
+    BR_DTYPE_SWITCH(q.scalar_type(), [&] {
+      BR_HEADDIM_SWITCH(d.D, [&] {
+        launch_bwd<scalar_t, kHeadDim>(pr, d, plan, in, aux_p, inv, dq, dk, dv, stream);
+      });
+    });
   }
   at::Tensor dgates = aux.select(-1, 3).to(gates.scalar_type()).contiguous();
   return {dq, dk, dv, dgates};

@@ -1,14 +1,16 @@
 // blossomrec::sparse_attention_fwd on CUDA: selected-block attention (SPEC 1c), STIS attention
 // (SPEC 2) and the gated combine (SPEC 3) in one kernel; out, both branch outputs and both lse are
-// written once. Thread layout and the reason for it: sparse_attention.cuh.
+// written once. float16 / bfloat16 sequences up to fused_max_len() take the tensor-core kernel of
+// fused_attention.cu; the row kernels here serve the rest (sparse_attention.cuh).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "cuda/dispatch.h"
+#include "cuda/fused_attention.cuh"
 #include "cuda/sparse_attention.cuh"
-#include "cuda/sparse_attention_tiled.h"
 
 namespace blossomrec {
 namespace cuda {
@@ -121,6 +123,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   if (!t.active) return;
   const RowInfo row = row_info(p.seq, t.r);
   if (row.b < 0) return fwd_padding_row<T, D>(p, o, t);
+  if (row.L <= p.skip_len) return;  // the fused kernel's row
   // Key j of this sequence sits at buffer row row.base + j.
   const int64_t n0 = row.base - t.bq * p.seq.N;
   const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
@@ -177,17 +180,6 @@ void launch_fwd_typed(const AttnParams& p, const FwdOut& o, const Dims& d, cudaS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int D>
-void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
-                cudaStream_t stream) {
-  switch (dtype) {
-    case at::kFloat: launch_fwd_typed<float, D>(p, o, d, stream); break;
-    case at::kHalf: launch_fwd_typed<__half, D>(p, o, d, stream); break;
-    case at::kBFloat16: launch_fwd_typed<__nv_bfloat16, D>(p, o, d, stream); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
-}
-
 }  // namespace
 
 // Shared with the backward (sparse_attention_bwd.cu): fills AttnParams from checked inputs.
@@ -225,6 +217,7 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.select_block = select_block;
   p.scale = float(scale);
   p.scale_log2 = float(scale) * kLog2e;
+  p.skip_len = 0;
   return p;
 }
 
@@ -240,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
                                         causal);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vec_aligned(q_in), k = vec_aligned(k_in), v = vec_aligned(v_in);
-  const at::Tensor gates_f = gates.to(at::kFloat).contiguous();
+  const at::Tensor gates_f = aligned_f32(gates);
   const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
   const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,
                                         select_block, window, power_block, use_power, use_sink,
@@ -252,16 +245,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
   if (d.Bq * d.N == 0) return {out, o_sel, o_win, lse};
   const FwdOut o{out.data_ptr(), o_sel.data_ptr(), o_win.data_ptr(), lse.data_ptr<float>()};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (fwd_tiled_eligible(d, q.scalar_type(), power_block, sel_idx.size(3), window)) {
-    launch_fwd_tiled(p, o, d, q.scalar_type(), st, ln, stream);
-    return {out, o_sel, o_win, lse};
-  }
-  switch (d.D) {
-    case 16: launch_fwd<16>(p, o, d, q.scalar_type(), stream); break;
-    case 32: launch_fwd<32>(p, o, d, q.scalar_type(), stream); break;
-    case 64: launch_fwd<64>(p, o, d, q.scalar_type(), stream); break;
-    case 128: launch_fwd<128>(p, o, d, q.scalar_type(), stream); break;
-    default: TORCH_CHECK(false, "unsupported head dim ", d.D);
+  const FusedPlan plan = plan_fused(d, q.scalar_type(), select_block);
+  if (plan.max_len > 0) fused_forward(p, o, d, q.scalar_type(), plan.max_len, ln, stream);
+  if (plan.row_kernels) {
+    AttnParams pr = p;
+    pr.skip_len = plan.max_len;
+    BR_DTYPE_SWITCH(q.scalar_type(), [&] {
+      BR_HEADDIM_SWITCH(d.D, [&] { launch_fwd_typed<scalar_t, kHeadDim>(pr, o, d, stream); });
+    });
   }
   return {out, o_sel, o_win, lse};
 }

@@ -1,0 +1,1027 @@
+// The fused tensor-core kernels of sparse_attention_fwd / _bwd for short and medium sequences
+// (float16 / bfloat16, at most fused_max_len() tokens).
+//
+// Why tiles work here when they did not for long sequences (docs/PERF_NOTES.md, v6 and v10): a
+// sequence of L <= 1024 tokens has at most 64 key tiles of 16, and each 16-row query tile needs only
+// the key tiles that some row of it sees, in either branch (its own block, the blocks its rows
+// selected, the STIS window, one tile per power of two >= 16). Over that union the work is dense:
+// S = Q K^T is one mma.sync m16n8k16 per 8 keys and 16 dims, and ONE S tile feeds both branches.
+// Each branch masks it per (row, key) by the rules of common/mask.h (LTIS: own range or a bit of the
+// row's 64-bit block mask, so a block listed twice counts once; STIS: window, powers of two, sink)
+// and keeps its own exact online softmax and P V accumulator; the gated combine is the epilogue.
+//
+// Layout of the work: the G query heads of a kv group share their key sets, so a CTA serves one
+// (sequence, kv group, chunk of 16 * tiles positions) with one warp per (16-row tile, head): the M
+// dimension of the products is G heads x 16 rows, spread over G warps that read the same shared
+// memory. Every kernel starts by computing, per row of its chunk (or of the whole sequence for dk/dv),
+// the 64-bit selected-block mask and which key tiles the row needs in each branch (shared-memory
+// OR, deterministic), so a tile that no row of a query tile needs is never touched.
+//
+// - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
+//   segments (all of them at once up to ~1024 keys at D = 16); each warp keeps its 16 x D
+//   accumulators of both branches in registers.
+// - dq (query-outer, the forward's layout): the gate gradients and each branch's
+//   delta = gate * <dout, o_branch> first (written to aux for the dk/dv kernel), then per key tile
+//   S, both P from the saved lse, dP = dout V^T once for both branches (the gates scale it per
+//   branch), dS = P_sel (g_sel dP - delta_sel) + P_win (g_win dP - delta_win), dQ += dS K.
+// - dk/dv (key-outer): a warp owns 16 keys of the kv group and walks every (query tile, head) that
+//   needs them, in a fixed order (deterministic, no atomics): S^T = K Q^T, dP^T = V dout^T,
+//   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q. Q and dout tiles are double-buffered
+//   per warp with cp.async.
+// Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
+// sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
+// the row kernels zero the padding rows and serve the sequences longer than fused_max_len().
+#include "cuda/fused_attention.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include "cuda/dispatch.h"
+#include "cuda/mma.cuh"
+
+namespace blossomrec {
+namespace cuda {
+namespace {
+
+constexpr int kTile = 16;          // query rows and keys per MMA tile
+constexpr int kMaxTiles = 64;      // key tiles of a sequence: one 64-bit mask
+constexpr int kMaxLen = kTile * kMaxTiles;
+constexpr int kMaxWarps = 8;
+constexpr int kThreads = 32 * kMaxWarps;
+constexpr int64_t kSegmentBudget = 96 * 1024;  // K + V of one segment: two CTAs per SM
+constexpr int kFar = 1 << 28;      // a power-block index no real distance reaches (invalid rows)
+
+template <int D>
+struct FusedTraits {
+  // Shared-memory row stride in elements: 16 bytes of padding put the 8 rows of an ldmatrix in
+  // distinct bank groups for every D here.
+  static constexpr int kStride = D + 8;
+  // Registers: the forward holds two 16 x D float32 accumulators per warp (D / 2 registers per lane
+  // each), dq Q and dout fragments and one accumulator, dk/dv two accumulators plus K and V
+  // fragments. Two CTAs of 256 threads per SM cap a thread at 128 registers: local ptxas (nvcc
+  // 13.0, sm_90) spilled the forward and dq there from D = 64 on (300 bytes), dk/dv from D = 32.
+  static constexpr int kFwdMinBlocks = D <= 32 ? 2 : 1;
+  static constexpr int kDkdvMinBlocks = D <= 16 ? 2 : 1;
+};
+
+struct FusedArgs {
+  AttnParams p;
+  const int32_t* unit_end;  // packed: inclusive prefix of the units per sequence; null: padded
+  int64_t per_seq;          // padded: units per sequence
+  int rows;                 // positions per unit (a multiple of 16)
+  int seg;                  // keys per shared-memory segment (forward, dq)
+  int smem_rows;            // dk/dv: row masks held (>= the longest fused sequence)
+  int w;                    // window, clamped to 2^20 (no distance here reaches it)
+  float inv_b, inv_p;       // 1 / select_block, 1 / power_block
+  bool p1;                  // power_block == 1
+};
+
+// One unit of work: a chunk of positions [c0, c0 + rows) of sequence b.
+struct Unit {
+  int64_t bq, s, b;  // batch entry, buffer row of token 0 within it, sequence
+  int L, c0;
+};
+
+// Padded: unit x is chunk x / B of sequence x % B (the chunks of every sequence before the next
+// chunk index). Packed: the units of sequence b are unit_end[b-1] .. unit_end[b] - 1. reverse
+// numbers the chunks of a sequence from its end (causal query chunks: the last are the heaviest).
+__device__ __forceinline__ bool find_unit(const FusedArgs& a, bool reverse, Unit* u) {
+  const SeqParams& sp = a.p.seq;
+  const int64_t x = blockIdx.x;
+  int64_t b, c, count;
+  if (a.unit_end == nullptr) {
+    b = x % sp.B;
+    c = x / sp.B;
+    count = a.per_seq;
+    if (c >= count) return false;
+  } else {
+    int64_t lo = 0, hi = sp.B;  // first b with unit_end[b] > x
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (a.unit_end[mid] > x) hi = mid; else lo = mid + 1;
+    }
+    b = lo;
+    if (b >= sp.B) return false;
+    const int64_t before = b > 0 ? a.unit_end[b - 1] : 0;
+    c = x - before;
+    count = a.unit_end[b] - before;
+  }
+  if (reverse) c = count - 1 - c;
+  int64_t s, L;
+  seq_bounds(sp, b, &s, &L);
+  u->bq = sp.Bq == 1 ? 0 : b;
+  u->s = s;
+  u->b = b;
+  u->L = int(L);
+  u->c0 = int(c * a.rows);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks
+// ---------------------------------------------------------------------------------------------
+// Key tiles [lo / 16, (hi - 1) / 16] as bits (0 <= lo < hi <= 1024).
+__device__ __forceinline__ uint64_t tile_bits(int64_t lo, int64_t hi) {
+  const int t0 = int(lo >> 4), t1 = int((hi - 1) >> 4);
+  return (~0ull >> (63 - t1)) & (~0ull << t0);
+}
+
+// What row i (0 <= i < L) of kv group g needs: its selected blocks (bit J, visible whole blocks
+// only, each once) and the key tiles of each branch.
+struct RowNeed {
+  uint64_t sel, need_sel, need_win;
+};
+
+__device__ __forceinline__ RowNeed row_need(const AttnParams& p, const Unit& u, int64_t g,
+                                            int64_t i) {
+  RowNeed r{0, 0, 0};
+  const int64_t n = u.s + i;
+  const int64_t nb = u.L / p.select_block;  // <= 64 (fused_max_len)
+  const int64_t c_raw = p.sel_cnt[u.bq * p.cnt_sb + n * p.cnt_sn + g * p.cnt_sh];
+  const int64_t cnt = c_raw < 0 ? 0 : (c_raw < p.width ? c_raw : p.width);
+  const int32_t* sel = p.sel_idx + u.bq * p.sel_sb + n * p.sel_sn + g * p.sel_sh;
+  for (int64_t c = 0; c < cnt; ++c) {
+    const int64_t J = sel[c];
+    if (block_visible(J, i, nb, p.select_block, p.stis.causal)) r.sel |= 1ull << J;
+  }
+  int64_t lo, hi;
+  own_block_range(i, u.L, p.select_block, p.stis.causal, &lo, &hi);
+  r.need_sel = tile_bits(lo, hi);
+  for (uint64_t bits = r.sel; bits != 0; bits &= bits - 1) {
+    const int64_t J = __ffsll(static_cast<long long>(bits)) - 1;
+    r.need_sel |= tile_bits(J * p.select_block, (J + 1) * p.select_block);
+  }
+  for_each_stis_range(i, u.L, p.stis, [&](int64_t a, int64_t b) { r.need_win |= tile_bits(a, b); });
+  return r;
+}
+
+// The CTA's prologue: rowmask[r] and the need masks of the rows [first, first + count) of the
+// unit's sequence (rows past L: no mask, no need). need[t] (LTIS) and need[tiles + t] (STIS) for
+// the tiles t of 16 rows from `first`. Ends with a barrier.
+__device__ __forceinline__ void compute_needs(const AttnParams& p, const Unit& u, int64_t g,
+                                              int first, int count, int tiles, uint64_t* rowmask,
+                                              uint64_t* need) {
+  for (int t = threadIdx.x; t < 2 * tiles; t += blockDim.x) need[t] = 0;
+  __syncthreads();
+  for (int r = threadIdx.x; r < count; r += blockDim.x) {
+    const int i = first + r;
+    uint64_t sel = 0;
+    if (i < u.L) {
+      const RowNeed rn = row_need(p, u, g, i);
+      sel = rn.sel;
+      atomicOr(reinterpret_cast<unsigned long long*>(&need[r / kTile]), rn.need_sel);
+      atomicOr(reinterpret_cast<unsigned long long*>(&need[tiles + r / kTile]), rn.need_win);
+    }
+    rowmask[r] = sel;
+  }
+  __syncthreads();
+}
+
+// A query row as the element masks see it. Rows past L see nothing: empty own range, no blocks,
+// a power-block index far from every key, no sink.
+struct QRow {
+  int ib;        // i / power_block
+  int lo, hi;    // own range
+  uint64_t sel;  // selected blocks
+  bool sink;
+};
+
+// A key column. Keys past L: a power-block index far from every query (and j >= L is never the
+// sink, never in an own range, never in a selected whole block).
+struct KCol {
+  int j, jb;
+  uint64_t bit;  // bit of j's selection block (0 past block 63)
+};
+
+__device__ __forceinline__ int fast_div(int x, float inv) {
+  // Exact for 0 <= x < 2^11 and any divisor >= 1: (x + 0.5) / v is at least 0.5 / v from an
+  // integer, far more than float's error here.
+  return int((float(x) + 0.5f) * inv);
+}
+
+__device__ __forceinline__ QRow make_qrow(const FusedArgs& a, int i, int L, uint64_t sel) {
+  QRow q;
+  if (i < L) {
+    q.ib = a.p1 ? i : fast_div(i, a.inv_p);
+    int64_t lo, hi;
+    own_block_range(i, L, a.p.select_block, a.p.stis.causal, &lo, &hi);
+    q.lo = int(lo);
+    q.hi = int(hi);
+    q.sel = sel;
+    q.sink = a.p.stis.use_sink && !a.p.stis.causal;
+  } else {
+    q.ib = -kFar;
+    q.lo = q.hi = 0;
+    q.sel = 0;
+    q.sink = false;
+  }
+  return q;
+}
+
+__device__ __forceinline__ KCol make_kcol(const FusedArgs& a, int j, int L) {
+  KCol k;
+  k.j = j;
+  k.jb = j < L ? (a.p1 ? j : fast_div(j, a.inv_p)) : kFar;
+  const int J = fast_div(j, a.inv_b);
+  k.bit = J < 64 ? (1ull << J) : 0ull;
+  return k;
+}
+
+// SPEC 1c: own range or a selected block.
+__device__ __forceinline__ bool ltis_visible(const QRow& q, const KCol& k) {
+  return (k.j >= q.lo && k.j < q.hi) || (q.sel & k.bit) != 0;
+}
+
+// SPEC 2 in 32-bit arithmetic (common/mask.h's stis_visible, for positions < 2^11).
+__device__ __forceinline__ bool stis_visible_fast(const FusedArgs& a, int L, const QRow& q,
+                                                  const KCol& k) {
+  const int d = q.ib - k.jb;
+  const bool power = a.p.stis.use_power && (d & (d - 1)) == 0;
+  if (a.p.stis.causal) return d >= 0 && (d < a.w || power);
+  const int ad = d < 0 ? -d : d;
+  return ad < a.w || (d > 0 && power) || (q.sink && k.j == L - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fragments
+// ---------------------------------------------------------------------------------------------
+// A fragments (16 rows x D) of two rows per lane read straight from global memory: row0 is row g,
+// row1 row g + 8 (nullptr: zeros).
+template <typename T, int D>
+__device__ __forceinline__ void load_a_rows(uint32_t (&f)[D / 16][4], const T* row0, const T* row1,
+                                            int tq) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int c = ks * 16 + 2 * tq;
+    f[ks][0] = row0 ? *reinterpret_cast<const uint32_t*>(row0 + c) : 0u;
+    f[ks][1] = row1 ? *reinterpret_cast<const uint32_t*>(row1 + c) : 0u;
+    f[ks][2] = row0 ? *reinterpret_cast<const uint32_t*>(row0 + c + 8) : 0u;
+    f[ks][3] = row1 ? *reinterpret_cast<const uint32_t*>(row1 + c + 8) : 0u;
+  }
+}
+
+// C[16 x 16] (two n8 tiles) += A[16 x D] (fragments) . Bt^T, with Bt[16][D] row-major in shared
+// memory (row stride KS): the product with the keys of a K or V tile, or the queries of a Q or
+// dout tile.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void mma_abt(float (&c)[2][4], const uint32_t (&a)[D / 16][4],
+                                        const T* bt, int lane) {
+  const T* row = bt + ((lane >> 4) * 8 + (lane & 7)) * KS + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t b[4];
+    ldmatrix_x4(b, row + ks * 16);
+    Mma<T>::run(c[0], a[ks], b[0], b[1]);
+    Mma<T>::run(c[1], a[ks], b[2], b[3]);
+  }
+}
+
+// acc[16 x D] += A[16 x 16] . B, with B[16][D] row-major in shared memory: P V, dS K, Pg^T dout,
+// dS^T Q.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* b,
+                                       int lane) {
+  const T* row = b + (((lane >> 3) & 1) * 8 + (lane & 7)) * KS + (lane >> 4) * 8;
+#pragma unroll
+  for (int np = 0; np < D / 16; ++np) {
+    uint32_t f[4];
+    ldmatrix_x4_trans(f, row + np * 16);
+    Mma<T>::run(acc[2 * np], a, f[0], f[1]);
+    Mma<T>::run(acc[2 * np + 1], a, f[2], f[3]);
+  }
+}
+
+// Two C tiles (16 x 16) as the A fragment of the next product.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[2][4]) {
+  a[0] = Mma<T>::pack(c[0][0], c[0][1]);
+  a[1] = Mma<T>::pack(c[0][2], c[0][3]);
+  a[2] = Mma<T>::pack(c[1][0], c[1][1]);
+  a[3] = Mma<T>::pack(c[1][2], c[1][3]);
+}
+
+// Sum over the four lanes of a quad (the lanes holding one row of a C tile).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Keys [seg0, seg1) of the unit's sequence, kv group g, into ks / vs (rows past L zero-filled: a
+// masked probability times a finite value stays 0). All threads; ends with the copies complete
+// in this thread (the caller's barrier publishes them).
+template <typename T, int D, int KS>
+__device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
+                                         int64_t g, int seg0, int seg1) {
+  constexpr int kChunks = D / 8;
+  const int n = (seg1 - seg0) * kChunks;
+  const T* kbase = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
+  const T* vbase = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
+  for (int e = threadIdx.x; e < 2 * n; e += blockDim.x) {
+    const int mat = e >= n ? 1 : 0;
+    const int x = e - mat * n;
+    const int r = x / kChunks, c = x - r * kChunks;
+    const int j = seg0 + r;
+    const bool valid = j < u.L;
+    const int64_t row = valid ? (u.s + j) : 0;
+    const T* src = mat ? vbase + row * p.v_sn : kbase + row * p.k_sn;
+    cp_async16((mat ? vs : ks) + r * KS + c * 8, src + c * 8, valid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+}
+
+// Online softmax of one branch over one S tile (already scaled to base 2): masks it with vis(row,
+// col), rescales the running state and the accumulator, and returns P as an A fragment.
+template <typename T, int D, typename Vis>
+__device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, float (&m)[2],
+                                             float (&l)[2], float (&acc)[D / 8][4],
+                                             uint32_t (&pa)[4]) {
+  float x[2][4];
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[nt][e] = vis(e >> 1, nt * 2 + (e & 1)) ? s[nt][e] : -INFINITY;
+      mx[e >> 1] = fmaxf(mx[e >> 1], x[nt][e]);
+    }
+  }
+  float base[2], corr[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(mx[r]));
+    base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+    corr[r] = exp2f(m[r] - base[r]);
+    m[r] = m_new;
+    l[r] *= corr[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[nt][e] = exp2f(x[nt][e] - base[e >> 1]);
+      l[e >> 1] += x[nt][e];
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    acc[n][0] *= corr[0];
+    acc[n][1] *= corr[0];
+    acc[n][2] *= corr[1];
+    acc[n][3] *= corr[1];
+  }
+  c_to_a<T>(pa, x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ __forceinline__ void fwd_zero_padding(const AttnParams& p, const FwdOut& o,
+                                                 const Unit& u, int rows, int64_t g) {
+  constexpr int kChunks = D / 8;
+  const int per = int(p.G) * kChunks;
+  for (int e = threadIdx.x; e < rows * per; e += blockDim.x) {
+    const int r = e / per;
+    const int i = u.c0 + r;
+    if (i < u.L || i >= p.seq.N) continue;
+    const int hg = (e - r * per) / kChunks, c = e % kChunks;
+    const int64_t rr = u.bq * p.seq.N + (u.s + i) % p.seq.N;
+    const int64_t off = (rr * p.H + g * p.G + hg) * D + c * 8;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(static_cast<T*>(o.out) + off) = z;
+    *reinterpret_cast<uint4*>(static_cast<T*>(o.o_sel) + off) = z;
+    *reinterpret_cast<uint4*>(static_cast<T*>(o.o_win) + off) = z;
+    if (c == 0) *reinterpret_cast<float2*>(o.lse + (rr * p.H + g * p.G + hg) * 2) = make_float2(0.f, 0.f);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
+    fused_fwd_kernel(const FusedArgs a, const FwdOut o) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const AttnParams& p = a.p;
+  Unit u;
+  if (!find_unit(a, p.stis.causal, &u)) return;
+  const int64_t g = blockIdx.y;
+  if (a.unit_end == nullptr) fwd_zero_padding<T, D>(p, o, u, a.rows, g);
+  if (u.c0 >= u.L) return;
+
+  const int tiles = a.rows / kTile;
+  uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* need = rowmask + a.rows;
+  T* ks = reinterpret_cast<T*>(need + 2 * tiles);
+  T* vs = ks + a.seg * KS;
+  compute_needs(p, u, g, u.c0, a.rows, tiles, rowmask, need);
+  uint64_t all = 0;
+  for (int t = 0; t < 2 * tiles; ++t) all |= need[t];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int tl = warp / int(p.G), hg = warp - tl * int(p.G);
+  const int64_t h = g * p.G + hg;
+  const int i0 = u.c0 + tl * kTile;  // the warp's first row
+  const bool active = i0 < u.L;
+  const uint64_t my_sel = active ? need[tl] : 0, my_win = active ? need[tiles + tl] : 0;
+  const int ia = i0 + gq, ib = ia + 8;
+  const QRow qr[2] = {make_qrow(a, ia, u.L, rowmask[tl * kTile + gq]),
+                      make_qrow(a, ib, u.L, rowmask[tl * kTile + gq + 8])};
+  uint32_t qf[D / 16][4];
+  {
+    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+    load_a_rows<T, D>(qf, ia < u.L ? qb + (u.s + ia) * p.q_sn : nullptr,
+                      ib < u.L ? qb + (u.s + ib) * p.q_sn : nullptr, tq);
+  }
+  float m[2][2], l[2][2], acc[2][D / 8][4];
+#pragma unroll
+  for (int br = 0; br < 2; ++br) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m[br][r] = -INFINITY;
+      l[br][r] = 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[br][n][e] = 0.f;
+    }
+  }
+
+  const int kt_lo = __ffsll(static_cast<long long>(all)) - 1;
+  const int kt_hi = 64 - __clzll(static_cast<long long>(all));
+  for (int seg0 = kt_lo * kTile; seg0 < kt_hi * kTile; seg0 += a.seg) {
+    const int seg1 = min(seg0 + a.seg, kt_hi * kTile);
+    const uint64_t seg_mask = tile_bits(seg0, seg1);
+    if ((all & seg_mask) == 0) continue;  // CTA-uniform
+    __syncthreads();  // the previous segment is consumed
+    stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+    __syncthreads();
+    for (uint64_t bits = (my_sel | my_win) & seg_mask; bits != 0; bits &= bits - 1) {
+      const int kt = __ffsll(static_cast<long long>(bits)) - 1;
+      const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
+      const T* kt_s = ks + (kt * kTile - seg0) * KS;
+      const T* vt_s = vs + (kt * kTile - seg0) * KS;
+      float s[2][4] = {};
+      mma_abt<T, D, KS>(s, qf, kt_s, lane);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+      }
+      KCol kc[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) kc[c] = make_kcol(a, kt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1), u.L);
+      uint32_t pa_sel[4], pa_win[4];
+      if (do_sel) {
+        softmax_tile<T, D>(s, [&](int r, int c) { return ltis_visible(qr[r], kc[c]); }, m[0], l[0],
+                           acc[0], pa_sel);
+      }
+      if (do_win) {
+        softmax_tile<T, D>(s, [&](int r, int c) { return stis_visible_fast(a, u.L, qr[r], kc[c]); },
+                           m[1], l[1], acc[1], pa_win);
+      }
+      if (do_sel) mma_ab<T, D, KS>(acc[0], pa_sel, vt_s, lane);
+      if (do_win) mma_ab<T, D, KS>(acc[1], pa_win, vt_s, lane);
+    }
+  }
+  if (!active) return;
+
+  // Epilogue: normalise, combine with the gates, store out, both branch outputs and both lse.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = r == 0 ? ia : ib;
+    const float l_sel = quad_sum(l[0][r]), l_win = quad_sum(l[1][r]);
+    if (i >= u.L) continue;
+    const int64_t rr = u.bq * p.seq.N + u.s + i;
+    const int64_t rh = rr * p.H + h;
+    const float g_sel = p.gates[rh * 2], g_win = p.gates[rh * 2 + 1];
+    const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
+    T* out = static_cast<T*>(o.out) + rh * D;
+    T* osel = static_cast<T*>(o.o_sel) + rh * D;
+    T* owin = static_cast<T*>(o.o_win) + rh * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + 2 * tq;
+      const float s0 = acc[0][n][2 * r] * inv_sel, s1 = acc[0][n][2 * r + 1] * inv_sel;
+      const float w0 = acc[1][n][2 * r] * inv_win, w1 = acc[1][n][2 * r + 1] * inv_win;
+      *reinterpret_cast<uint32_t*>(out + col) =
+          Mma<T>::pack(g_sel * s0 + g_win * w0, g_sel * s1 + g_win * w1);
+      *reinterpret_cast<uint32_t*>(osel + col) = Mma<T>::pack(s0, s1);
+      *reinterpret_cast<uint32_t*>(owin + col) = Mma<T>::pack(w0, w1);
+    }
+    if (tq == 0) {
+      *reinterpret_cast<float2*>(o.lse + rh * 2) =
+          make_float2((m[0][r] + log2f(l_sel)) * kLn2, (m[1][r] + log2f(l_win)) * kLn2);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, query-outer: dgates, aux, dq
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ __forceinline__ void dq_zero_padding(const AttnParams& p, Aux* aux, T* dq,
+                                                const Unit& u, int rows, int64_t g) {
+  constexpr int kChunks = D / 8;
+  const int per = int(p.G) * kChunks;
+  for (int e = threadIdx.x; e < rows * per; e += blockDim.x) {
+    const int r = e / per;
+    const int i = u.c0 + r;
+    if (i < u.L || i >= p.seq.N) continue;
+    const int hg = (e - r * per) / kChunks, c = e % kChunks;
+    const int64_t rh = (u.bq * p.seq.N + (u.s + i) % p.seq.N) * p.H + g * p.G + hg;
+    *reinterpret_cast<uint4*>(dq + rh * D + c * 8) = make_uint4(0, 0, 0, 0);
+    if (c == 0) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
+    fused_dq_kernel(const FusedArgs a, const BwdIn in, Aux* aux, T* dq_out) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const AttnParams& p = a.p;
+  Unit u;
+  if (!find_unit(a, p.stis.causal, &u)) return;
+  const int64_t g = blockIdx.y;
+  if (a.unit_end == nullptr) dq_zero_padding<T, D>(p, aux, dq_out, u, a.rows, g);
+  if (u.c0 >= u.L) return;
+
+  const int tiles = a.rows / kTile;
+  uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* need = rowmask + a.rows;
+  T* ks = reinterpret_cast<T*>(need + 2 * tiles);
+  T* vs = ks + a.seg * KS;
+  compute_needs(p, u, g, u.c0, a.rows, tiles, rowmask, need);
+  uint64_t all = 0;
+  for (int t = 0; t < 2 * tiles; ++t) all |= need[t];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int tl = warp / int(p.G), hg = warp - tl * int(p.G);
+  const int64_t h = g * p.G + hg;
+  const int i0 = u.c0 + tl * kTile;
+  const bool active = i0 < u.L;
+  const uint64_t my_sel = active ? need[tl] : 0, my_win = active ? need[tiles + tl] : 0;
+  const int rows_i[2] = {i0 + gq, i0 + gq + 8};
+  const QRow qr[2] = {make_qrow(a, rows_i[0], u.L, rowmask[tl * kTile + gq]),
+                      make_qrow(a, rows_i[1], u.L, rowmask[tl * kTile + gq + 8])};
+  uint32_t qf[D / 16][4], df[D / 16][4];
+  // Per row r and branch br: gate, lse in base 2, delta.
+  float gate[2][2], lse2[2][2], delta[2][2];
+  {
+    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+    const T* row_q[2];
+    const T* row_d[2];
+    int64_t rh[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool valid = rows_i[r] < u.L;
+      rh[r] = (u.bq * p.seq.N + u.s + rows_i[r]) * p.H + h;
+      row_q[r] = valid ? qb + (u.s + rows_i[r]) * p.q_sn : nullptr;
+      row_d[r] = valid ? static_cast<const T*>(in.dout) + rh[r] * D : nullptr;
+    }
+    load_a_rows<T, D>(qf, row_q[0], row_q[1], tq);
+    load_a_rows<T, D>(df, row_d[0], row_d[1], tq);
+    // <dout, o_branch> from the elements each lane holds of dout, then over the quad.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float dot[2] = {0.f, 0.f};
+      if (row_d[r] != nullptr) {
+#pragma unroll
+        for (int br = 0; br < 2; ++br) {
+          const T* o_row = static_cast<const T*>(br == 0 ? in.o_sel : in.o_win) + rh[r] * D;
+#pragma unroll
+          for (int ks_ = 0; ks_ < D / 16; ++ks_) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int c = ks_ * 16 + half * 8 + 2 * tq;
+              const float2 dv = Mma<T>::unpack(df[ks_][2 * half + r]);
+              const float2 ov = Mma<T>::unpack(*reinterpret_cast<const uint32_t*>(o_row + c));
+              dot[br] = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, dot[br]));
+            }
+          }
+        }
+      }
+      dot[0] = quad_sum(dot[0]);
+      dot[1] = quad_sum(dot[1]);
+      if (row_d[r] != nullptr) {
+#pragma unroll
+        for (int br = 0; br < 2; ++br) {
+          gate[r][br] = p.gates[rh[r] * 2 + br];
+          lse2[r][br] = in.lse[rh[r] * 2 + br] * kLog2e;
+          delta[r][br] = gate[r][br] * dot[br];
+        }
+        if (tq == 0) {
+          aux[rh[r] * 2] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[0]);
+          aux[rh[r] * 2 + 1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[1]);
+        }
+      } else {
+#pragma unroll
+        for (int br = 0; br < 2; ++br) {
+          gate[r][br] = 0.f;
+          lse2[r][br] = 0.f;
+          delta[r][br] = 0.f;
+        }
+      }
+    }
+  }
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  }
+
+  const int kt_lo = __ffsll(static_cast<long long>(all)) - 1;
+  const int kt_hi = 64 - __clzll(static_cast<long long>(all));
+  for (int seg0 = kt_lo * kTile; seg0 < kt_hi * kTile; seg0 += a.seg) {
+    const int seg1 = min(seg0 + a.seg, kt_hi * kTile);
+    const uint64_t seg_mask = tile_bits(seg0, seg1);
+    if ((all & seg_mask) == 0) continue;
+    __syncthreads();
+    stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+    __syncthreads();
+    for (uint64_t bits = (my_sel | my_win) & seg_mask; bits != 0; bits &= bits - 1) {
+      const int kt = __ffsll(static_cast<long long>(bits)) - 1;
+      const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
+      const T* kt_s = ks + (kt * kTile - seg0) * KS;
+      const T* vt_s = vs + (kt * kTile - seg0) * KS;
+      float s[2][4] = {}, dp[2][4] = {};
+      mma_abt<T, D, KS>(s, qf, kt_s, lane);
+      mma_abt<T, D, KS>(dp, df, vt_s, lane);
+      KCol kc[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) kc[c] = make_kcol(a, kt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1), u.L);
+      float ds[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const KCol& k = kc[nt * 2 + (e & 1)];
+          const float x = s[nt][e] * p.scale_log2;
+          float v = 0.f;
+          if (do_sel && ltis_visible(qr[r], k)) {
+            v += exp2f(x - lse2[r][0]) * (gate[r][0] * dp[nt][e] - delta[r][0]);
+          }
+          if (do_win && stis_visible_fast(a, u.L, qr[r], k)) {
+            v += exp2f(x - lse2[r][1]) * (gate[r][1] * dp[nt][e] - delta[r][1]);
+          }
+          ds[nt][e] = v;
+        }
+      }
+      uint32_t dsa[4];
+      c_to_a<T>(dsa, ds);
+      mma_ab<T, D, KS>(acc, dsa, kt_s, lane);
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows_i[r] >= u.L) continue;
+    T* dq = dq_out + ((u.bq * p.seq.N + u.s + rows_i[r]) * p.H + h) * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dq + n * 8 + 2 * tq) =
+          Mma<T>::pack(acc[n][2 * r] * p.scale, acc[n][2 * r + 1] * p.scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, key-outer: dk, dv
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_zero_padding(const AttnParams& p, T* dk, T* dv, const Unit& u,
+                                                  int rows, int64_t g) {
+  constexpr int kChunks = D / 8;
+  for (int e = threadIdx.x; e < rows * kChunks; e += blockDim.x) {
+    const int r = e / kChunks, c = e - r * kChunks;
+    const int j = u.c0 + r;
+    if (j < u.L || j >= p.seq.N) continue;
+    const int64_t off = ((u.bq * p.seq.N + (u.s + j) % p.seq.N) * p.KVH + g) * D + c * 8;
+    *reinterpret_cast<uint4*>(dk + off) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(dv + off) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Q and dout of query tile qt, head h, into a warp's buffer (two [16][KS] matrices; rows past L
+// zero-filled).
+template <typename T, int D, int KS>
+__device__ __forceinline__ void stage_q_dout(T* buf, const AttnParams& p, const BwdIn& in,
+                                             const Unit& u, int qt, int64_t h, int lane) {
+  constexpr int kChunks = D / 8;
+  const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+  for (int e = lane; e < 2 * kTile * kChunks; e += 32) {
+    const int mat = e >= kTile * kChunks ? 1 : 0;
+    const int x = e - mat * kTile * kChunks;
+    const int r = x / kChunks, c = x - r * kChunks;
+    const int i = qt * kTile + r;
+    const bool valid = i < u.L;
+    const int64_t n = u.s + (valid ? i : 0);
+    const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + n) * p.H + h) * D
+                       : qb + n * p.q_sn;
+    cp_async16(buf + (mat * kTile + r) * KS + c * 8, src + c * 8, valid);
+  }
+  cp_async_commit();
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
+    fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const AttnParams& p = a.p;
+  Unit u;
+  if (!find_unit(a, false, &u)) return;
+  const int64_t g = blockIdx.y;
+  if (a.unit_end == nullptr) dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
+  if (u.c0 >= u.L) return;
+
+  // Masks of every row of the sequence: which key tiles each query tile needs.
+  uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* need = rowmask + a.smem_rows;  // [2][kMaxTiles]
+  T* bufs = reinterpret_cast<T*>(need + 2 * kMaxTiles);
+  compute_needs(p, u, g, 0, u.L, kMaxTiles, rowmask, need);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int kt = u.c0 / kTile + warp;  // the warp's key tile
+  if (kt * kTile >= u.L) return;       // no barrier below
+  T* buf = bufs + warp * (2 * 2 * kTile * KS);  // two stages of [Q; dout]
+
+  const int q_tiles = (u.L + kTile - 1) / kTile;
+  uint64_t tlist = 0;  // query tiles that need this key tile
+  for (int t = 0; t < q_tiles; ++t) {
+    if (((need[t] | need[kMaxTiles + t]) >> kt) & 1) tlist |= 1ull << t;
+  }
+
+  const int ja = kt * kTile + gq, jb = ja + 8;
+  const KCol kr[2] = {make_kcol(a, ja, u.L), make_kcol(a, jb, u.L)};
+  uint32_t kf[D / 16][4], vf[D / 16][4];
+  {
+    const T* kb = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
+    const T* vb = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
+    load_a_rows<T, D>(kf, ja < u.L ? kb + (u.s + ja) * p.k_sn : nullptr,
+                      jb < u.L ? kb + (u.s + jb) * p.k_sn : nullptr, tq);
+    load_a_rows<T, D>(vf, ja < u.L ? vb + (u.s + ja) * p.v_sn : nullptr,
+                      jb < u.L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
+  }
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  }
+
+  // The (query tile, head) pairs in a fixed order: tiles ascending, heads ascending.
+  const int G = int(p.G);
+  int qt = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
+  int hg = 0;
+  int stage = 0;
+  if (qt >= 0) stage_q_dout<T, D, KS>(buf, p, in, u, qt, g * p.G, lane);
+  while (qt >= 0) {
+    int qt_next = qt, hg_next = hg + 1;
+    if (hg_next == G) {
+      hg_next = 0;
+      tlist &= tlist - 1;
+      qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
+    }
+    if (qt_next >= 0) {
+      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * 2 * kTile * KS, p, in, u, qt_next,
+                             g * p.G + hg_next, lane);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncwarp();
+    const T* qs = buf + stage * 2 * kTile * KS;
+    const T* dos = qs + kTile * KS;
+    const int64_t h = g * p.G + hg;
+    const bool do_sel = (need[qt] >> kt) & 1, do_win = (need[kMaxTiles + qt] >> kt) & 1;
+
+    // The four query columns this lane holds: c = 2 nt + e2 -> query qt * 16 + 8 nt + 2 tq + e2.
+    QRow qc[4];
+    float cg[4][2], cl[4][2], cd[4][2];  // gate, lse2, delta per column and branch
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = qt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1);
+      const bool valid = i < u.L;
+      qc[c] = make_qrow(a, i, u.L, valid ? rowmask[i] : 0);
+      if (valid) {
+        const int64_t rh = (u.bq * p.seq.N + u.s + i) * p.H + h;
+        const float4 a0 = aux[rh * 2], a1 = aux[rh * 2 + 1];
+        cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
+        cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
+      } else {
+        cg[c][0] = cg[c][1] = cl[c][0] = cl[c][1] = cd[c][0] = cd[c][1] = 0.f;
+      }
+    }
+
+    float s[2][4] = {}, dpt[2][4] = {};
+    mma_abt<T, D, KS>(s, kf, qs, lane);
+    mma_abt<T, D, KS>(dpt, vf, dos, lane);
+    float ds[2][4], pg[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 2 + (e & 1);
+        const KCol& k = kr[e >> 1];
+        const float x = s[nt][e] * p.scale_log2;
+        float dsv = 0.f, pgv = 0.f;
+        if (do_sel && ltis_visible(qc[c], k)) {
+          const float pw = exp2f(x - cl[c][0]);
+          dsv += pw * (cg[c][0] * dpt[nt][e] - cd[c][0]);
+          pgv += pw * cg[c][0];
+        }
+        if (do_win && stis_visible_fast(a, u.L, qc[c], k)) {
+          const float pw = exp2f(x - cl[c][1]);
+          dsv += pw * (cg[c][1] * dpt[nt][e] - cd[c][1]);
+          pgv += pw * cg[c][1];
+        }
+        ds[nt][e] = dsv;
+        pg[nt][e] = pgv;
+      }
+    }
+    uint32_t dsa[4], pga[4];
+    c_to_a<T>(dsa, ds);
+    c_to_a<T>(pga, pg);
+    mma_ab<T, D, KS>(dv, pga, dos, lane);
+    mma_ab<T, D, KS>(dk, dsa, qs, lane);
+    __syncwarp();  // the buffer is refilled two steps on
+    qt = qt_next;
+    hg = hg_next;
+    stage ^= 1;
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = r == 0 ? ja : jb;
+    if (j >= u.L) continue;
+    const int64_t off = ((u.bq * p.seq.N + u.s + j) * p.KVH + g) * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + 2 * tq;
+      *reinterpret_cast<uint32_t*>(dk_out + off + col) =
+          Mma<T>::pack(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + off + col) = Mma<T>::pack(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+// Packed batches: units of `rows` positions per sequence of at most max_len tokens.
+__global__ void unit_count_kernel(const SeqParams sp, int64_t max_len, int rows, int32_t* count) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= sp.B) return;
+  int64_t s, L;
+  seq_bounds(sp, b, &s, &L);
+  count[b] = (L > 0 && L <= max_len) ? int32_t((L + rows - 1) / rows) : 0;
+}
+
+struct Launch {
+  FusedArgs args;
+  dim3 grid;
+  int threads;
+  int64_t smem;
+  at::Tensor unit_end;  // keeps the packed prefix alive until the launch
+};
+
+// Units of `rows` positions; padded batches zero their padding rows in the kernels.
+Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
+                  const at::Tensor& seq_len, cudaStream_t stream) {
+  Launch l;
+  FusedArgs& a = l.args;
+  a.p = p;
+  a.rows = rows;
+  a.w = int(p.stis.window < (1 << 20) ? p.stis.window : (1 << 20));
+  a.inv_b = float(1.0 / double(p.select_block));
+  a.inv_p = float(1.0 / double(p.stis.power_block));
+  a.p1 = p.stis.power_block == 1;
+  a.seg = 0;
+  a.smem_rows = 0;
+  if (d.Bq == d.B) {
+    a.unit_end = nullptr;
+    a.per_seq = ceil_div(d.N, rows);
+    l.grid = dim3(unsigned(d.B * a.per_seq), unsigned(d.KVH));
+  } else {
+    at::Tensor count = at::empty({d.B}, seq_len.options());
+    unit_count_kernel<<<unsigned(ceil_div(d.B, 256)), 256, 0, stream>>>(
+        p.seq, max_len, rows, count.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    l.unit_end = at::cumsum(count, 0, at::kInt);
+    a.unit_end = l.unit_end.data_ptr<int32_t>();
+    a.per_seq = 0;
+    l.grid = dim3(unsigned(ceil_div(d.N, rows) + d.B), unsigned(d.KVH));
+  }
+  return l;
+}
+
+// The longest sequence a launch sees (the shared-memory sizes follow it).
+int64_t longest(const Dims& d, int64_t max_len) { return d.N < max_len ? d.N : max_len; }
+
+template <typename T, int D>
+Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
+                        const at::Tensor& seq_len, cudaStream_t stream) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  const int64_t n_max = longest(d, max_len);
+  int64_t tpc = kMaxWarps / d.G;  // 16-row tiles per CTA: G * tpc <= 8 warps
+  tpc = tpc < 1 ? 1 : tpc;
+  tpc = tpc < ceil_div(n_max, kTile) ? tpc : ceil_div(n_max, kTile);
+  Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream);
+  const int64_t seg_cap = kSegmentBudget / (2 * KS * int64_t(sizeof(T))) / kTile * kTile;
+  const int64_t keys = ceil_div(n_max, kTile) * kTile;
+  l.args.seg = int(keys < seg_cap ? keys : seg_cap);
+  l.threads = int(32 * d.G * tpc);
+  l.smem = tpc * kTile * 8 + 2 * tpc * 8 + 2 * int64_t(l.args.seg) * KS * int64_t(sizeof(T));
+  return l;
+}
+
+template <typename T, int D>
+void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max_len,
+                const at::Tensor& seq_len, cudaStream_t stream) {
+  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream);
+  auto kernel = fused_fwd_kernel<T, D>;
+  allow_dynamic_smem(kernel, l.smem);
+  kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, o);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T* dv, const Dims& d,
+                int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  {
+    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream);
+    auto kernel = fused_dq_kernel<T, D>;
+    allow_dynamic_smem(kernel, l.smem);
+    kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t n_max = longest(d, max_len);
+  const int64_t warps = ceil_div(n_max, kTile) < kMaxWarps ? ceil_div(n_max, kTile) : kMaxWarps;
+  Launch l = plan_units(p, d, max_len, int(warps * kTile), seq_len, stream);
+  l.args.smem_rows = int(ceil_div(n_max, kTile) * kTile);
+  l.threads = int(32 * warps);
+  l.smem = int64_t(l.args.smem_rows) * 8 + 2 * kMaxTiles * 8 +
+           warps * 2 * 2 * kTile * KS * int64_t(sizeof(T));
+  auto kernel = fused_dkdv_kernel<T, D>;
+  allow_dynamic_smem(kernel, l.smem);
+  kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+int64_t fused_max_len(at::ScalarType dtype, int64_t select_block) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
+  // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
+  const int64_t by_blocks = 65 * select_block - 1;
+  return by_blocks < kMaxLen ? by_blocks : kMaxLen;
+}
+
+FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block) {
+  FusedPlan plan;
+  const int64_t max_len = fused_max_len(dtype, select_block);
+  if (max_len <= 0) return plan;
+  if (d.Bq == d.B) {
+    if (d.N > max_len) return plan;  // padded: all or nothing
+    plan.max_len = max_len;
+    plan.row_kernels = false;
+    return plan;
+  }
+  plan.max_len = max_len;
+  plan.row_kernels = true;  // longer sequences and the padding rows
+  return plan;
+}
+
+void fused_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
+                   int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream) {
+  BR_HALF_DTYPE_SWITCH(dtype, [&] {
+    BR_HEADDIM_SWITCH(d.D, [&] { launch_fwd<scalar_t, kHeadDim>(p, o, d, max_len, seq_len, stream); });
+  });
+}
+
+void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, void* dk, void* dv,
+                    const Dims& d, at::ScalarType dtype, int64_t max_len, const at::Tensor& seq_len,
+                    cudaStream_t stream) {
+  BR_HALF_DTYPE_SWITCH(dtype, [&] {
+    BR_HEADDIM_SWITCH(d.D, [&] {
+      launch_bwd<scalar_t, kHeadDim>(p, in, aux, static_cast<scalar_t*>(dq),
+                                     static_cast<scalar_t*>(dk), static_cast<scalar_t*>(dv), d,
+                                     max_len, seq_len, stream);
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace blossomrec

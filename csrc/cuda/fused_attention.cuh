@@ -1,0 +1,39 @@
+// The fused tensor-core path of sparse_attention_fwd / _bwd (float16 / bfloat16, sequences of at
+// most fused_max_len() tokens): what sparse_attention_{fwd,bwd}.cu call. Kernels and the reasons for
+// their layout: fused_attention.cu.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/checks.h"
+#include "cuda/sparse_attention.cuh"
+
+namespace blossomrec {
+namespace cuda {
+
+// The longest sequence the fused kernels take for these inputs, 0 when they take none (float32,
+// a GPU older than sm_80). Sequences up to 1024 tokens (a 64-bit mask of 16-key tiles per query
+// tile) with at most 64 selection blocks (a 64-bit mask of blocks per row).
+int64_t fused_max_len(at::ScalarType dtype, int64_t select_block);
+
+// Which kernels a call takes. Padded batches (Bq == B) go wholly to the fused kernels when
+// N <= max_len, else wholly to the row kernels. Packed batches take the fused kernels for their
+// sequences of at most max_len tokens and the row kernels (told to skip those rows) for the rest
+// and for the padding rows.
+struct FusedPlan {
+  int64_t max_len = 0;    // 0: no fused kernels
+  bool row_kernels = true;
+};
+
+FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block);
+
+void fused_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
+                   int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream);
+
+// dq and aux (fused dq kernel), then dk and dv (fused dk/dv kernel), for the fused sequences.
+void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, void* dk, void* dv,
+                    const Dims& d, at::ScalarType dtype, int64_t max_len, const at::Tensor& seq_len,
+                    cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace blossomrec
