@@ -589,21 +589,23 @@ ROW_KERNELS = ("sparse_attention_fwd_kernel", "sparse_attention_fwd_staged_kerne
 FUSED_KERNELS = ("fused_fwd_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
 
 
-@pytest.mark.parametrize("dtype,layout,lengths,N,select_block,fused,rows", [
-    (torch.bfloat16, "right", [200, 37], 200, 16, True, False),
-    (torch.float16, "left", [1024, 1], 1024, 16, True, False),
-    (torch.bfloat16, "right", [1025], 1025, 16, False, True),     # past 1024 tokens
-    (torch.bfloat16, "right", [300], 300, 4, False, True),        # past 64 selection blocks
-    (torch.float32, "right", [200, 37], 200, 16, False, True),    # float32: the row kernels
-    (torch.bfloat16, "packed", [50, 300, 9], None, 16, True, True),  # rows: the padding only
-    (torch.bfloat16, "packed", [1100, 50, 300], None, 16, True, True),  # rows: the long one too
+@pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,fused,rows", [
+    (torch.bfloat16, 16, "right", [200, 37], 200, 16, True, False),
+    (torch.bfloat16, 16, "right", [256, 37], 256, 16, True, False),
+    (torch.bfloat16, 16, "right", [257], 257, 16, False, True),  # D = 16: rows past 256 tokens
+    (torch.float16, 32, "left", [1024, 1], 1024, 16, True, False),
+    (torch.bfloat16, 64, "right", [1025], 1025, 16, False, True),  # past 1024 tokens
+    (torch.bfloat16, 64, "right", [300], 300, 4, False, True),     # past 64 selection blocks
+    (torch.float32, 16, "right", [200, 37], 200, 16, False, True),  # float32: the row kernels
+    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, True, True),  # rows: the padding only
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, True, True),  # rows: the long one
 ])
-def test_fused_path_is_taken(dtype, layout, lengths, N, select_block, fused, rows):
+def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, fused, rows):
     """Dispatch: the fused kernels run exactly where claimed (a fallback to the row kernels, or the
     fused kernels running where they cannot, fails here), forward and backward; results are the
     reference's (the packed buffers mix both kernel families)."""
     N = N or max(lengths)
-    H, KVH, D = 8, 2, 16
+    H, KVH = 8, 2
     hp = _hp(dict(compress_stride=4, select_block=select_block, num_select=4), STIS[0], True)
     t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=21)
     idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 4,
@@ -643,6 +645,8 @@ FUSED_GRID = [(x, causal) for x in range(len(FUSED_N)) for causal in (True, Fals
 def test_fused_matches_reference(x, causal):
     N = FUSED_N[x]
     G, D = FUSED_G[x % len(FUSED_G)], FUSED_D[x % len(FUSED_D)]
+    if D == 16 and N > 256:
+        D = 32  # the fused kernels take D = 16 up to 256 tokens
     s, b, n, w, p, power = FUSED_HP[x % len(FUSED_HP)]
     if N > 65 * b - 1:
         b, s = 16, 16  # the fused kernels' 64 selection blocks

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define BR_HD __host__ __device__ __forceinline__
@@ -45,22 +46,25 @@ BR_HD int64_t num_select_blocks(int64_t L, int64_t C_avail, int64_t compress_str
   return C / (select_block / compress_stride);
 }
 
-// SPEC 1b: is selection block J a candidate for query i?
-BR_HD bool block_visible(int64_t J, int64_t i, int64_t num_blocks, int64_t select_block,
-                         bool causal) {
+// SPEC 1b: is selection block J a candidate for query i? The index type I is J's (int64_t, or int
+// where positions are small: the fused CUDA kernels).
+template <typename I>
+BR_HD bool block_visible(I J, std::type_identity_t<I> i, std::type_identity_t<I> num_blocks,
+                         std::type_identity_t<I> select_block, bool causal) {
   if (J < 0 || J >= num_blocks) return false;
   if (causal) return (J + 1) * select_block <= i;
   return J != i / select_block;
 }
 
 // SPEC 1c: the own block of query i is the key range [*lo, *hi).
-BR_HD void own_block_range(int64_t i, int64_t L, int64_t select_block, bool causal, int64_t* lo,
-                           int64_t* hi) {
+template <typename I>
+BR_HD void own_block_range(std::type_identity_t<I> i, std::type_identity_t<I> L,
+                           std::type_identity_t<I> select_block, bool causal, I* lo, I* hi) {
   *lo = (i / select_block) * select_block;
   if (causal) {
     *hi = i + 1;
   } else {
-    const int64_t end = *lo + select_block;
+    const I end = *lo + select_block;
     *hi = end < L ? end : L;
   }
 }
@@ -82,62 +86,62 @@ BR_HD int64_t first_power_at_least(int64_t w) {
 
 // Calls f(lo, hi) for disjoint, non-empty key ranges [lo, hi) whose union is the STIS key set of
 // query i (0 <= i < L): the window as one range, then one range per power-of-two distance beyond
-// it (each a power block), then the sink where the other rules miss it. About w + log2(L / p) calls.
+// it (each a power block), then the sink where the other rules miss it (the last key lies in the
+// last power block, so only the window can reach it). About w + log2(L / p) calls. I is the index
+// type: int64_t anywhere, int where positions, window and power block are known to be small (the
+// fused CUDA kernels clamp both to 2^11, which changes nothing for L <= 1024).
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <typename F>
-BR_HD void for_each_stis_range(int64_t i, int64_t L, const StisParams& st, F&& f) {
-  const int64_t p = st.power_block;
-  const int64_t ib = i / p;
-  const int64_t last_block = (L - 1) / p;
+template <typename I, typename F>
+BR_HD void for_each_stis_range(I i, I L, const StisParams& st, F&& f) {
+  const I p = I(st.power_block), w = I(st.window);
+  const I ib = i / p;
+  const I last_block = (L - 1) / p;
   {
-    int64_t lo_b = ib - (st.window - 1);
-    int64_t hi_b = st.causal ? ib : ib + (st.window - 1);
+    I lo_b = ib - (w - 1);
+    I hi_b = st.causal ? ib : ib + (w - 1);
     lo_b = lo_b < 0 ? 0 : lo_b;
     hi_b = hi_b > last_block ? last_block : hi_b;
-    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+    const I hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
     f(lo_b * p, hi);
   }
   if (st.use_power) {
-    for (int64_t d = first_power_at_least(st.window); ib - d >= 0; d <<= 1) {
-      const int64_t lo = (ib - d) * p;
+    for (I d = I(first_power_at_least(w)); ib - d >= 0; d <<= 1) {
+      const I lo = (ib - d) * p;
       f(lo, lo + p < L ? lo + p : L);
     }
   }
-  if (!st.causal && st.use_sink &&
-      !stis_visible(i, L - 1, L, st.window, p, st.use_power, false, false)) {
-    f(L - 1, L);
-  }
+  if (!st.causal && st.use_sink && last_block - ib >= w) f(L - 1, L);
 }
 
 // The inverse: calls f(lo, hi) for disjoint, non-empty query ranges whose union is the set of
 // queries that see key j (0 <= j < L) through STIS. O(w + log2(L / p)) calls, the sink included:
-// the last key is in the last power block, so no query sees it at a positive distance and the
-// window reaches back to block jb - (w - 1); the sink adds every query before that, one range.
+// no query sees the last key at a positive distance and the window reaches back to block
+// jb - (w - 1); the sink adds every query before that, one range.
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <typename F>
-BR_HD void for_each_stis_query_range(int64_t j, int64_t L, const StisParams& st, F&& f) {
-  const int64_t p = st.power_block;
-  const int64_t jb = j / p;
-  const int64_t last_block = (L - 1) / p;
-  int64_t lo_b = st.causal ? jb : jb - (st.window - 1);
+template <typename I, typename F>
+BR_HD void for_each_stis_query_range(I j, I L, const StisParams& st, F&& f) {
+  const I p = I(st.power_block), w = I(st.window);
+  const I jb = j / p;
+  const I last_block = (L - 1) / p;
+  I lo_b = st.causal ? jb : jb - (w - 1);
   {
-    int64_t hi_b = jb + (st.window - 1);
+    I hi_b = jb + (w - 1);
     lo_b = lo_b < 0 ? 0 : lo_b;
     hi_b = hi_b > last_block ? last_block : hi_b;
-    const int64_t hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+    const I hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
     f(lo_b * p, hi);
   }
   if (st.use_power) {
-    for (int64_t d = first_power_at_least(st.window); jb + d <= last_block; d <<= 1) {
-      const int64_t lo = (jb + d) * p;
+    for (I d = I(first_power_at_least(w)); jb + d <= last_block; d <<= 1) {
+      const I lo = (jb + d) * p;
       f(lo, lo + p < L ? lo + p : L);
     }
   }
-  if (!st.causal && st.use_sink && j == L - 1 && lo_b > 0) f(0, lo_b * p);
+  if (!st.causal && st.use_sink && j == L - 1 && lo_b > 0) f(I(0), lo_b * p);
 }
 
 // Running top-n of (score, block) pairs, kept sorted by decreasing score; ties keep the lower block

@@ -70,7 +70,18 @@ struct FusedArgs {
   int rows;                 // positions per unit (a multiple of 16)
   int seg;                  // keys per shared-memory segment (forward, dq)
   int smem_rows;            // dk/dv: row masks held (>= the longest fused sequence)
-  int w;                    // window, clamped to 2^20 (no distance here reaches it)
+  // What fused_masks_kernel computed (row_need): rowmask[g * mask_rows + buffer row] the row's
+  // selected blocks; need[((g * B + b) * tiles_cap + t) * 2 + branch] the key tiles that query tile
+  // t of sequence b needs in each branch (LTIS 0, STIS 1).
+  uint64_t* rowmask;
+  uint64_t* need;
+  int64_t mask_rows;
+  int tiles_cap;
+  // The hyper-parameters in 32-bit arithmetic: positions are below 2^11 here, so a window, block
+  // or power block above 2^11 acts as 2^11 does.
+  int b, w;                 // select_block, window (clamped)
+  int wlo, wspan;           // STIS window d in [wlo, wlo + wspan): [0, w) causal, (-w, w) not
+  StisParams st;            // p.stis with window and power block clamped
   float inv_b, inv_p;       // 1 / select_block, 1 / power_block
   bool p1;                  // power_block == 1
 };
@@ -89,8 +100,8 @@ __device__ __forceinline__ bool find_unit(const FusedArgs& a, bool reverse, Unit
   const int64_t x = blockIdx.x;
   int64_t b, c, count;
   if (a.unit_end == nullptr) {
-    b = x % sp.B;
-    c = x / sp.B;
+    b = blockIdx.x % unsigned(sp.B);  // the grid is B * per_seq < 2^31 units
+    c = blockIdx.x / unsigned(sp.B);
     count = a.per_seq;
     if (c >= count) return false;
   } else {
@@ -116,64 +127,88 @@ __device__ __forceinline__ bool find_unit(const FusedArgs& a, bool reverse, Unit
   return true;
 }
 
+// Padded batches: does the unit's chunk hold padding positions (L <= i < N)?
+__device__ __forceinline__ bool has_padding(const AttnParams& p, const Unit& u, int rows) {
+  return u.L < p.seq.N && u.c0 + rows > u.L;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Masks
 // ---------------------------------------------------------------------------------------------
 // Key tiles [lo / 16, (hi - 1) / 16] as bits (0 <= lo < hi <= 1024).
-__device__ __forceinline__ uint64_t tile_bits(int64_t lo, int64_t hi) {
-  const int t0 = int(lo >> 4), t1 = int((hi - 1) >> 4);
+__device__ __forceinline__ uint64_t tile_bits(int lo, int hi) {
+  const int t0 = lo >> 4, t1 = (hi - 1) >> 4;
   return (~0ull >> (63 - t1)) & (~0ull << t0);
 }
 
 // What row i (0 <= i < L) of kv group g needs: its selected blocks (bit J, visible whole blocks
-// only, each once) and the key tiles of each branch.
+// only, each once) and the key tiles of each branch (fused_masks_kernel).
 struct RowNeed {
   uint64_t sel, need_sel, need_win;
 };
 
-__device__ __forceinline__ RowNeed row_need(const AttnParams& p, const Unit& u, int64_t g,
-                                            int64_t i) {
+__device__ __forceinline__ RowNeed row_need(const FusedArgs& a, const Unit& u, int64_t g, int i) {
+  const AttnParams& p = a.p;
   RowNeed r{0, 0, 0};
   const int64_t n = u.s + i;
-  const int64_t nb = u.L / p.select_block;  // <= 64 (fused_max_len)
+  const int nb = u.L / a.b;  // <= 64 (fused_max_len)
   const int64_t c_raw = p.sel_cnt[u.bq * p.cnt_sb + n * p.cnt_sn + g * p.cnt_sh];
-  const int64_t cnt = c_raw < 0 ? 0 : (c_raw < p.width ? c_raw : p.width);
+  const int cnt = int(c_raw < 0 ? 0 : (c_raw < p.width ? c_raw : p.width));
   const int32_t* sel = p.sel_idx + u.bq * p.sel_sb + n * p.sel_sn + g * p.sel_sh;
-  for (int64_t c = 0; c < cnt; ++c) {
-    const int64_t J = sel[c];
-    if (block_visible(J, i, nb, p.select_block, p.stis.causal)) r.sel |= 1ull << J;
+  for (int c0 = 0; c0 < cnt; c0 += 4) {  // four loads in flight at a time
+    int J[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) J[k] = c0 + k < cnt ? sel[c0 + k] : -1;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (block_visible(J[k], i, nb, a.b, p.stis.causal)) r.sel |= 1ull << J[k];
+    }
   }
-  int64_t lo, hi;
-  own_block_range(i, u.L, p.select_block, p.stis.causal, &lo, &hi);
+  int lo, hi;
+  own_block_range(i, u.L, a.b, p.stis.causal, &lo, &hi);
   r.need_sel = tile_bits(lo, hi);
   for (uint64_t bits = r.sel; bits != 0; bits &= bits - 1) {
-    const int64_t J = __ffsll(static_cast<long long>(bits)) - 1;
-    r.need_sel |= tile_bits(J * p.select_block, (J + 1) * p.select_block);
+    const int J = __ffsll(static_cast<long long>(bits)) - 1;
+    r.need_sel |= tile_bits(J * a.b, (J + 1) * a.b);
   }
-  for_each_stis_range(i, u.L, p.stis, [&](int64_t a, int64_t b) { r.need_win |= tile_bits(a, b); });
+  for_each_stis_range(i, u.L, a.st, [&](int lo_, int hi_) { r.need_win |= tile_bits(lo_, hi_); });
   return r;
 }
 
-// The CTA's prologue: rowmask[r] and the need masks of the rows [first, first + count) of the
-// unit's sequence (rows past L: no mask, no need). need[t] (LTIS) and need[tiles + t] (STIS) for
-// the tiles t of 16 rows from `first`. Ends with a barrier.
-__device__ __forceinline__ void compute_needs(const AttnParams& p, const Unit& u, int64_t g,
-                                              int first, int count, int tiles, uint64_t* rowmask,
-                                              uint64_t* need) {
-  for (int t = threadIdx.x; t < 2 * tiles; t += blockDim.x) need[t] = 0;
-  __syncthreads();
-  for (int r = threadIdx.x; r < count; r += blockDim.x) {
-    const int i = first + r;
-    uint64_t sel = 0;
-    if (i < u.L) {
-      const RowNeed rn = row_need(p, u, g, i);
-      sel = rn.sel;
-      atomicOr(reinterpret_cast<unsigned long long*>(&need[r / kTile]), rn.need_sel);
-      atomicOr(reinterpret_cast<unsigned long long*>(&need[tiles + r / kTile]), rn.need_win);
-    }
-    rowmask[r] = sel;
+// One thread per (position, kv group) of the fused sequences, in units of 256 positions: the row
+// masks and, OR-ed over each 16-row tile (lanes 16 t .. 16 t + 15 of a warp), the tile's needs.
+constexpr int kMaskRows = 256;
+
+__global__ void __launch_bounds__(kMaskRows) fused_masks_kernel(const FusedArgs a) {
+  Unit u;
+  if (!find_unit(a, false, &u)) return;
+  const int64_t g = blockIdx.y;
+  const int i = u.c0 + int(threadIdx.x);
+  RowNeed rn{0, 0, 0};
+  if (i < u.L) {
+    rn = row_need(a, u, g, i);
+    a.rowmask[g * a.mask_rows + u.bq * a.p.seq.N + u.s + i] = rn.sel;
   }
-  __syncthreads();
+#pragma unroll
+  for (int off = 1; off < kTile; off <<= 1) {
+    rn.need_sel |= __shfl_xor_sync(0xffffffffu, rn.need_sel, off);
+    rn.need_win |= __shfl_xor_sync(0xffffffffu, rn.need_win, off);
+  }
+  if ((threadIdx.x & (kTile - 1)) == 0 && i < u.L) {
+    uint64_t* nd = a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + i / kTile) * 2;
+    nd[0] = rn.need_sel;
+    nd[1] = rn.need_win;
+  }
+}
+
+// The needs of query tile t (0 <= 16 t < L) of the unit's sequence.
+__device__ __forceinline__ const uint64_t* tile_need(const FusedArgs& a, const Unit& u, int64_t g,
+                                                     int t) {
+  return a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + t) * 2;
+}
+
+__device__ __forceinline__ uint64_t row_mask(const FusedArgs& a, const Unit& u, int64_t g, int i) {
+  return i < u.L ? a.rowmask[g * a.mask_rows + u.bq * a.p.seq.N + u.s + i] : 0ull;
 }
 
 // A query row as the element masks see it. Rows past L see nothing: empty own range, no blocks,
@@ -202,10 +237,7 @@ __device__ __forceinline__ QRow make_qrow(const FusedArgs& a, int i, int L, uint
   QRow q;
   if (i < L) {
     q.ib = a.p1 ? i : fast_div(i, a.inv_p);
-    int64_t lo, hi;
-    own_block_range(i, L, a.p.select_block, a.p.stis.causal, &lo, &hi);
-    q.lo = int(lo);
-    q.hi = int(hi);
+    own_block_range(i, L, a.b, a.p.stis.causal, &q.lo, &q.hi);
     q.sel = sel;
     q.sink = a.p.stis.use_sink && !a.p.stis.causal;
   } else {
@@ -231,14 +263,15 @@ __device__ __forceinline__ bool ltis_visible(const QRow& q, const KCol& k) {
   return (k.j >= q.lo && k.j < q.hi) || (q.sel & k.bit) != 0;
 }
 
-// SPEC 2 in 32-bit arithmetic (common/mask.h's stis_visible, for positions < 2^11).
+// SPEC 2 in 32-bit arithmetic (common/mask.h's stis_visible, for positions < 2^11), without a
+// branch: the window is d in [wlo, w) with wlo = 0 when causal and 1 - w when not, one unsigned
+// compare; a causal power of two d > 0 lies outside it (d = 0 is inside since w >= 1).
 __device__ __forceinline__ bool stis_visible_fast(const FusedArgs& a, int L, const QRow& q,
                                                   const KCol& k) {
   const int d = q.ib - k.jb;
-  const bool power = a.p.stis.use_power && (d & (d - 1)) == 0;
-  if (a.p.stis.causal) return d >= 0 && (d < a.w || power);
-  const int ad = d < 0 ? -d : d;
-  return ad < a.w || (d > 0 && power) || (q.sink && k.j == L - 1);
+  const bool window = unsigned(d - a.wlo) < unsigned(a.wspan);
+  const bool power = a.p.stis.use_power && d > 0 && (d & (d - 1)) == 0;
+  return window || power || (q.sink && k.j == L - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +332,19 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[2][4])
   a[3] = Mma<T>::pack(c[1][2], c[1][3]);
 }
 
+// x rounded up to whole tiles.
+__device__ __forceinline__ int round_tile(int x) { return (x + kTile - 1) & ~(kTile - 1); }
+
+// The keys a query chunk can see, rounded up to whole tiles: all of them when not causal; when
+// causal, those up to the end of the last row's power block (d = i / p - j / p = 0 there: a
+// causal STIS query sees the rest of its own power block).
+__device__ __forceinline__ int key_end(const FusedArgs& a, const Unit& u) {
+  if (!a.p.stis.causal) return round_tile(u.L);
+  const int p = int(a.st.power_block);
+  const int last = u.c0 + a.rows - 1;
+  return round_tile(min(u.L, (last / p + 1) * p));
+}
+
 // Sum over the four lanes of a quad (the lanes holding one row of a C tile).
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -310,8 +356,8 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 // Keys [seg0, seg1) of the unit's sequence, kv group g, into ks / vs (rows past L zero-filled: a
-// masked probability times a finite value stays 0). All threads; ends with the copies complete
-// in this thread (the caller's barrier publishes them).
+// masked probability times a finite value stays 0). All threads; issues and commits the copies
+// (cp_async_wait<0> and a barrier publish them).
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
                                          int64_t g, int seg0, int seg1) {
@@ -330,7 +376,6 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
     cp_async16((mat ? vs : ks) + r * KS + c * 8, src + c * 8, valid);
   }
   cp_async_commit();
-  cp_async_wait<0>();
 }
 
 // Online softmax of one branch over one S tile (already scaled to base 2): masks it with vis(row,
@@ -408,17 +453,15 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   Unit u;
   if (!find_unit(a, p.stis.causal, &u)) return;
   const int64_t g = blockIdx.y;
-  if (a.unit_end == nullptr) fwd_zero_padding<T, D>(p, o, u, a.rows, g);
+  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) fwd_zero_padding<T, D>(p, o, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
   const int tiles = a.rows / kTile;
-  uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
-  uint64_t* need = rowmask + a.rows;
-  T* ks = reinterpret_cast<T*>(need + 2 * tiles);
+  T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + a.seg * KS;
-  compute_needs(p, u, g, u.c0, a.rows, tiles, rowmask, need);
-  uint64_t all = 0;
-  for (int t = 0; t < 2 * tiles; ++t) all |= need[t];
+  // The first segment, the warp's queries and the masks load together.
+  const int kend = key_end(a, u);
+  stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -426,16 +469,35 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const int64_t h = g * p.G + hg;
   const int i0 = u.c0 + tl * kTile;  // the warp's first row
   const bool active = i0 < u.L;
-  const uint64_t my_sel = active ? need[tl] : 0, my_win = active ? need[tiles + tl] : 0;
   const int ia = i0 + gq, ib = ia + 8;
-  const QRow qr[2] = {make_qrow(a, ia, u.L, rowmask[tl * kTile + gq]),
-                      make_qrow(a, ib, u.L, rowmask[tl * kTile + gq + 8])};
   uint32_t qf[D / 16][4];
+  float gate[2][2];  // [row][branch], loaded with the queries
   {
     const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
     load_a_rows<T, D>(qf, ia < u.L ? qb + (u.s + ia) * p.q_sn : nullptr,
                       ib < u.L ? qb + (u.s + ib) * p.q_sn : nullptr, tq);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = r == 0 ? ia : ib;
+      const int64_t rh = (u.bq * p.seq.N + u.s + i) * p.H + h;
+      gate[r][0] = i < u.L ? p.gates[rh * 2] : 0.f;
+      gate[r][1] = i < u.L ? p.gates[rh * 2 + 1] : 0.f;
+    }
   }
+  uint64_t all = 0, my_sel = 0, my_win = 0;
+  for (int t = 0; t < tiles && u.c0 + t * kTile < u.L; ++t) {
+    const uint64_t* nd = tile_need(a, u, g, u.c0 / kTile + t);
+    const uint64_t ns = nd[0], nw = nd[1];
+    all |= ns | nw;
+    if (t == tl) {
+      my_sel = ns;
+      my_win = nw;
+    }
+  }
+  const QRow qr[2] = {make_qrow(a, ia, u.L, row_mask(a, u, g, ia)),
+                      make_qrow(a, ib, u.L, row_mask(a, u, g, ib))};
+  cp_async_wait<0>();
+  __syncthreads();  // the first segment is in shared memory
   float m[2][2], l[2][2], acc[2][D / 8][4];
 #pragma unroll
   for (int br = 0; br < 2; ++br) {
@@ -451,15 +513,16 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     }
   }
 
-  const int kt_lo = __ffsll(static_cast<long long>(all)) - 1;
-  const int kt_hi = 64 - __clzll(static_cast<long long>(all));
-  for (int seg0 = kt_lo * kTile; seg0 < kt_hi * kTile; seg0 += a.seg) {
-    const int seg1 = min(seg0 + a.seg, kt_hi * kTile);
+  for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
+    const int seg1 = min(seg0 + a.seg, kend);
     const uint64_t seg_mask = tile_bits(seg0, seg1);
-    if ((all & seg_mask) == 0) continue;  // CTA-uniform
-    __syncthreads();  // the previous segment is consumed
-    stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
-    __syncthreads();
+    if (seg0 > 0) {
+      if ((all & seg_mask) == 0) continue;  // CTA-uniform
+      __syncthreads();  // the previous segment is consumed
+      stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+      cp_async_wait<0>();
+      __syncthreads();
+    }
     for (uint64_t bits = (my_sel | my_win) & seg_mask; bits != 0; bits &= bits - 1) {
       const int kt = __ffsll(static_cast<long long>(bits)) - 1;
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
@@ -498,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     if (i >= u.L) continue;
     const int64_t rr = u.bq * p.seq.N + u.s + i;
     const int64_t rh = rr * p.H + h;
-    const float g_sel = p.gates[rh * 2], g_win = p.gates[rh * 2 + 1];
+    const float g_sel = gate[r][0], g_win = gate[r][1];
     const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
     T* out = static_cast<T*>(o.out) + rh * D;
     T* osel = static_cast<T*>(o.o_sel) + rh * D;
@@ -548,17 +611,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   Unit u;
   if (!find_unit(a, p.stis.causal, &u)) return;
   const int64_t g = blockIdx.y;
-  if (a.unit_end == nullptr) dq_zero_padding<T, D>(p, aux, dq_out, u, a.rows, g);
+  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dq_zero_padding<T, D>(p, aux, dq_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
   const int tiles = a.rows / kTile;
-  uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
-  uint64_t* need = rowmask + a.rows;
-  T* ks = reinterpret_cast<T*>(need + 2 * tiles);
+  T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + a.seg * KS;
-  compute_needs(p, u, g, u.c0, a.rows, tiles, rowmask, need);
-  uint64_t all = 0;
-  for (int t = 0; t < 2 * tiles; ++t) all |= need[t];
+  const int kend = key_end(a, u);
+  stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -566,10 +626,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const int64_t h = g * p.G + hg;
   const int i0 = u.c0 + tl * kTile;
   const bool active = i0 < u.L;
-  const uint64_t my_sel = active ? need[tl] : 0, my_win = active ? need[tiles + tl] : 0;
   const int rows_i[2] = {i0 + gq, i0 + gq + 8};
-  const QRow qr[2] = {make_qrow(a, rows_i[0], u.L, rowmask[tl * kTile + gq]),
-                      make_qrow(a, rows_i[1], u.L, rowmask[tl * kTile + gq + 8])};
   uint32_t qf[D / 16][4], df[D / 16][4];
   // Per row r and branch br: gate, lse in base 2, delta.
   float gate[2][2], lse2[2][2], delta[2][2];
@@ -630,22 +687,37 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       }
     }
   }
+  uint64_t all = 0, my_sel = 0, my_win = 0;
+  for (int t = 0; t < tiles && u.c0 + t * kTile < u.L; ++t) {
+    const uint64_t* nd = tile_need(a, u, g, u.c0 / kTile + t);
+    const uint64_t ns = nd[0], nw = nd[1];
+    all |= ns | nw;
+    if (t == tl) {
+      my_sel = ns;
+      my_win = nw;
+    }
+  }
+  const QRow qr[2] = {make_qrow(a, rows_i[0], u.L, row_mask(a, u, g, rows_i[0])),
+                      make_qrow(a, rows_i[1], u.L, row_mask(a, u, g, rows_i[1]))};
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the first segment is in shared memory
 
-  const int kt_lo = __ffsll(static_cast<long long>(all)) - 1;
-  const int kt_hi = 64 - __clzll(static_cast<long long>(all));
-  for (int seg0 = kt_lo * kTile; seg0 < kt_hi * kTile; seg0 += a.seg) {
-    const int seg1 = min(seg0 + a.seg, kt_hi * kTile);
+  for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
+    const int seg1 = min(seg0 + a.seg, kend);
     const uint64_t seg_mask = tile_bits(seg0, seg1);
-    if ((all & seg_mask) == 0) continue;
-    __syncthreads();
-    stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
-    __syncthreads();
+    if (seg0 > 0) {
+      if ((all & seg_mask) == 0) continue;
+      __syncthreads();
+      stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+      cp_async_wait<0>();
+      __syncthreads();
+    }
     for (uint64_t bits = (my_sel | my_win) & seg_mask; bits != 0; bits &= bits - 1) {
       const int kt = __ffsll(static_cast<long long>(bits)) - 1;
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
@@ -710,12 +782,20 @@ __device__ __forceinline__ void dkdv_zero_padding(const AttnParams& p, T* dk, T*
   }
 }
 
-// Q and dout of query tile qt, head h, into a warp's buffer (two [16][KS] matrices; rows past L
-// zero-filled).
+// One stage of a dk/dv warp's buffer: Q and dout of a query tile (two [16][KS] matrices of T) and
+// the tile's aux rows ([16][2] float4: gate, lse2, delta per branch).
+template <typename T, int KS>
+constexpr int stage_bytes() { return 2 * kTile * KS * int(sizeof(T)) + kTile * 2 * int(sizeof(Aux)); }
+
+// Q, dout and aux of query tile qt, head h, into one stage (rows past L zero-filled: no mask sees
+// them, and zeros keep every product finite).
 template <typename T, int D, int KS>
-__device__ __forceinline__ void stage_q_dout(T* buf, const AttnParams& p, const BwdIn& in,
-                                             const Unit& u, int qt, int64_t h, int lane) {
+__device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnParams& p,
+                                             const BwdIn& in, const Aux* aux, const Unit& u, int qt,
+                                             int64_t h, int lane) {
   constexpr int kChunks = D / 8;
+  T* buf = reinterpret_cast<T*>(stage);
+  Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
   const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
   for (int e = lane; e < 2 * kTile * kChunks; e += 32) {
     const int mat = e >= kTile * kChunks ? 1 : 0;
@@ -728,39 +808,60 @@ __device__ __forceinline__ void stage_q_dout(T* buf, const AttnParams& p, const 
                        : qb + n * p.q_sn;
     cp_async16(buf + (mat * kTile + r) * KS + c * 8, src + c * 8, valid);
   }
+  {  // 32 float4: one per lane
+    const int r = lane >> 1, br = lane & 1;
+    const int i = qt * kTile + r;
+    const bool valid = i < u.L;
+    const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : 0)) * p.H + h;
+    cp_async16(abuf + lane, aux + rh * 2 + br, valid);
+  }
   cp_async_commit();
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
+  // Warp (tl, hg): key tile c0 / 16 + tl, query head hg of the group. Its partial dK, dV over the
+  // queries of that head are added to the other heads' in head order at the end (deterministic).
   constexpr int KS = FusedTraits<D>::kStride;
+  constexpr int kStage = stage_bytes<T, KS>();
+  constexpr int kBuf = 2 * kStage;  // a warp's two stages
   extern __shared__ __align__(16) unsigned char smem[];
   const AttnParams& p = a.p;
   Unit u;
   if (!find_unit(a, false, &u)) return;
   const int64_t g = blockIdx.y;
-  if (a.unit_end == nullptr) dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
+  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
-  // Masks of every row of the sequence: which key tiles each query tile needs.
+  // Masks of every row of the sequence and which key tiles each query tile needs, in shared memory.
   uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
   uint64_t* need = rowmask + a.smem_rows;  // [2][kMaxTiles]
-  T* bufs = reinterpret_cast<T*>(need + 2 * kMaxTiles);
-  compute_needs(p, u, g, 0, u.L, kMaxTiles, rowmask, need);
+  unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
+  const int q_tiles = (u.L + kTile - 1) / kTile;
+  for (int r = threadIdx.x; r < u.L; r += blockDim.x) rowmask[r] = row_mask(a, u, g, r);
+  for (int t = threadIdx.x; t < q_tiles; t += blockDim.x) {
+    const uint64_t* nd = tile_need(a, u, g, t);
+    need[t] = nd[0];
+    need[kMaxTiles + t] = nd[1];
+  }
+  __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int kt = u.c0 / kTile + warp;  // the warp's key tile
-  if (kt * kTile >= u.L) return;       // no barrier below
-  T* buf = bufs + warp * (2 * 2 * kTile * KS);  // two stages of [Q; dout]
+  const int G = int(p.G);
+  const int tl = warp / G, hg = warp - tl * G;
+  const int64_t h = g * p.G + hg;
+  const int kt = u.c0 / kTile + tl;  // the warp's key tile
+  const bool active = kt * kTile < u.L;
+  unsigned char* buf = bufs + warp * kBuf;
 
-  const int q_tiles = (u.L + kTile - 1) / kTile;
   uint64_t tlist = 0;  // query tiles that need this key tile
-  for (int t = 0; t < q_tiles; ++t) {
-    if (((need[t] | need[kMaxTiles + t]) >> kt) & 1) tlist |= 1ull << t;
+  if (active) {
+    for (int t = 0; t < q_tiles; ++t) {
+      if (((need[t] | need[kMaxTiles + t]) >> kt) & 1) tlist |= 1ull << t;
+    }
   }
-
   const int ja = kt * kTile + gq, jb = ja + 8;
   const KCol kr[2] = {make_kcol(a, ja, u.L), make_kcol(a, jb, u.L)};
   uint32_t kf[D / 16][4], vf[D / 16][4];
@@ -779,30 +880,23 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
   }
 
-  // The (query tile, head) pairs in a fixed order: tiles ascending, heads ascending.
-  const int G = int(p.G);
+  // The query tiles in increasing order, the next one's Q and dout loading while this one runs.
   int qt = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
-  int hg = 0;
   int stage = 0;
-  if (qt >= 0) stage_q_dout<T, D, KS>(buf, p, in, u, qt, g * p.G, lane);
+  if (qt >= 0) stage_q_dout<T, D, KS>(buf, p, in, aux, u, qt, h, lane);
   while (qt >= 0) {
-    int qt_next = qt, hg_next = hg + 1;
-    if (hg_next == G) {
-      hg_next = 0;
-      tlist &= tlist - 1;
-      qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
-    }
+    tlist &= tlist - 1;
+    const int qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
     if (qt_next >= 0) {
-      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * 2 * kTile * KS, p, in, u, qt_next,
-                             g * p.G + hg_next, lane);
+      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, p, in, aux, u, qt_next, h, lane);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncwarp();
-    const T* qs = buf + stage * 2 * kTile * KS;
+    const T* qs = reinterpret_cast<const T*>(buf + stage * kStage);
     const T* dos = qs + kTile * KS;
-    const int64_t h = g * p.G + hg;
+    const Aux* as = reinterpret_cast<const Aux*>(dos + kTile * KS);
     const bool do_sel = (need[qt] >> kt) & 1, do_win = (need[kMaxTiles + qt] >> kt) & 1;
 
     // The four query columns this lane holds: c = 2 nt + e2 -> query qt * 16 + 8 nt + 2 tq + e2.
@@ -813,14 +907,10 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
       const int i = qt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1);
       const bool valid = i < u.L;
       qc[c] = make_qrow(a, i, u.L, valid ? rowmask[i] : 0);
-      if (valid) {
-        const int64_t rh = (u.bq * p.seq.N + u.s + i) * p.H + h;
-        const float4 a0 = aux[rh * 2], a1 = aux[rh * 2 + 1];
-        cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
-        cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
-      } else {
-        cg[c][0] = cg[c][1] = cl[c][0] = cl[c][1] = cd[c][0] = cd[c][1] = 0.f;
-      }
+      const int r = (c >> 1) * 8 + 2 * tq + (c & 1);
+      const float4 a0 = as[r * 2], a1 = as[r * 2 + 1];  // zeros past L
+      cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
+      cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
     }
 
     float s[2][4] = {}, dpt[2][4] = {};
@@ -856,10 +946,36 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     mma_ab<T, D, KS>(dk, dsa, qs, lane);
     __syncwarp();  // the buffer is refilled two steps on
     qt = qt_next;
-    hg = hg_next;
     stage ^= 1;
   }
 
+  // Head reduction: warps hg > 0 leave their partials in their own buffer (lane-major float32,
+  // 2 D / 8 * 4 * 32 floats, less than the buffer), warp hg = 0 adds them in head order.
+  static_assert(2 * (D / 8) * 4 * 32 * 4 <= kBuf, "the partials fit the buffer");
+  float* part = reinterpret_cast<float*>(buf);
+  if (hg > 0) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        part[((0 * (D / 8) + n) * 4 + e) * 32 + lane] = dk[n][e];
+        part[((1 * (D / 8) + n) * 4 + e) * 32 + lane] = dv[n][e];
+      }
+    }
+  }
+  __syncthreads();
+  if (hg > 0 || !active) return;
+  for (int x = 1; x < G; ++x) {
+    const float* other = reinterpret_cast<const float*>(bufs + (warp + x) * kBuf);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dk[n][e] += other[((0 * (D / 8) + n) * 4 + e) * 32 + lane];
+        dv[n][e] += other[((1 * (D / 8) + n) * 4 + e) * 32 + lane];
+      }
+    }
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = r == 0 ? ja : jb;
@@ -887,6 +1003,15 @@ __global__ void unit_count_kernel(const SeqParams sp, int64_t max_len, int rows,
   count[b] = (L > 0 && L <= max_len) ? int32_t((L + rows - 1) / rows) : 0;
 }
 
+// The row masks and tile needs of the fused sequences (fused_masks_kernel), kept alive by the
+// returned tensors until the kernels that read them are launched.
+struct Masks {
+  at::Tensor rowmask, need;
+};
+
+Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
+                    const at::Tensor& seq_len, cudaStream_t stream);
+
 struct Launch {
   FusedArgs args;
   dim3 grid;
@@ -897,12 +1022,23 @@ struct Launch {
 
 // Units of `rows` positions; padded batches zero their padding rows in the kernels.
 Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
-                  const at::Tensor& seq_len, cudaStream_t stream) {
+                  const at::Tensor& seq_len, cudaStream_t stream, const Masks* masks) {
   Launch l;
   FusedArgs& a = l.args;
   a.p = p;
+  a.rowmask = masks ? reinterpret_cast<uint64_t*>(masks->rowmask.data_ptr<int64_t>()) : nullptr;
+  a.need = masks ? reinterpret_cast<uint64_t*>(masks->need.data_ptr<int64_t>()) : nullptr;
+  a.mask_rows = d.Bq * d.N;
+  a.tiles_cap = masks ? int(masks->need.size(2)) : 0;
   a.rows = rows;
-  a.w = int(p.stis.window < (1 << 20) ? p.stis.window : (1 << 20));
+  constexpr int64_t kClamp = 2 * kMaxLen;
+  a.b = int(p.select_block < kClamp ? p.select_block : kClamp);
+  a.w = int(p.stis.window < kClamp ? p.stis.window : kClamp);
+  a.wlo = p.stis.causal ? 0 : 1 - a.w;
+  a.wspan = a.w - a.wlo;
+  a.st = p.stis;
+  a.st.window = a.w;
+  a.st.power_block = p.stis.power_block < kClamp ? p.stis.power_block : kClamp;
   a.inv_b = float(1.0 / double(p.select_block));
   a.inv_p = float(1.0 / double(p.stis.power_block));
   a.p1 = p.stis.power_block == 1;
@@ -928,27 +1064,46 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
 // The longest sequence a launch sees (the shared-memory sizes follow it).
 int64_t longest(const Dims& d, int64_t max_len) { return d.N < max_len ? d.N : max_len; }
 
+// 16-row (or 16-key) tiles per CTA: a warp per (tile, head of the group), G * tiles <= 8 warps,
+// no more tiles than the longest sequence has.
+int64_t tiles_per_cta(const Dims& d, int64_t n_max) {
+  int64_t t = kMaxWarps / d.G;
+  t = t < 1 ? 1 : t;
+  return t < ceil_div(n_max, kTile) ? t : ceil_div(n_max, kTile);
+}
+
+Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
+                    const at::Tensor& seq_len, cudaStream_t stream) {
+  Masks m;
+  const auto opts = seq_len.options().dtype(at::kLong);
+  m.rowmask = at::empty({d.KVH, d.Bq * d.N}, opts);
+  m.need = at::empty({d.KVH, d.B, ceil_div(n_max, kTile), 2}, opts);
+  Launch l = plan_units(p, d, max_len, kMaskRows, seq_len, stream, &m);
+  fused_masks_kernel<<<l.grid, kMaskRows, 0, stream>>>(l.args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return m;
+}
+
 template <typename T, int D>
 Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
-                        const at::Tensor& seq_len, cudaStream_t stream) {
+                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks) {
   constexpr int KS = FusedTraits<D>::kStride;
   const int64_t n_max = longest(d, max_len);
-  int64_t tpc = kMaxWarps / d.G;  // 16-row tiles per CTA: G * tpc <= 8 warps
-  tpc = tpc < 1 ? 1 : tpc;
-  tpc = tpc < ceil_div(n_max, kTile) ? tpc : ceil_div(n_max, kTile);
-  Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream);
+  const int64_t tpc = tiles_per_cta(d, n_max);
+  Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream, &masks);
   const int64_t seg_cap = kSegmentBudget / (2 * KS * int64_t(sizeof(T))) / kTile * kTile;
   const int64_t keys = ceil_div(n_max, kTile) * kTile;
   l.args.seg = int(keys < seg_cap ? keys : seg_cap);
   l.threads = int(32 * d.G * tpc);
-  l.smem = tpc * kTile * 8 + 2 * tpc * 8 + 2 * int64_t(l.args.seg) * KS * int64_t(sizeof(T));
+  l.smem = 2 * int64_t(l.args.seg) * KS * int64_t(sizeof(T));
   return l;
 }
 
 template <typename T, int D>
 void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max_len,
                 const at::Tensor& seq_len, cudaStream_t stream) {
-  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream);
+  const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
+  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks);
   auto kernel = fused_fwd_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, o);
@@ -959,20 +1114,21 @@ template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T* dv, const Dims& d,
                 int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream) {
   constexpr int KS = FusedTraits<D>::kStride;
+  const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
   {
-    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream);
+    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks);
     auto kernel = fused_dq_kernel<T, D>;
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t n_max = longest(d, max_len);
-  const int64_t warps = ceil_div(n_max, kTile) < kMaxWarps ? ceil_div(n_max, kTile) : kMaxWarps;
-  Launch l = plan_units(p, d, max_len, int(warps * kTile), seq_len, stream);
+  const int64_t tiles = tiles_per_cta(d, n_max);
+  const int64_t warps = d.G * tiles;
+  Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks);
   l.args.smem_rows = int(ceil_div(n_max, kTile) * kTile);
   l.threads = int(32 * warps);
-  l.smem = int64_t(l.args.smem_rows) * 8 + 2 * kMaxTiles * 8 +
-           warps * 2 * 2 * kTile * KS * int64_t(sizeof(T));
+  l.smem = int64_t(l.args.smem_rows) * 8 + 2 * kMaxTiles * 8 + warps * 2 * stage_bytes<T, KS>();
   auto kernel = fused_dkdv_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
@@ -981,17 +1137,21 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 
 }  // namespace
 
-int64_t fused_max_len(at::ScalarType dtype, int64_t select_block) {
+int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
+  // Measured (docs/PERF_NOTES.md, v10): at D = 16 the row kernels are faster from ~1024 tokens on
+  // (S3 fwd+bwd 1.36 ms against the fused kernels' 1.87 ms on an H200); at S2 (N = 200) the fused
+  // kernels are faster. Above D = 16 the fused kernels win at every length they take.
+  const int64_t by_dim = head_dim == 16 ? 256 : kMaxLen;
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;
-  return by_blocks < kMaxLen ? by_blocks : kMaxLen;
+  return by_blocks < by_dim ? by_blocks : by_dim;
 }
 
 FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block) {
   FusedPlan plan;
-  const int64_t max_len = fused_max_len(dtype, select_block);
+  const int64_t max_len = fused_max_len(dtype, d.D, select_block);
   if (max_len <= 0) return plan;
   if (d.Bq == d.B) {
     if (d.N > max_len) return plan;  // padded: all or nothing

@@ -13,8 +13,9 @@ namespace cuda {
 
 // The longest sequence the fused kernels take for these inputs, 0 when they take none (float32,
 // a GPU older than sm_80). Sequences up to 1024 tokens (a 64-bit mask of 16-key tiles per query
-// tile) with at most 64 selection blocks (a 64-bit mask of blocks per row).
-int64_t fused_max_len(at::ScalarType dtype, int64_t select_block);
+// tile; 256 at D = 16, where the row kernels are faster beyond) with at most 64 selection blocks
+// (a 64-bit mask of blocks per row).
+int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block);
 
 // Which kernels a call takes. Padded batches (Bq == B) go wholly to the fused kernels when
 // N <= max_len, else wholly to the row kernels. Packed batches take the fused kernels for their
