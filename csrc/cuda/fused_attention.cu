@@ -1,10 +1,11 @@
 // The fused tensor-core kernels of sparse_attention_fwd / _bwd for short and medium sequences
 // (float16 / bfloat16, at most fused_max_len() tokens).
 //
-// Why tiles work here when they did not for long sequences (docs/PERF_NOTES.md, v6 and v10): a
-// sequence of L <= 1024 tokens has at most 64 key tiles of 16, and each 16-row query tile needs only
-// the key tiles that some row of it sees, in either branch (its own block, the blocks its rows
-// selected, the STIS window, one tile per power of two >= 16). Over that union the work is dense:
+// Why tiles work here when they did not for long sequences (docs/PERF_NOTES.md, v6 and "Kernel
+// design"): a sequence of L <= 1024 tokens has at most 64 key tiles of 16, and each 16-row query
+// tile needs only the key tiles that some row of it sees, in either branch (its own block, the
+// blocks its rows selected, the STIS window, one tile per power of two >= 16). Over that union the
+// work is dense:
 // S = Q K^T is one mma.sync m16n8k16 per 8 keys and 16 dims, and ONE S tile feeds both branches.
 // Each branch masks it per (row, key) by the rules of common/mask.h (LTIS: own range or a bit of the
 // row's 64-bit block mask, so a block listed twice counts once; STIS: window, powers of two, sink)
@@ -13,9 +14,11 @@
 // Layout of the work: the G query heads of a kv group share their key sets, so a CTA serves one
 // (sequence, kv group, chunk of 16 * tiles positions) with one warp per (16-row tile, head): the M
 // dimension of the products is G heads x 16 rows, spread over G warps that read the same shared
-// memory. Every kernel starts by computing, per row of its chunk (or of the whole sequence for dk/dv),
-// the 64-bit selected-block mask and which key tiles the row needs in each branch (shared-memory
-// OR, deterministic), so a tile that no row of a query tile needs is never touched.
+// memory. A small kernel first computes, per row, the 64-bit selected-block mask and, per 16-row
+// query tile, which key tiles it needs in each branch (fused_masks_kernel, a thread per row: done
+// inside each CTA, one warp's serial work kept the others waiting at a barrier for 44% of the
+// forward's cycles, docs/PERF_NOTES.md v13-v14); a tile that no row of a query tile needs is never
+// touched.
 //
 // - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
 //   segments (all of them at once up to ~1024 keys at D = 16); each warp keeps its 16 x D
@@ -24,10 +27,10 @@
 //   delta = gate * <dout, o_branch> first (written to aux for the dk/dv kernel), then per key tile
 //   S, both P from the saved lse, dP = dout V^T once for both branches (the gates scale it per
 //   branch), dS = P_sel (g_sel dP - delta_sel) + P_win (g_win dP - delta_win), dQ += dS K.
-// - dk/dv (key-outer): a warp owns 16 keys of the kv group and walks every (query tile, head) that
-//   needs them, in a fixed order (deterministic, no atomics): S^T = K Q^T, dP^T = V dout^T,
-//   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q. Q and dout tiles are double-buffered
-//   per warp with cp.async.
+// - dk/dv (key-outer): a warp per (16 keys of the kv group, query head) walks the query tiles that
+//   need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
+//   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q; Q, dout and aux tiles double-buffered
+//   per warp with cp.async; the G head partials added in head order (deterministic, no atomics).
 // Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
 // sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
 // the row kernels zero the padding rows and serve the sequences longer than fused_max_len().
@@ -1140,7 +1143,7 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
-  // Measured (docs/PERF_NOTES.md, v10): at D = 16 the row kernels are faster from ~1024 tokens on
+  // Measured (docs/PERF_NOTES.md, v15): at D = 16 the row kernels are faster from ~1024 tokens on
   // (S3 fwd+bwd 1.36 ms against the fused kernels' 1.87 ms on an H200); at S2 (N = 200) the fused
   // kernels are faster. Above D = 16 the fused kernels win at every length they take.
   const int64_t by_dim = head_dim == 16 ? 256 : kMaxLen;
