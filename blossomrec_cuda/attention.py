@@ -9,6 +9,7 @@ the device, instead of deciding "left or right" on the host, is what lets the mo
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -19,6 +20,32 @@ from . import reference
 from . import ops as _ops  # also registers the fake kernels and autograd of the ops
 
 BACKENDS = ("ops", "reference")
+
+# BlossomAttention's op hyper-parameters, named as on the op functions (blossomrec_cuda.ops), and the
+# names they had before 0.2.0, which the recommender's builders still accept (old configs,
+# checkpoints and RecBole yaml files) with a DeprecationWarning.
+SPARSE_NAMES = ("compress_block_size", "compress_stride", "select_block", "num_select", "window",
+                "power_block")
+LEGACY_SPARSE_NAMES = {"stride": "compress_stride", "selection_block_size": "select_block",
+                       "num_selected_blocks": "num_select", "power_block_size": "power_block"}
+
+
+def normalize_sparse_names(kwargs: dict) -> dict:
+    """``kwargs`` with legacy hyper-parameter names replaced by :data:`SPARSE_NAMES` (warning once
+    per call); a name given twice (old and new) or an unknown name raises ValueError."""
+    out = {}
+    for name, value in kwargs.items():
+        new = LEGACY_SPARSE_NAMES.get(name, name)
+        if new != name:
+            warnings.warn(f"BlossomAttention's {name!r} is now {new!r} (the op's name); the old "
+                          "name will go away", DeprecationWarning, stacklevel=3)
+        if new not in SPARSE_NAMES:
+            raise ValueError(f"unknown BlossomAttention hyper-parameter {name!r}; expected one of "
+                             f"{SPARSE_NAMES}")
+        if new in out:
+            raise ValueError(f"{new!r} given twice (once under its old name)")
+        out[new] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,20 +191,21 @@ class BlossomAttention(_QKVAttention):
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int,
-                 compress_block_size: int = 32, stride: int = 16, selection_block_size: int = 16,
-                 num_selected_blocks: int = 4, window: int = 8, power_block_size: int = 1,
+                 compress_block_size: int = 32, compress_stride: int = 16, select_block: int = 16,
+                 num_select: int = 4, window: int = 8, power_block: int = 1,
                  causal: bool = True, rope_theta: float = 10000.0, *, use_power: bool = True,
                  use_sink: bool = True, backend: str = "ops") -> None:
         super().__init__(dim, heads, kv_heads, dim_head, causal, rope_theta)
-        if stride <= 0 or compress_block_size < stride:
-            raise ValueError(f"need 0 < stride <= compress_block_size, got stride={stride}, "
+        if compress_stride <= 0 or compress_block_size < compress_stride:
+            raise ValueError(f"need 0 < compress_stride <= compress_block_size, got "
+                             f"compress_stride={compress_stride}, "
                              f"compress_block_size={compress_block_size}")
-        if selection_block_size < stride or selection_block_size % stride != 0:
-            raise ValueError(f"selection_block_size ({selection_block_size}) must be a positive "
-                             f"multiple of stride ({stride})")
-        if window < 1 or power_block_size < 1 or num_selected_blocks < 0:
-            raise ValueError(f"need window >= 1, power_block_size >= 1, num_selected_blocks >= 0; "
-                             f"got {window}, {power_block_size}, {num_selected_blocks}")
+        if select_block < compress_stride or select_block % compress_stride != 0:
+            raise ValueError(f"select_block ({select_block}) must be a positive "
+                             f"multiple of compress_stride ({compress_stride})")
+        if window < 1 or power_block < 1 or num_select < 0:
+            raise ValueError(f"need window >= 1, power_block >= 1, num_select >= 0; "
+                             f"got {window}, {power_block}, {num_select}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "ops" and (dim_head not in OPS_HEAD_DIMS or heads // kv_heads > OPS_MAX_GROUP):
@@ -186,11 +214,11 @@ class BlossomAttention(_QKVAttention):
                              f"<= {OPS_MAX_GROUP}, got dim_head={dim_head}, heads={heads}, "
                              f"kv_heads={kv_heads} (backend='reference' takes any)")
         self.compress_block_size = compress_block_size
-        self.stride = stride
-        self.selection_block_size = selection_block_size
-        self.num_selected_blocks = num_selected_blocks
+        self.compress_stride = compress_stride
+        self.select_block = select_block
+        self.num_select = num_select
         self.window = window
-        self.power_block_size = power_block_size
+        self.power_block = power_block
         self.use_power = use_power
         self.use_sink = use_sink
         self.backend = backend
@@ -213,7 +241,7 @@ class BlossomAttention(_QKVAttention):
         yield from self.compress_mlp.parameters()
 
     def compress_keys(self, k: Tensor, seq_start: Tensor) -> Tensor:
-        """SPEC 1a, batched: ``k [B, N, KVH, D]`` (RoPE'd) -> ``kc [B, N // stride, KVH, D]``.
+        """SPEC 1a, batched: ``k [B, N, KVH, D]`` (RoPE'd) -> ``kc [B, N // compress_stride, KVH, D]``.
 
         Each sequence's windows are built from its own tokens: rows are first shifted so that the
         first valid token sits at row 0 (left padding then looks like right padding), so window ``c``
@@ -222,7 +250,7 @@ class BlossomAttention(_QKVAttention):
         (sequence b uses ``c < floor(L_b / s)``).
         """
         B, N, KVH, D = k.shape
-        s, l = self.stride, self.compress_block_size
+        s, l = self.compress_stride, self.compress_block_size
         C = N // s
         if C == 0:
             return k.new_zeros(B, 0, KVH, D)
@@ -254,20 +282,20 @@ class BlossomAttention(_QKVAttention):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,
                 seq_start: Tensor, seq_len: Tensor) -> Tensor:
         scale = self.dim_head ** -0.5
-        hp = dict(select_block=self.selection_block_size, window=self.window,
-                  power_block=self.power_block_size, use_power=self.use_power,
+        hp = dict(select_block=self.select_block, window=self.window,
+                  power_block=self.power_block, use_power=self.use_power,
                   use_sink=self.use_sink and not self.causal, causal=self.causal, scale=scale)
         if self.backend == "reference":
             # batched (no Python loop over sequences); equal to reference.blossom_attention
             return reference.blossom_attention_batched(
-                q, k, v, kc, gates, seq_start, seq_len, compress_stride=self.stride,
-                num_select=self.num_selected_blocks, **hp).out
+                q, k, v, kc, gates, seq_start, seq_len, compress_stride=self.compress_stride,
+                num_select=self.num_select, **hp).out
         # The raw ops take (seq_start, seq_len), the row-buffer contract of docs/DESIGN.md, so one
         # call serves right, left and mixed padding without a host-side decision.
         with torch.no_grad():
             sel_idx, sel_cnt = torch.ops.blossomrec.select_blocks(
-                q.detach(), kc, seq_start, seq_len, self.stride, self.selection_block_size,
-                self.num_selected_blocks, self.causal, scale)
+                q.detach(), kc, seq_start, seq_len, self.compress_stride, self.select_block,
+                self.num_select, self.causal, scale)
         out, _, _, _ = torch.ops.blossomrec.sparse_attention_fwd(
             q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, hp["select_block"], hp["window"],
             hp["power_block"], hp["use_power"], hp["use_sink"], hp["causal"], hp["scale"])
@@ -275,9 +303,9 @@ class BlossomAttention(_QKVAttention):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", compress_block_size={self.compress_block_size}, "
-                f"stride={self.stride}, selection_block_size={self.selection_block_size}, "
-                f"num_selected_blocks={self.num_selected_blocks}, window={self.window}, "
-                f"power_block_size={self.power_block_size}, backend={self.backend!r}")
+                f"compress_stride={self.compress_stride}, select_block={self.select_block}, "
+                f"num_select={self.num_select}, window={self.window}, "
+                f"power_block={self.power_block}, backend={self.backend!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,9 +313,16 @@ class BlossomAttention(_QKVAttention):
 # --------------------------------------------------------------------------------------------------
 class DenseAttention(_QKVAttention):
     """Dense (causal by default) GQA softmax attention with the same interface, the same qkv / output
-    projections and the same RoPE as :class:`BlossomAttention`: the baseline (SASRec's attention).
+    projections and the same RoPE as :class:`BlossomAttention`: SASRec's attention, and the fair
+    dense baseline, written the way a user would pick it.
 
-    Costs ``O(N^2)`` per sequence; padding rows give exactly 0, like the sparse module.
+    No ``N x N`` mask and no k/v expanded to all heads: ``scaled_dot_product_attention(...,
+    enable_gqa=True)`` (torch >= 2.5), with ``is_causal=True`` when causal. Right padding (or full
+    rows) needs no mask at all when causal: pad keys come after every valid query. Any other padding
+    (left, or a valid run in the middle of the row) is moved to the right-padded form by an ``O(N)``
+    row gather and moved back after the attention; when not causal, pad keys are masked by a
+    ``[B, 1, 1, N]`` key mask. Costs ``O(N^2)`` per sequence; padding rows give exactly 0, like the
+    sparse module.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int, causal: bool = True,
@@ -300,17 +335,29 @@ class DenseAttention(_QKVAttention):
         self._check_input(x)
         B, N, _ = x.shape
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
-        valid = valid_mask(seq_start, seq_len, N)
         q, k, v = self._qkv(x, seq_start)
-        G = self.heads // self.kv_heads
-        k = k.repeat_interleave(G, dim=2)  # query head h uses kv head h // G
-        v = v.repeat_interleave(G, dim=2)
-        allowed = valid[:, None, :].expand(B, N, N)  # [B, query, key]
-        if self.causal:
-            allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-        # A padding query would see no key and give NaN; let it see itself, then zero it below.
-        allowed = allowed | torch.eye(N, dtype=torch.bool, device=x.device)
+        # Where the valid tokens may not start at row 0 (a mask, or left padding), shift them there.
+        shift = attention_mask is not None or (lengths is not None and padding_side == "left")
+        if shift:
+            j = torch.arange(N, device=x.device)
+            to_right = (j[None, :] + seq_start[:, None]).clamp(max=N - 1)  # [B, N]
+            q, k, v = (_gather_rows(t, to_right) for t in (q, k, v))
+        key_mask = None
+        if not self.causal and (attention_mask is not None or lengths is not None):
+            j = torch.arange(N, device=x.device)
+            # An empty sequence keeps key 0 so that no row is all -inf (its output is zeroed below).
+            key_mask = ((j[None, :] < seq_len[:, None]) | (j[None, :] == 0))[:, None, None, :]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=allowed[:, None])
-        o = o.transpose(1, 2) * valid[:, :, None, None].to(o.dtype)
+                                           attn_mask=key_mask, is_causal=self.causal,
+                                           enable_gqa=True).transpose(1, 2)
+        if shift:
+            j = torch.arange(N, device=x.device)
+            o = _gather_rows(o, (j[None, :] - seq_start[:, None]).clamp(min=0))
+        o = o * valid_mask(seq_start, seq_len, N)[:, :, None, None].to(o.dtype)
         return self._project_out(o)
+
+
+def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t [B, N, H, D]`` with row ``n`` of batch entry ``b`` taken from ``rows[b, n]``."""
+    B, N, H, D = t.shape
+    return t.gather(1, rows[:, :, None, None].expand(B, N, H, D))

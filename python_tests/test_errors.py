@@ -460,8 +460,8 @@ MODULES = ("blossom-ops", "blossom-reference", "dense")
 def make_module(kind: str) -> torch.nn.Module:
     if kind == "dense":
         return br.DenseAttention(DIM, 4, 2, 16)
-    return br.BlossomAttention(DIM, 4, 2, 16, compress_block_size=8, stride=4,
-                               selection_block_size=8, backend=kind.split("-")[1])
+    return br.BlossomAttention(DIM, 4, 2, 16, compress_block_size=8, compress_stride=4,
+                               select_block=8, backend=kind.split("-")[1])
 
 
 class ModuleCase(NamedTuple):
@@ -527,9 +527,9 @@ def test_module_rejects_x_of_the_wrong_width_or_rank(kind):
 @pytest.mark.parametrize("size", [0, -16])
 def test_module_rejects_a_selection_block_that_is_not_positive(size):
     # (0 and -16 are multiples of the stride; the op refused them only at the first forward)
-    with pytest.raises(ValueError, match=rf"selection_block_size \({size}\) must be a positive "
-                                         r"multiple of stride \(16\)"):
-        br.BlossomAttention(DIM, 4, 2, 16, selection_block_size=size)
+    with pytest.raises(ValueError, match=rf"select_block \({size}\) must be a positive "
+                                         r"multiple of compress_stride \(16\)"):
+        br.BlossomAttention(DIM, 4, 2, 16, select_block=size)
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim_head", [(8, 2, 4), (4, 2, 24), (16, 1, 16)])
@@ -539,8 +539,8 @@ def test_module_ops_backend_rejects_what_the_ops_cannot_run(heads, kv_heads, dim
                                          r"heads / kv_heads <= 8"):
         br.BlossomAttention(DIM, heads, kv_heads, dim_head)
     # the reference backend computes any head dim and group size
-    m = br.BlossomAttention(DIM, heads, kv_heads, dim_head, compress_block_size=8, stride=4,
-                            selection_block_size=8, backend="reference")
+    m = br.BlossomAttention(DIM, heads, kv_heads, dim_head, compress_block_size=8, compress_stride=4,
+                            select_block=8, backend="reference")
     assert m(torch.randn(2, 20, DIM)).shape == (2, 20, DIM)
 
 

@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import blossomrec_cuda
 from blossomrec_cuda import BlossomAttention, DenseAttention, reference
 
 DIM = 32
 # small blocks so that N = 45 has several compression windows and selection blocks (m = b / s = 2)
-SMALL = dict(compress_block_size=8, stride=4, selection_block_size=8, num_selected_blocks=2,
+SMALL = dict(compress_block_size=8, compress_stride=4, select_block=8, num_select=2,
              window=3)
 CONFIGS = [
     pytest.param(dict(heads=4, kv_heads=2, dim_head=16, causal=True, **SMALL), id="causal-G2"),
     pytest.param(dict(heads=4, kv_heads=1, dim_head=16, causal=False, **SMALL), id="noncausal-G4"),
-    pytest.param(dict(heads=2, kv_heads=2, dim_head=32, causal=True, power_block_size=2, **SMALL),
+    pytest.param(dict(heads=2, kv_heads=2, dim_head=32, causal=True, power_block=2, **SMALL),
                  id="causal-G1-p2"),
     pytest.param(dict(heads=4, kv_heads=2, dim_head=16, causal=True), id="paper-defaults"),
 ]
@@ -61,11 +62,11 @@ def reference_module(m: BlossomAttention, x: Tensor, starts: list[int], lens: li
         q = reference.apply_rope(q, pos, m.rope_theta)
         k = reference.apply_rope(k, pos, m.rope_theta)
         kc = reference.compress_keys(k, m.compress_pos, m.compress_mlp, m.compress_block_size,
-                                     m.stride)
+                                     m.compress_stride)
         gates = torch.sigmoid(xs @ m.to_gates.weight.t() + m.to_gates.bias).view(L, H, 2)
         r = reference.blossom_attention_seq(
-            q, k, v, kc, gates, compress_stride=m.stride, select_block=m.selection_block_size,
-            num_select=m.num_selected_blocks, window=m.window, power_block=m.power_block_size,
+            q, k, v, kc, gates, compress_stride=m.compress_stride, select_block=m.select_block,
+            num_select=m.num_select, window=m.window, power_block=m.power_block,
             use_power=m.use_power, use_sink=m.use_sink, causal=m.causal)
         out = out.index_put((torch.full((L,), b), torch.arange(st, st + L)),
                             r.out.reshape(L, H * D) @ m.to_out.weight.t())
@@ -170,8 +171,8 @@ def test_mask_errors_say_how_to_fix():
         m(x, attention_mask=holes[:, :5])
     with pytest.raises(ValueError, match="padding_side"):
         m(x, lengths=torch.tensor([3, 4]), padding_side="middle")
-    with pytest.raises(ValueError, match="multiple of stride"):
-        BlossomAttention(DIM, 4, 2, 16, stride=16, selection_block_size=24)
+    with pytest.raises(ValueError, match="multiple of compress_stride"):
+        BlossomAttention(DIM, 4, 2, 16, compress_stride=16, select_block=24)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         BlossomAttention(DIM, 4, 3, 16)
 
@@ -294,3 +295,93 @@ def test_cuda_matches_cpu():
         low = torch.compile(m, fullgraph=True)(x.cuda(), attention_mask=mask.cuda())
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     torch.testing.assert_close(low.float().cpu(), cpu, atol=5e-2, rtol=5e-2)
+
+
+def _dense_reference(m: DenseAttention, x: Tensor, valid: Tensor) -> Tensor:
+    """Dense attention of each sequence's valid tokens alone, with explicit masks (float64 when x
+    is): what DenseAttention must equal for any padding."""
+    B, N, _ = x.shape
+    H, KVH, D = m.heads, m.kv_heads, m.dim_head
+    G = H // KVH
+    rows = []
+    for b in range(B):
+        idx = valid[b].nonzero().flatten()
+        L = len(idx)
+        out_b = x.new_zeros(N, H * D)
+        if L > 0:
+            qkv = (x[b, idx] @ m.to_qkv.weight.t()).view(L, H + 2 * KVH, D)
+            pos = torch.arange(L)
+            q = reference.apply_rope(qkv[:, :H], pos)
+            k = reference.apply_rope(qkv[:, H:H + KVH], pos).repeat_interleave(G, dim=1)
+            v = qkv[:, H + KVH:].repeat_interleave(G, dim=1)
+            logits = torch.einsum("ihd,jhd->hij", q, k) * D ** -0.5
+            if m.causal:
+                logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+            o = torch.einsum("hij,jhd->ihd", F.softmax(logits, dim=-1), v).reshape(L, H * D)
+            out_b = out_b.index_put((idx,), o)
+        rows.append(out_b)
+    return torch.stack(rows) @ m.to_out.weight.t()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2), (8, 1)])
+@pytest.mark.parametrize("layout", ["right", "left", "mask"])
+def test_dense_attention_matches_reference_for_every_padding(layout, heads, kv_heads, causal):
+    """DenseAttention (SDPA with is_causal / a key mask and enable_gqa, no N x N mask) equals dense
+    attention over each sequence's valid tokens alone, in float64, forward and every parameter
+    gradient, for right padding, left padding and a valid run in the middle of the row (empty rows
+    included); padding rows are exactly 0."""
+    torch.manual_seed(3)
+    m = DenseAttention(DIM, heads, kv_heads, 16, causal=causal).double()
+    N = 11
+    x = torch.randn(4, N, DIM, dtype=torch.float64)
+    lens = torch.tensor([11, 5, 0, 1])
+    j = torch.arange(N)[None, :]
+    if layout == "right":
+        valid = j < lens[:, None]
+        kwargs = dict(lengths=lens)
+    elif layout == "left":
+        valid = j >= (N - lens)[:, None]
+        kwargs = dict(lengths=lens, padding_side="left")
+    else:
+        start = torch.tensor([0, 3, 5, 7])
+        valid = (j >= start[:, None]) & (j < (start + lens)[:, None])
+        kwargs = dict(attention_mask=valid)
+    out = m(x, **kwargs)
+    want = _dense_reference(m, x, valid)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
+    dout = torch.randn_like(out)
+    params = [m.to_qkv.weight, m.to_out.weight]
+    got = torch.autograd.grad(out, params, dout)
+    ref = torch.autograd.grad(want, params, dout)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_module_takes_the_op_hyper_parameter_names():
+    """BlossomAttention's hyper-parameters carry the op functions' names; the recommender's builder
+    still takes the names before 0.2.0 with a DeprecationWarning, and refuses unknown or doubled
+    names."""
+    from blossomrec_cuda.attention import SPARSE_NAMES, normalize_sparse_names
+    from blossomrec_cuda.rec.model import build_model
+
+    m = BlossomAttention(DIM, 4, 2, 16, compress_block_size=8, compress_stride=4, select_block=8,
+                         num_select=3, window=5, power_block=2)
+    assert (m.compress_stride, m.select_block, m.num_select, m.window, m.power_block) == (4, 8, 3, 5, 2)
+    import inspect
+    ops_names = set(inspect.signature(blossomrec_cuda.blossom_attention).parameters)
+    assert set(SPARSE_NAMES) - {"compress_block_size"} <= ops_names
+    with pytest.warns(DeprecationWarning) as record:
+        model = build_model(10, sparse_kwargs=dict(stride=4, compress_block_size=8,
+                                                    selection_block_size=8))
+    messages = {str(w.message) for w in record}
+    assert any("'stride' is now 'compress_stride'" in m_ for m_ in messages), messages
+    assert any("'selection_block_size' is now 'select_block'" in m_ for m_ in messages), messages
+    attn = model.blocks[0].attention
+    assert (attn.compress_stride, attn.select_block) == (4, 8)
+    with pytest.raises(ValueError, match="unknown BlossomAttention hyper-parameter 'strides'"):
+        normalize_sparse_names(dict(strides=4))
+    with pytest.raises(ValueError, match="given twice"):
+        with pytest.warns(DeprecationWarning):
+            normalize_sparse_names(dict(stride=4, compress_stride=4))

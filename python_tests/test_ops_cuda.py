@@ -475,9 +475,9 @@ def test_module_compiles_fullgraph_on_cuda():
     """torch.compile(fullgraph=True) on a module that calls the ops: same forward and gradients as
     eager, under bf16 autocast, with left padding given as a mask."""
     torch.manual_seed(0)
-    module = blossomrec_cuda.BlossomAttention(64, heads=4, kv_heads=2, dim_head=16, stride=4,
-                                              compress_block_size=8, selection_block_size=8,
-                                              num_selected_blocks=2).to(DEV)
+    module = blossomrec_cuda.BlossomAttention(64, heads=4, kv_heads=2, dim_head=16, compress_stride=4,
+                                              compress_block_size=8, select_block=8,
+                                              num_select=2).to(DEV)
     x = torch.randn(3, 40, 64, device=DEV)
     mask = torch.zeros(3, 40, dtype=torch.bool, device=DEV)
     for b, L in enumerate((40, 17, 1)):

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 # a tiny model and slice so that a whole training run takes a few seconds on 2 CPU cores
 TINY = TrainConfig(max_users=150, hidden=32, heads=2, kv_heads=1, layers=1, inner=64,
                    max_len=20, epochs=2, batch_size=128, eval_batch_size=256, progress=False,
-                   device="cpu", sparse=dict(compress_block_size=8, stride=4,
-                                             selection_block_size=4, num_selected_blocks=2,
+                   device="cpu", sparse=dict(compress_block_size=8, compress_stride=4,
+                                             select_block=4, num_select=2,
                                              window=4))
 
 
@@ -163,8 +163,8 @@ def test_command_line_writes_table_json_and_jsonl(tmp_path, capsys):
     argv = ["--max-users", "120", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--layers",
             "1", "--inner", "64", "--max-len", "20", "--epochs", "1", "--batch-size", "128",
             "--device", "cpu", "--no-progress", "--out", str(out), "--jsonl", str(rows),
-            "--stride", "4", "--compress-block-size", "8", "--selection-block-size", "4"]
-    assert parse_args(argv).sparse == dict(stride=4, compress_block_size=8, selection_block_size=4)
+            "--compress-stride", "4", "--compress-block-size", "8", "--select-block", "4"]
+    assert parse_args(argv).sparse == dict(compress_stride=4, compress_block_size=8, select_block=4)
     assert main(argv) == 0
     assert main(argv + ["--attention", "dense"]) == 0
     printed = capsys.readouterr().out
@@ -209,7 +209,7 @@ def test_distributed_two_processes_gloo(tmp_path):
            "-m", "blossomrec_cuda.rec.train", "--max-users", "150", "--hidden", "32", "--heads",
            "2", "--kv-heads", "1", "--layers", "1", "--inner", "64", "--max-len", "20",
            "--epochs", "2", "--batch-size", "128", "--device", "cpu", "--no-progress",
-           "--stride", "4", "--compress-block-size", "8", "--selection-block-size", "4",
+           "--compress-stride", "4", "--compress-block-size", "8", "--select-block", "4",
            "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -217,8 +217,8 @@ def test_distributed_two_processes_gloo(tmp_path):
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["epochs_run"] == 2
 
-    cfg = replace(TINY, max_users=150, sparse=dict(stride=4, compress_block_size=8,
-                                                   selection_block_size=4))
+    cfg = replace(TINY, max_users=150, sparse=dict(compress_stride=4, compress_block_size=8,
+                                                   select_block=4))
     data = load_data(cfg)
     split = D.leave_one_out(data)
     negatives = D.sample_negatives(data, [u for u, _, _ in split.test], 100, seed=cfg.seed + 1)
@@ -243,8 +243,8 @@ def test_short_run_on_real_data_beats_popularity(shared_data):
     # holds several selection blocks and both LTIS and STIS branches do work
     cfg = TrainConfig(data=str(path), max_users=200, hidden=64, heads=4, kv_heads=2, layers=1,
                       inner=128, max_len=32, epochs=3, batch_size=256, lr=2e-3, progress=False,
-                      device="cpu", sparse=dict(compress_block_size=8, stride=4,
-                                                selection_block_size=4, num_selected_blocks=2,
+                      device="cpu", sparse=dict(compress_block_size=8, compress_stride=4,
+                                                select_block=4, num_select=2,
                                                 window=4))
     result = run(cfg)
     losses = [h["train_loss"] for h in result["history"]]
@@ -285,8 +285,8 @@ def test_recbole_adapter_trains_inside_recbole(tmp_path, monkeypatch):
             "data_path": str(tmp_path), "dataset": "tiny", "loss_type": "CE",
             "train_neg_sample_args": None, "epochs": 2, "train_batch_size": 128,
             "eval_batch_size": 512, "hidden_size": 32, "n_heads": 2, "n_kv_heads": 1,
-            "inner_size": 64, "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 20, "stride": 4,
-            "compress_block_size": 8, "selection_block_size": 4, "device": "cpu",
+            "inner_size": 64, "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 20, "compress_stride": 4,
+            "compress_block_size": 8, "select_block": 4, "device": "cpu",
             "use_gpu": False, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
             "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": mode},
             "metrics": ["Recall", "MRR", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",

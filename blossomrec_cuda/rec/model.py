@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, BlossomAttention, DenseAttention
+from ..attention import BACKENDS, BlossomAttention, DenseAttention, normalize_sparse_names
 
 ATTENTIONS = ("blossom", "dense")
 
@@ -144,4 +144,5 @@ def build_model(num_items: int, attention: str = "blossom", backend: str = "ops"
     if attention == "dense":
         return SASRec(num_items, hidden, heads, kv_heads, layers, inner, dropout)
     return BlossomRec(num_items, hidden, heads, kv_heads, layers, inner, dropout,
-                      attention=attention, backend=backend, **(sparse_kwargs or {}))
+                      attention=attention, backend=backend,
+                      **normalize_sparse_names(sparse_kwargs or {}))

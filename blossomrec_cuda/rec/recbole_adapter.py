@@ -7,8 +7,8 @@
 Configuration keys (RecBole's names where RecBole has one; defaults = the paper's, SPEC 5):
 ``hidden_size`` 128, ``n_heads`` 8, ``n_kv_heads`` 2, ``n_layers`` 2, ``inner_size`` 256,
 ``hidden_dropout_prob`` 0.2, ``attention`` "blossom" | "dense", ``attention_backend`` "ops" |
-"reference", and BlossomAttention's ``compress_block_size``, ``stride``, ``selection_block_size``,
-``num_selected_blocks``, ``window``, ``power_block_size``. The loss is cross-entropy over all items
+"reference", and BlossomAttention's ``compress_block_size``, ``compress_stride``, ``select_block``,
+``num_select``, ``window``, ``power_block``. The loss is cross-entropy over all items
 (``loss_type`` must be "CE" or absent).
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without RecBole
     raise ImportError("blossomrec_cuda.rec.recbole_adapter needs RecBole: `pip install recbole`") from e
 
+from ..attention import LEGACY_SPARSE_NAMES, SPARSE_NAMES
 from .model import build_model
 
-_SPARSE_KEYS = ("compress_block_size", "stride", "selection_block_size", "num_selected_blocks",
-                "window", "power_block_size")
+_SPARSE_KEYS = SPARSE_NAMES
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
@@ -48,7 +48,8 @@ class BlossomRecRecBole(SequentialRecommender):
         if loss_type != "CE":
             raise ValueError(f"BlossomRec trains with cross-entropy over all items; set "
                              f"loss_type: CE (got {loss_type!r})")
-        sparse = {k: _get(config, k, None) for k in _SPARSE_KEYS}
+        # The op's names, or (deprecated) the names before 0.2.0.
+        sparse = {k: _get(config, k, None) for k in _SPARSE_KEYS + tuple(LEGACY_SPARSE_NAMES)}
         self.model = build_model(
             num_items=self.n_items - 1,  # RecBole counts the padding id 0 in n_items
             attention=_get(config, "attention", "blossom"),

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from .data import (FORMATS, InteractionData, leave_one_out, load_dataset, pad_batch,
                    sample_negatives, synthetic_dataset, training_examples)
 from .metrics import metric_sums, rank_of_target
+from ..attention import SPARSE_NAMES, normalize_sparse_names
 from .model import ATTENTIONS, BlossomRec, build_model
 
 K = 10
@@ -446,7 +447,7 @@ def _restore(path: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
     ckpt = torch.load(path, map_location=rt.device, weights_only=False)
     saved = ckpt["config"]
     changed = [key for key in _RESUME_KEYS if saved.get(key) != getattr(cfg, key)]
-    if changed or saved.get("sparse", {}) != cfg.sparse:
+    if changed or normalize_sparse_names(saved.get("sparse", {})) != cfg.sparse:
         raise ValueError(f"{path} was written with different {changed or ['sparse']} "
                          f"({[saved.get(k) for k in changed]}); resume with the same arguments "
                          "or point --checkpoint-dir elsewhere")
@@ -563,13 +564,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     p.add_argument("--jsonl", default=None, help="append the result as one JSON line")
     p.add_argument("--no-progress", action="store_true")
     sparse = p.add_argument_group("BlossomAttention (defaults: the paper's)")
-    for name in ("compress_block_size", "stride", "selection_block_size", "num_selected_blocks",
-                 "window", "power_block_size"):
+    for name in SPARSE_NAMES:
         sparse.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     a = p.parse_args(argv)
     sparse_kwargs = {name: getattr(a, name) for name in
-                     ("compress_block_size", "stride", "selection_block_size",
-                      "num_selected_blocks", "window", "power_block_size")
+                     SPARSE_NAMES
                      if getattr(a, name) is not None}
     return TrainConfig(
         data=a.data, format=a.format, max_users=a.max_users, attention=a.attention,
