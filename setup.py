@@ -94,13 +94,38 @@ def _extension():
                          extra_link_args=["-fopenmp"])
 
 
+def _version():
+    """__version__ from blossomrec_cuda/_version.py (one place for the package and its metadata)."""
+    scope = {}
+    with open(os.path.join(ROOT, "blossomrec_cuda", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
 setup(
     name="blossomrec_cuda",
-    version="0.1.0",
+    version=_version(),
     description="Fast BlossomRec block-sparse attention for sequential recommenders (CUDA + CPU)",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    url="https://github.com/blossomrec/blossomrec_cuda",
     packages=["blossomrec_cuda", "blossomrec_cuda.rec"],
+    package_data={"blossomrec_cuda": ["py.typed"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm"],
+    # The ops and modules need torch alone (>= 2.5 for SDPA's enable_gqa in DenseAttention); the
+    # recommender (blossomrec_cuda.rec) also reads data with numpy and shows progress with tqdm.
+    install_requires=["torch>=2.5"],
+    extras_require={"rec": ["numpy", "tqdm"]},
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
 )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._version import __version__
 
 def _load_extension() -> None:
     try:
@@ -42,6 +43,7 @@ from ._build_info import WITH_CUDA  # noqa: E402
 from .attention import BlossomAttention, DenseAttention  # noqa: E402
 
 __all__ = [
+    "__version__",
     "BlossomAttention",
     "DenseAttention",
     "SeqLayout",

@@ -300,3 +300,22 @@ def test_recbole_adapter_trains_inside_recbole(tmp_path, monkeypatch):
         results[mode] = trainer.evaluate(test, load_best_model=False, show_progress=False)
     for mode, metrics in results.items():
         assert 0.0 < metrics["ndcg@10"] <= metrics["recall@10"] <= 1.0, (mode, metrics)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "missing.txt"], "error: no dataset at 'missing.txt'"),
+    (["--epochs", "0"], "error: epochs, eval_every, patience and max_len must all be >= 1"),
+    (["--dropout", "1.5"], "error: dropout must be in [0, 1)"),
+])
+def test_command_line_errors_are_argparse_errors(argv, message, capsys):
+    """Bad values and paths end the command with argparse's one `error:` line and exit status 2,
+    before any data is read or model built, not with a traceback."""
+    from blossomrec_cuda.rec.train import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sum(line.startswith("python -m blossomrec_cuda.rec.train: error:")
+               for line in err.splitlines()) == 1

@@ -132,14 +132,21 @@ def detect_format(path: str) -> str:
     return "user-item-pairs" if repeated else "user-items"
 
 
-def load_dataset(path: str, fmt: str = "auto", max_users: Optional[int] = None) -> InteractionData:
-    """Read ``path`` in ``fmt`` (one of :data:`FORMATS`); a directory is searched for
-    ``ratings.csv`` (MovieLens)."""
+def dataset_path(path: str) -> str:
+    """The file :func:`load_dataset` reads for ``path`` (a directory means its ``ratings.csv``,
+    MovieLens); ValueError when there is none."""
     if os.path.isdir(path):
         path = os.path.join(path, "ratings.csv")
     if not os.path.exists(path):
         raise ValueError(f"no dataset at {path!r}; pass --data with a file in one of the formats "
                          f"{FORMATS[1:]} (or leave --data out for the synthetic dataset)")
+    return path
+
+
+def load_dataset(path: str, fmt: str = "auto", max_users: Optional[int] = None) -> InteractionData:
+    """Read ``path`` in ``fmt`` (one of :data:`FORMATS`); a directory is searched for
+    ``ratings.csv`` (MovieLens)."""
+    path = dataset_path(path)
     readers = {"user-items": read_user_items, "user-item-pairs": read_user_item_pairs,
                "movielens": read_movielens}
     if fmt != "auto" and fmt not in readers:

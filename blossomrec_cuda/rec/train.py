@@ -30,10 +30,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from .data import (FORMATS, InteractionData, leave_one_out, load_dataset, pad_batch,
+from ..attention import SPARSE_NAMES, normalize_sparse_names
+from .data import (FORMATS, InteractionData, dataset_path, leave_one_out, load_dataset, pad_batch,
                    sample_negatives, synthetic_dataset, training_examples)
 from .metrics import metric_sums, rank_of_target
-from ..attention import SPARSE_NAMES, normalize_sparse_names
 from .model import ATTENTIONS, BlossomRec, build_model
 
 K = 10
@@ -567,10 +567,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     for name in SPARSE_NAMES:
         sparse.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     a = p.parse_args(argv)
-    sparse_kwargs = {name: getattr(a, name) for name in
-                     SPARSE_NAMES
-                     if getattr(a, name) is not None}
-    return TrainConfig(
+    sparse_kwargs = {name: getattr(a, name) for name in SPARSE_NAMES if getattr(a, name) is not None}
+    cfg = TrainConfig(
         data=a.data, format=a.format, max_users=a.max_users, attention=a.attention,
         backend=a.backend, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, layers=a.layers,
         inner=a.inner, dropout=a.dropout, max_len=a.max_len, epochs=a.epochs, patience=a.patience,
@@ -579,6 +577,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         valid_protocol=a.valid_protocol, num_negatives=a.num_negatives,
         checkpoint_dir=a.checkpoint_dir, resume=a.resume, out=a.out, jsonl=a.jsonl,
         progress=not a.no_progress, sparse=sparse_kwargs)
+    # Bad values and paths are argument errors: one `error:` line and exit status 2, no traceback.
+    try:
+        _check_config(cfg)
+        if cfg.data is not None:
+            dataset_path(cfg.data)
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
