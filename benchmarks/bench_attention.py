@@ -72,7 +72,7 @@ DEFAULT_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_d
 FWD_ONLY_METHODS = {"blossomrec_select"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
 
-# The op's hyper-parameters (SPEC.md defaults).
+# The op's hyper-parameters (docs/ALGORITHM.md defaults).
 HPARAMS = dict(compress_stride=16, select_block=16, num_select=4, window=8, power_block=1,
                use_power=True, causal=True)
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 import blossomrec_cuda
 from blossomrec_cuda import reference
 
-# The op's hyper-parameters: SPEC.md's defaults (compression block l = 32 for the compressor).
+# The op's hyper-parameters: docs/ALGORITHM.md's defaults (compression block l = 32 for the compressor).
 COMPRESS_BLOCK = 32
 HPARAMS = dict(compress_stride=16, select_block=16, num_select=4, window=8, power_block=1,
                use_power=True, causal=True)

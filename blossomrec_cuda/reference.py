@@ -1,4 +1,5 @@
-"""SPEC.md in plain PyTorch: readable first, fast never.
+"""docs/ALGORITHM.md in plain PyTorch: readable first, fast never. The "SPEC 1a" .. "SPEC 5" tags
+here and across the code name that page's sections.
 
 Every function here works on ONE sequence of ``L`` valid tokens (positions ``0 .. L-1`` relative to its
 first valid token); :func:`blossom_attention` maps a padded or packed batch onto them, one sequence

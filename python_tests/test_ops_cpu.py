@@ -1,4 +1,4 @@
-"""The CPU ops against the reference (SPEC.md in plain PyTorch).
+"""The CPU ops against the reference (docs/ALGORITHM.md in plain PyTorch).
 
 Forward: selection (sel_idx, sel_cnt) and every output of the fused attention (out, o_sel,
 o_win, lse). Backward: dq, dk, dv and dgates through the autograd of ``blossomrec_cuda.ops``.

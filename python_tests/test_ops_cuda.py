@@ -1,4 +1,4 @@
-"""CUDA ops against the reference (SPEC.md via blossomrec_cuda/reference.py), forward and backward.
+"""CUDA ops against the reference (docs/ALGORITHM.md via blossomrec_cuda/reference.py), forward and backward.
 
 Every test here needs a GPU and is marked ``cuda``; it skips with a reason elsewhere. Error criterion
 (FlashAttention, STYLE.md): ``|out - ref| <= 2 * |out_lowprec_ref - ref| + atol`` where ``ref`` is

@@ -1,4 +1,4 @@
-"""reference.py against a brute force written straight from SPEC.md.
+"""reference.py against a brute force written straight from docs/ALGORITHM.md.
 
 The brute force below shares no code with reference.py: selection is plain Python over scalars
 (means, visibility, the softmax with its -1000 entry, ranking with ties to the lower block, the
@@ -41,7 +41,7 @@ class HP:
 
 
 # --------------------------------------------------------------------------------------------------
-# The brute force, from SPEC.md
+# The brute force, from docs/ALGORITHM.md
 # --------------------------------------------------------------------------------------------------
 def is_power_of_two_or_zero(d: int) -> bool:
     return d >= 0 and (d & (d - 1)) == 0

@@ -1,6 +1,6 @@
 """reference.blossom_attention_batched (no Python loop over sequences) against
 reference.blossom_attention (one blossom_attention_seq per sequence), which test_reference.py holds
-to the brute force of SPEC.md.
+to the brute force of docs/ALGORITHM.md.
 
 Both layouts of padded batches (right and left padding), lengths 0, 1, around a block boundary and
 the full buffer, causal and non-causal, the default block sizes and another configuration; every

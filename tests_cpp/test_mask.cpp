@@ -1,4 +1,4 @@
-// Unit test of the pure mask helpers in csrc/common/mask.h (SPEC.md sections 1b, 1c and 2).
+// Unit test of the pure mask helpers in csrc/common/mask.h (docs/ALGORITHM.md sections 1b, 1c and 2).
 //
 // mask.h is plain C++ when nvcc does not compile it, so this test needs neither torch nor a GPU and
 // builds in seconds. Each rule is checked two ways: on hand-worked cases from the spec, and against

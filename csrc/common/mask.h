@@ -1,4 +1,4 @@
-// The mask rules of SPEC.md as pure host/device functions.
+// The mask rules of docs/ALGORITHM.md as pure host/device functions.
 //
 // One statement of "which key does query i see", shared by the CPU kernels, the CUDA kernels and the
 // C++ unit test (tests_cpp/test_mask.cpp). Positions are relative to the sequence's first valid token.
