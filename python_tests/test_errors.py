@@ -601,10 +601,13 @@ def test_rec_training_config_errors(tmp_path):
             run(TrainConfig(**{**base.__dict__, **change}))
 
 
-def test_rec_command_line_rejects_a_zero_batch(tmp_path):
+def test_rec_command_line_rejects_a_zero_batch(tmp_path, capsys):
+    """On the command line the same check is an argparse error: exit status 2, one error: line."""
     from blossomrec_cuda.rec.train import main
-    with pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
+    with pytest.raises(SystemExit) as exc:
         main(["--batch-size", "0", "--device", "cpu", "--no-progress"])
+    assert exc.value.code == 2
+    assert "error: batch_size must be >= 1, got 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
