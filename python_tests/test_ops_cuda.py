@@ -776,3 +776,20 @@ def test_selection_ties_take_the_lower_blocks(D):
                                    select_block=8, num_select=n, causal=causal)
         assert torch.equal(cnt[0].cpu(), rc)
         assert torch.equal(idx[0].cpu().sort(-1).values, ri.sort(-1).values), causal
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_buffer_without_sequences(dtype):
+    """cu_seqlens = [0]: every row is padding; the output and every gradient are exactly 0 (the
+    fused kernels have no sequence to serve and must not be launched on an empty unit grid)."""
+    T, H, KVH, D = 20, 4, 2, 16
+    q = torch.randn(T, H, D, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(T, KVH, D, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(T, KVH, D, device=DEV, dtype=dtype, requires_grad=True)
+    gates = torch.rand(T, H, 2, device=DEV, dtype=dtype, requires_grad=True)
+    kc = torch.randn(0, 1, KVH, D, device=DEV, dtype=dtype)
+    out = blossomrec_cuda.blossom_attention(q, k, v, kc, gates, cu_seqlens=[0])
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out, [q, k, v, gates], torch.randn_like(out))
+    for gr in grads:
+        assert torch.equal(gr, torch.zeros_like(gr))

@@ -50,6 +50,7 @@ __device__ __forceinline__ void seq_bounds(const SeqParams& sp, int64_t b, int64
 // packed sequences are in order and do not overlap).
 __device__ __forceinline__ RowInfo row_info(const SeqParams& sp, int64_t r) {
   RowInfo info{-1, 0, 0, 0};
+  if (sp.B == 0) return info;  // no sequence (a packed buffer of padding only): nothing to read
   const int64_t bq = r / sp.N;
   const int64_t n = r - bq * sp.N;
   int64_t b = bq;

@@ -1155,7 +1155,8 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
 FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block) {
   FusedPlan plan;
   const int64_t max_len = fused_max_len(dtype, d.D, select_block);
-  if (max_len <= 0) return plan;
+  // No sequences (a packed buffer of padding only): the row kernels zero it.
+  if (max_len <= 0 || d.B == 0) return plan;
   if (d.Bq == d.B) {
     if (d.N > max_len) return plan;  // padded: all or nothing
     plan.max_len = max_len;
