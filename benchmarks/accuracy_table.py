@@ -1,4 +1,4 @@
-"""The accuracy tables of the README from the sweep's JSON lines, with the seed statistics that say
+"""The accuracy tables of the README and docs/RESULTS.md from the sweep's JSON lines, with the seed statistics that say
 whether a difference between two methods is resolved by the seeds run so far.
 
 Reads the rows that ``python -m blossomrec_cuda.rec.train --jsonl`` appends (through
@@ -6,7 +6,7 @@ Reads the rows that ``python -m blossomrec_cuda.rec.train --jsonl`` appends (thr
 BlossomRec on the CUDA/CPU ops, ``reference``: the same model on reference.py's ops, ``dense``:
 SASRec), and prints
 
-1. per-seed test NDCG@10 (sampled / full ranking), the README's table;
+1. per-seed test NDCG@10 (sampled / full ranking), the table of docs/RESULTS.md;
 2. for each pair (ops vs reference, ops vs dense) the paired differences over the seeds both have:
    mean, sample standard deviation, and whether a two-sided paired t-test at 5% separates them.
    With two seeds nothing short of a huge gap is separated; that is the point of printing it.

@@ -109,6 +109,16 @@ def valid_mask(seq_start: Tensor, seq_len: Tensor, N: int) -> Tensor:
     return (j[None, :] >= seq_start[:, None]) & (j[None, :] < (seq_start + seq_len)[:, None])
 
 
+def shift_to_start(t: Tensor, seq_start: Tensor) -> Tensor:
+    """``t [B, N, ...]`` with the rows of batch entry b moved up by ``seq_start[b]`` (row n takes row
+    ``n + seq_start[b]``, clamped to ``0 .. N - 1``): each sequence's first valid token at row 0, as
+    in right padding. A negative ``seq_start`` moves rows back down. The rows that the clamp fills
+    are padding for every caller."""
+    B, N = t.shape[0], t.shape[1]
+    rows = (torch.arange(N, device=t.device)[None, :] + seq_start[:, None]).clamp(0, N - 1)
+    return t.gather(1, rows.view(B, N, *([1] * (t.dim() - 2))).expand(t.shape))
+
+
 def relative_positions(seq_start: Tensor, N: int) -> Tensor:
     """``[B, N]`` positions relative to each sequence's first valid token (padding rows: 0)."""
     j = torch.arange(N, device=seq_start.device)
@@ -254,8 +264,7 @@ class BlossomAttention(_QKVAttention):
         C = N // s
         if C == 0:
             return k.new_zeros(B, 0, KVH, D)
-        rows = (torch.arange(N, device=k.device)[None, :] + seq_start[:, None]).clamp(max=N - 1)
-        k = k.gather(1, rows[:, :, None, None].expand(B, N, KVH, D))
+        k = shift_to_start(k, seq_start)
         k = torch.cat([k.new_zeros(B, l - s, KVH, D), k[:, : C * s]], dim=1)
         windows = k.unfold(1, l, s).transpose(-1, -2)  # [B, C, KVH, l, D]
         windows = windows + self.compress_pos.to(k.dtype)
@@ -339,9 +348,7 @@ class DenseAttention(_QKVAttention):
         # Where the valid tokens may not start at row 0 (a mask, or left padding), shift them there.
         shift = attention_mask is not None or (lengths is not None and padding_side == "left")
         if shift:
-            j = torch.arange(N, device=x.device)
-            to_right = (j[None, :] + seq_start[:, None]).clamp(max=N - 1)  # [B, N]
-            q, k, v = (_gather_rows(t, to_right) for t in (q, k, v))
+            q, k, v = (shift_to_start(t, seq_start) for t in (q, k, v))
         key_mask = None
         if not self.causal and (attention_mask is not None or lengths is not None):
             j = torch.arange(N, device=x.device)
@@ -351,13 +358,6 @@ class DenseAttention(_QKVAttention):
                                            attn_mask=key_mask, is_causal=self.causal,
                                            enable_gqa=True).transpose(1, 2)
         if shift:
-            j = torch.arange(N, device=x.device)
-            o = _gather_rows(o, (j[None, :] - seq_start[:, None]).clamp(min=0))
+            o = shift_to_start(o, -seq_start)  # back: row n - seq_start to row n
         o = o * valid_mask(seq_start, seq_len, N)[:, :, None, None].to(o.dtype)
         return self._project_out(o)
-
-
-def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
-    """``t [B, N, H, D]`` with row ``n`` of batch entry ``b`` taken from ``rows[b, n]``."""
-    B, N, H, D = t.shape
-    return t.gather(1, rows[:, :, None, None].expand(B, N, H, D))
