@@ -65,9 +65,11 @@ RAGGED_SHAPES = {"R1"}
 # Tiny CPU shapes for --cpu-smoke: (B, N); CR is ragged like R1.
 CPU_SMOKE_SHAPES: dict[str, tuple[int, int]] = {"C1": (4, 64), "C2": (2, 256), "CR": (16, 50)}
 
-ALL_METHODS = ("blossomrec", "blossomrec_gather", "blossomrec_select", "blossomrec_attn",
-               "sdpa_dense", "flex_stis", "reference")
-# The opt-in variant (blossomrec_gather) and the reference run only on request.
+ALL_METHODS = ("blossomrec", "blossomrec_graph", "blossomrec_gather", "blossomrec_select",
+               "blossomrec_attn", "sdpa_dense", "sdpa_dense_graph", "flex_stis", "reference")
+# The opt-in variant (blossomrec_gather), the CUDA-graph replays (*_graph: the GPU time without the
+# host's launch overhead, as under torch.compile(mode="reduce-overhead")) and the reference run
+# only on request.
 DEFAULT_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_dense", "flex_stis")
 FWD_ONLY_METHODS = {"blossomrec_select"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
@@ -493,8 +495,34 @@ def build_reference(sets: list[dict], case: Case, pass_: str) -> Callable[[int],
     return lambda i: run(gsets[i], True)
 
 
+def _graphed(build: Callable[[list[dict], Case, str], Callable[[int], object]]):
+    """A builder whose calls replay CUDA graphs: one graph per input set, captured after a warm-up
+    on a side stream (torch.cuda.graphs' recipe). What remains is the GPU time of the kernels."""
+    def builder(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA-graph methods need a GPU")
+        inner = build(sets, case, pass_)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                for i in range(len(sets)):
+                    inner(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for i in range(len(sets)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                inner(i)
+            graphs.append(g)
+        return lambda i: graphs[i].replay()
+    return builder
+
+
 BUILDERS = {
     "blossomrec": build_blossomrec,
+    "blossomrec_graph": _graphed(build_blossomrec),
+    "sdpa_dense_graph": _graphed(build_sdpa_dense),
     "blossomrec_gather": build_blossomrec_gather,
     "blossomrec_select": build_blossomrec_select,
     "blossomrec_attn": build_blossomrec_attn,
@@ -679,7 +707,8 @@ def bench_case(case: Case, methods: list[str], passes: list[str], device: torch.
             try:
                 fn = BUILDERS[method](sets, case, pass_)
                 fn(0)  # compile / autotune / load outside the memory and time measurements
-                peak = peak_extra_mib(fn, device)
+                # A graph's memory lives in its pool from the capture on: no peak to measure.
+                peak = None if method.endswith("_graph") else peak_extra_mib(fn, device)
                 ms, reps = time_ms(fn, n_sets, device, warmup_ms, rep_ms, min_reps)
                 row = make_row(info, method, case, pass_, ms, peak, "ok", reps=reps,
                                input_sets=n_sets, valid_tokens=case.valid_tokens)

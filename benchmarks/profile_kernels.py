@@ -46,6 +46,9 @@ def main() -> None:
     p.add_argument("--dims", default="16,64")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--fwd-only", action="store_true")
+    p.add_argument("--host", action="store_true",
+                   help="also profile the host: operators by self CPU time, and the eager wall "
+                        "time per call against the kernels' GPU time")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py needs a CUDA GPU")
@@ -64,6 +67,33 @@ def main() -> None:
                   f"{torch.cuda.get_device_name(0)}")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
                                             max_name_column_width=70))
+            if a.host:
+                host_profile(x, not a.fwd_only, a.iters)
+
+
+def host_profile(x: dict[str, torch.Tensor], backward: bool, iters: int) -> None:
+    """Wall time per eager call (back to back, one sync at the end) against the GPU time of its
+    kernels (the sum over the CUDA profile), and the operators that spend the host's time."""
+    import time
+    n = 50
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(x, backward)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / n
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(x, backward)
+        torch.cuda.synchronize()
+    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / n
+    print(f"host: eager wall {wall_ms:.3f} ms per call, kernels {gpu_ms:.3f} ms per call")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step(x, backward)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                    max_name_column_width=60))
 
 
 if __name__ == "__main__":

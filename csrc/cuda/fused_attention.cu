@@ -7,18 +7,20 @@
 // blocks its rows selected, the STIS window, one tile per power of two >= 16). Over that union the
 // work is dense:
 // S = Q K^T is one mma.sync m16n8k16 per 8 keys and 16 dims, and ONE S tile feeds both branches.
-// Each branch masks it per (row, key) by the rules of common/mask.h (LTIS: own range or a bit of the
-// row's 64-bit block mask, so a block listed twice counts once; STIS: window, powers of two, sink)
-// and keeps its own exact online softmax and P V accumulator; the gated combine is the epilogue.
+// Each branch masks it per (row, key) by the rules of common/mask.h (LTIS: own range or a selected
+// block, a block listed twice counting once; STIS: window, powers of two, sink), read as one bit
+// per element, and keeps its own exact online softmax and P V accumulator; the gated combine is
+// the epilogue.
 //
 // Layout of the work: the G query heads of a kv group share their key sets, so a CTA serves one
 // (sequence, kv group, chunk of 16 * tiles positions) with one warp per (16-row tile, head): the M
 // dimension of the products is G heads x 16 rows, spread over G warps that read the same shared
-// memory. A small kernel first computes, per row, the 64-bit selected-block mask and, per 16-row
-// query tile, which key tiles it needs in each branch (fused_masks_kernel, a thread per row: done
-// inside each CTA, one warp's serial work kept the others waiting at a barrier for 44% of the
-// forward's cycles, docs/PERF_NOTES.md v13-v14); a tile that no row of a query tile needs is never
-// touched.
+// memory. A small kernel first computes, per (row, 16-key tile), a 32-bit word of the keys the row
+// sees in each branch, and per 16-row query tile which key tiles it needs in each branch
+// (fused_masks_kernel, a thread per row: the words replace ~40 instructions of range arithmetic
+// per lane and tile, docs/PERF_NOTES.md v16; computed inside each CTA, one warp's serial work kept
+// the others waiting at a barrier for 44% of the forward's cycles, v13-v14); a tile that no row of
+// a query tile needs is never touched.
 //
 // - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
 //   segments (all of them at once up to ~1024 keys at D = 16); each warp keeps its 16 x D
@@ -51,7 +53,6 @@ constexpr int kMaxLen = kTile * kMaxTiles;
 constexpr int kMaxWarps = 8;
 constexpr int kThreads = 32 * kMaxWarps;
 constexpr int64_t kSegmentBudget = 96 * 1024;  // K + V of one segment: two CTAs per SM
-constexpr int kFar = 1 << 28;      // a power-block index no real distance reaches (invalid rows)
 
 template <int D>
 struct FusedTraits {
@@ -62,8 +63,10 @@ struct FusedTraits {
   // each), dq Q and dout fragments and one accumulator, dk/dv two accumulators plus K and V
   // fragments. Two CTAs of 256 threads per SM cap a thread at 128 registers: local ptxas (nvcc
   // 13.0, sm_90) spilled the forward and dq there from D = 64 on (300 bytes), dk/dv from D = 32.
-  static constexpr int kFwdMinBlocks = D <= 32 ? 2 : 1;
-  static constexpr int kDkdvMinBlocks = D <= 16 ? 2 : 1;
+  // At D = 16 three CTAs (80 registers) pay although the forward spills 44 bytes and dk/dv 12:
+  // S1 fwd 175 -> 155 us, dq 223 -> 169, dk/dv 177 -> 142 on an H200 (docs/PERF_NOTES.md v16).
+  static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 32 ? 2 : 1);
+  static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : 1;
 };
 
 struct FusedArgs {
@@ -72,21 +75,18 @@ struct FusedArgs {
   int64_t per_seq;          // padded: units per sequence
   int rows;                 // positions per unit (a multiple of 16)
   int seg;                  // keys per shared-memory segment (forward, dq)
-  int smem_rows;            // dk/dv: row masks held (>= the longest fused sequence)
-  // What fused_masks_kernel computed (row_need): rowmask[g * mask_rows + buffer row] the row's
-  // selected blocks; need[((g * B + b) * tiles_cap + t) * 2 + branch] the key tiles that query tile
-  // t of sequence b needs in each branch (LTIS 0, STIS 1).
-  uint64_t* rowmask;
+  // What fused_masks_kernel computed: words[(g * tiles_cap + t) * mask_rows + buffer row] says which
+  // keys 16 t .. 16 t + 15 the row sees (bit k: LTIS, bit 16 + k: STIS; see mask_words);
+  // need[((g * B + b) * tiles_cap + t) * 2 + branch] the key tiles that query tile t of sequence b
+  // needs in each branch (LTIS 0, STIS 1).
+  uint32_t* words;
   uint64_t* need;
   int64_t mask_rows;
   int tiles_cap;
   // The hyper-parameters in 32-bit arithmetic: positions are below 2^11 here, so a window, block
   // or power block above 2^11 acts as 2^11 does.
-  int b, w;                 // select_block, window (clamped)
-  int wlo, wspan;           // STIS window d in [wlo, wlo + wspan): [0, w) causal, (-w, w) not
+  int b;                    // select_block (clamped)
   StisParams st;            // p.stis with window and power block clamped
-  float inv_b, inv_p;       // 1 / select_block, 1 / power_block
-  bool p1;                  // power_block == 1
 };
 
 // One unit of work: a chunk of positions [c0, c0 + rows) of sequence b.
@@ -144,63 +144,85 @@ __device__ __forceinline__ uint64_t tile_bits(int lo, int hi) {
   return (~0ull >> (63 - t1)) & (~0ull << t0);
 }
 
-// What row i (0 <= i < L) of kv group g needs: its selected blocks (bit J, visible whole blocks
-// only, each once) and the key tiles of each branch (fused_masks_kernel).
-struct RowNeed {
-  uint64_t sel, need_sel, need_win;
-};
+// The masks as words: for each (row, 16-key tile) one 32-bit word, bit k (k < 16) set when the row
+// sees key 16 t + k in the LTIS branch (own range or a selected block, each block once), bit 16 + k
+// in the STIS branch (window, powers of two, sink). One thread per (position, kv group) builds its
+// row's words from the ranges of common/mask.h in a column of shared memory, then stores them. The
+// kernels then test one bit per element (v16, docs/PERF_NOTES.md: per element the range
+// arithmetic cost about 40 instructions per lane and 16 x 16 tile).
+constexpr int kMaskRows = 128;  // positions per masks CTA (a column of tiles_cap words each)
 
-__device__ __forceinline__ RowNeed row_need(const FusedArgs& a, const Unit& u, int64_t g, int i) {
+// ORs the keys [lo, hi) (0 <= lo < hi) into a row's words (word t at col[t * kMaskRows]), shifted
+// by `shift` (0: LTIS, 16: STIS).
+__device__ __forceinline__ void or_range(uint32_t* col, int lo, int hi, int shift) {
+  for (int t = lo >> 4; t <= (hi - 1) >> 4; ++t) {
+    const int a0 = max(lo, t * kTile) - t * kTile, a1 = min(hi, t * kTile + kTile) - t * kTile;
+    col[t * kMaskRows] |= ((1u << (a1 - a0)) - 1u) << (a0 + shift);
+  }
+}
+
+// Row i (0 <= i < L) of kv group g: its words in col, its selected blocks from the selection
+// (visible whole blocks only; a block listed twice is one bit).
+__device__ __forceinline__ void mask_words(const FusedArgs& a, const Unit& u, int64_t g, int i,
+                                           uint32_t* col) {
   const AttnParams& p = a.p;
-  RowNeed r{0, 0, 0};
   const int64_t n = u.s + i;
   const int nb = u.L / a.b;  // <= 64 (fused_max_len)
   const int64_t c_raw = p.sel_cnt[u.bq * p.cnt_sb + n * p.cnt_sn + g * p.cnt_sh];
   const int cnt = int(c_raw < 0 ? 0 : (c_raw < p.width ? c_raw : p.width));
   const int32_t* sel = p.sel_idx + u.bq * p.sel_sb + n * p.sel_sn + g * p.sel_sh;
+  uint64_t blocks = 0;
   for (int c0 = 0; c0 < cnt; c0 += 4) {  // four loads in flight at a time
     int J[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) J[k] = c0 + k < cnt ? sel[c0 + k] : -1;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (block_visible(J[k], i, nb, a.b, p.stis.causal)) r.sel |= 1ull << J[k];
+      if (block_visible(J[k], i, nb, a.b, p.stis.causal)) blocks |= 1ull << J[k];
     }
   }
   int lo, hi;
   own_block_range(i, u.L, a.b, p.stis.causal, &lo, &hi);
-  r.need_sel = tile_bits(lo, hi);
-  for (uint64_t bits = r.sel; bits != 0; bits &= bits - 1) {
+  or_range(col, lo, hi, 0);
+  for (uint64_t bits = blocks; bits != 0; bits &= bits - 1) {
     const int J = __ffsll(static_cast<long long>(bits)) - 1;
-    r.need_sel |= tile_bits(J * a.b, (J + 1) * a.b);
+    or_range(col, J * a.b, (J + 1) * a.b, 0);
   }
-  for_each_stis_range(i, u.L, a.st, [&](int lo_, int hi_) { r.need_win |= tile_bits(lo_, hi_); });
-  return r;
+  for_each_stis_range(i, u.L, a.st, [&](int lo_, int hi_) { or_range(col, lo_, hi_, kTile); });
 }
 
-// One thread per (position, kv group) of the fused sequences, in units of 256 positions: the row
-// masks and, OR-ed over each 16-row tile (lanes 16 t .. 16 t + 15 of a warp), the tile's needs.
-constexpr int kMaskRows = 256;
-
+// One thread per (position, kv group) of the fused sequences, in units of kMaskRows positions: the
+// row's words and, OR-ed over each 16-row tile (lanes 16 t .. 16 t + 15 of a warp), the tile's
+// needs. Dynamic shared memory: tiles_cap * kMaskRows words.
 __global__ void __launch_bounds__(kMaskRows) fused_masks_kernel(const FusedArgs a) {
+  extern __shared__ uint32_t word_smem[];
   Unit u;
   if (!find_unit(a, false, &u)) return;
   const int64_t g = blockIdx.y;
   const int i = u.c0 + int(threadIdx.x);
-  RowNeed rn{0, 0, 0};
+  uint32_t* col = word_smem + threadIdx.x;
+  uint64_t need_sel = 0, need_win = 0;
   if (i < u.L) {
-    rn = row_need(a, u, g, i);
-    a.rowmask[g * a.mask_rows + u.bq * a.p.seq.N + u.s + i] = rn.sel;
+    const int tiles = (u.L + kTile - 1) / kTile;
+    for (int t = 0; t < tiles; ++t) col[t * kMaskRows] = 0u;
+    mask_words(a, u, g, i, col);
+    uint32_t* out = a.words + g * a.tiles_cap * a.mask_rows + u.bq * a.p.seq.N + u.s + i;
+    for (int t = 0; t < tiles; ++t) {
+      const uint32_t w = col[t * kMaskRows];
+      out[t * a.mask_rows] = w;
+      need_sel |= uint64_t((w & 0xffffu) != 0u) << t;
+      need_win |= uint64_t((w >> 16) != 0u) << t;
+    }
   }
 #pragma unroll
   for (int off = 1; off < kTile; off <<= 1) {
-    rn.need_sel |= __shfl_xor_sync(0xffffffffu, rn.need_sel, off);
-    rn.need_win |= __shfl_xor_sync(0xffffffffu, rn.need_win, off);
+    need_sel |= __shfl_xor_sync(0xffffffffu, need_sel, off);
+    need_win |= __shfl_xor_sync(0xffffffffu, need_win, off);
   }
   if ((threadIdx.x & (kTile - 1)) == 0 && i < u.L) {
     uint64_t* nd = a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + i / kTile) * 2;
-    nd[0] = rn.need_sel;
-    nd[1] = rn.need_win;
+    nd[0] = need_sel;
+    nd[1] = need_win;
   }
 }
 
@@ -210,72 +232,20 @@ __device__ __forceinline__ const uint64_t* tile_need(const FusedArgs& a, const U
   return a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + t) * 2;
 }
 
-__device__ __forceinline__ uint64_t row_mask(const FusedArgs& a, const Unit& u, int64_t g, int i) {
-  return i < u.L ? a.rowmask[g * a.mask_rows + u.bq * a.p.seq.N + u.s + i] : 0ull;
+// Row i's word of key tile 0 (word t at [t * mask_rows]); nullptr past L (rows that see nothing).
+__device__ __forceinline__ const uint32_t* row_words(const FusedArgs& a, const Unit& u, int64_t g,
+                                                     int i) {
+  return i < u.L ? a.words + g * a.tiles_cap * a.mask_rows + u.bq * a.p.seq.N + u.s + i : nullptr;
+}
+__device__ __forceinline__ uint32_t load_word(const uint32_t* w, int kt, int64_t mask_rows) {
+  return w != nullptr ? w[kt * mask_rows] : 0u;
 }
 
-// A query row as the element masks see it. Rows past L see nothing: empty own range, no blocks,
-// a power-block index far from every key, no sink.
-struct QRow {
-  int ib;        // i / power_block
-  int lo, hi;    // own range
-  uint64_t sel;  // selected blocks
-  bool sink;
-};
-
-// A key column. Keys past L: a power-block index far from every query (and j >= L is never the
-// sink, never in an own range, never in a selected whole block).
-struct KCol {
-  int j, jb;
-  uint64_t bit;  // bit of j's selection block (0 past block 63)
-};
-
-__device__ __forceinline__ int fast_div(int x, float inv) {
-  // Exact for 0 <= x < 2^11 and any divisor >= 1: (x + 0.5) / v is at least 0.5 / v from an
-  // integer, far more than float's error here.
-  return int((float(x) + 0.5f) * inv);
-}
-
-__device__ __forceinline__ QRow make_qrow(const FusedArgs& a, int i, int L, uint64_t sel) {
-  QRow q;
-  if (i < L) {
-    q.ib = a.p1 ? i : fast_div(i, a.inv_p);
-    own_block_range(i, L, a.b, a.p.stis.causal, &q.lo, &q.hi);
-    q.sel = sel;
-    q.sink = a.p.stis.use_sink && !a.p.stis.causal;
-  } else {
-    q.ib = -kFar;
-    q.lo = q.hi = 0;
-    q.sel = 0;
-    q.sink = false;
-  }
-  return q;
-}
-
-__device__ __forceinline__ KCol make_kcol(const FusedArgs& a, int j, int L) {
-  KCol k;
-  k.j = j;
-  k.jb = j < L ? (a.p1 ? j : fast_div(j, a.inv_p)) : kFar;
-  const int J = fast_div(j, a.inv_b);
-  k.bit = J < 64 ? (1ull << J) : 0ull;
-  return k;
-}
-
-// SPEC 1c: own range or a selected block.
-__device__ __forceinline__ bool ltis_visible(const QRow& q, const KCol& k) {
-  return (k.j >= q.lo && k.j < q.hi) || (q.sel & k.bit) != 0;
-}
-
-// SPEC 2 in 32-bit arithmetic (common/mask.h's stis_visible, for positions < 2^11), without a
-// branch: the window is d in [wlo, w) with wlo = 0 when causal and 1 - w when not, one unsigned
-// compare; a causal power of two d > 0 lies outside it (d = 0 is inside since w >= 1).
-__device__ __forceinline__ bool stis_visible_fast(const FusedArgs& a, int L, const QRow& q,
-                                                  const KCol& k) {
-  const int d = q.ib - k.jb;
-  const bool window = unsigned(d - a.wlo) < unsigned(a.wspan);
-  const bool power = a.p.stis.use_power && d > 0 && (d & (d - 1)) == 0;
-  return window || power || (q.sink && k.j == L - 1);
-}
+// A C tile's element masks: a lane holds rows g and g + 8, columns c -> 8 (c / 2) + 2 t + c % 2 of
+// two n8 tiles. With the row's word shifted right by 2 t, column c's LTIS bit is col_bit(c) and its
+// STIS bit 16 + col_bit(c).
+__device__ __forceinline__ constexpr int col_bit(int c) { return (c >> 1) * 8 + (c & 1); }
+__device__ __forceinline__ bool word_bit(uint32_t w, int bit) { return (w >> bit) & 1u; }
 
 // ---------------------------------------------------------------------------------------------
 // Fragments
@@ -497,8 +467,15 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       my_win = nw;
     }
   }
-  const QRow qr[2] = {make_qrow(a, ia, u.L, row_mask(a, u, g, ia)),
-                      make_qrow(a, ib, u.L, row_mask(a, u, g, ib))};
+  // The warp's key tiles in increasing order; the first one's words load with the first segment.
+  const uint32_t* wrow[2] = {row_words(a, u, g, ia), row_words(a, u, g, ib)};
+  uint64_t pending = my_sel | my_win;
+  uint32_t wnext[2] = {0u, 0u};
+  if (pending != 0) {
+    const int kt0 = __ffsll(static_cast<long long>(pending)) - 1;
+    wnext[0] = load_word(wrow[0], kt0, a.mask_rows);
+    wnext[1] = load_word(wrow[1], kt0, a.mask_rows);
+  }
   cp_async_wait<0>();
   __syncthreads();  // the first segment is in shared memory
   float m[2][2], l[2][2], acc[2][D / 8][4];
@@ -526,8 +503,16 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       cp_async_wait<0>();
       __syncthreads();
     }
-    for (uint64_t bits = (my_sel | my_win) & seg_mask; bits != 0; bits &= bits - 1) {
-      const int kt = __ffsll(static_cast<long long>(bits)) - 1;
+    // The lowest pending tile lies in this segment while any does (lower ones are done).
+    while ((pending & seg_mask) != 0) {
+      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+      pending &= pending - 1;
+      const uint32_t w[2] = {wnext[0] >> (2 * tq), wnext[1] >> (2 * tq)};
+      if (pending != 0) {  // the next tile's words load while this one runs
+        const int kt1 = __ffsll(static_cast<long long>(pending)) - 1;
+        wnext[0] = load_word(wrow[0], kt1, a.mask_rows);
+        wnext[1] = load_word(wrow[1], kt1, a.mask_rows);
+      }
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + (kt * kTile - seg0) * KS;
       const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -538,16 +523,13 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
       }
-      KCol kc[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) kc[c] = make_kcol(a, kt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1), u.L);
       uint32_t pa_sel[4], pa_win[4];
       if (do_sel) {
-        softmax_tile<T, D>(s, [&](int r, int c) { return ltis_visible(qr[r], kc[c]); }, m[0], l[0],
+        softmax_tile<T, D>(s, [&](int r, int c) { return word_bit(w[r], col_bit(c)); }, m[0], l[0],
                            acc[0], pa_sel);
       }
       if (do_win) {
-        softmax_tile<T, D>(s, [&](int r, int c) { return stis_visible_fast(a, u.L, qr[r], kc[c]); },
+        softmax_tile<T, D>(s, [&](int r, int c) { return word_bit(w[r], kTile + col_bit(c)); },
                            m[1], l[1], acc[1], pa_win);
       }
       if (do_sel) mma_ab<T, D, KS>(acc[0], pa_sel, vt_s, lane);
@@ -700,8 +682,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       my_win = nw;
     }
   }
-  const QRow qr[2] = {make_qrow(a, rows_i[0], u.L, row_mask(a, u, g, rows_i[0])),
-                      make_qrow(a, rows_i[1], u.L, row_mask(a, u, g, rows_i[1]))};
+  const uint32_t* wrow[2] = {row_words(a, u, g, rows_i[0]), row_words(a, u, g, rows_i[1])};
+  uint64_t pending = my_sel | my_win;  // as in the forward
+  uint32_t wnext[2] = {0u, 0u};
+  if (pending != 0) {
+    const int kt0 = __ffsll(static_cast<long long>(pending)) - 1;
+    wnext[0] = load_word(wrow[0], kt0, a.mask_rows);
+    wnext[1] = load_word(wrow[1], kt0, a.mask_rows);
+  }
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
@@ -721,30 +709,34 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       cp_async_wait<0>();
       __syncthreads();
     }
-    for (uint64_t bits = (my_sel | my_win) & seg_mask; bits != 0; bits &= bits - 1) {
-      const int kt = __ffsll(static_cast<long long>(bits)) - 1;
+    // The lowest pending tile lies in this segment while any does (lower ones are done).
+    while ((pending & seg_mask) != 0) {
+      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+      pending &= pending - 1;
+      const uint32_t w[2] = {wnext[0] >> (2 * tq), wnext[1] >> (2 * tq)};
+      if (pending != 0) {  // the next tile's words load while this one runs
+        const int kt1 = __ffsll(static_cast<long long>(pending)) - 1;
+        wnext[0] = load_word(wrow[0], kt1, a.mask_rows);
+        wnext[1] = load_word(wrow[1], kt1, a.mask_rows);
+      }
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + (kt * kTile - seg0) * KS;
       const T* vt_s = vs + (kt * kTile - seg0) * KS;
       float s[2][4] = {}, dp[2][4] = {};
       mma_abt<T, D, KS>(s, qf, kt_s, lane);
       mma_abt<T, D, KS>(dp, df, vt_s, lane);
-      KCol kc[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) kc[c] = make_kcol(a, kt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1), u.L);
       float ds[2][4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const KCol& k = kc[nt * 2 + (e & 1)];
+          const int r = e >> 1, c = nt * 2 + (e & 1);
           const float x = s[nt][e] * p.scale_log2;
           float v = 0.f;
-          if (do_sel && ltis_visible(qr[r], k)) {
+          if (do_sel && word_bit(w[r], col_bit(c))) {
             v += exp2f(x - lse2[r][0]) * (gate[r][0] * dp[nt][e] - delta[r][0]);
           }
-          if (do_win && stis_visible_fast(a, u.L, qr[r], k)) {
+          if (do_win && word_bit(w[r], kTile + col_bit(c))) {
             v += exp2f(x - lse2[r][1]) * (gate[r][1] * dp[nt][e] - delta[r][1]);
           }
           ds[nt][e] = v;
@@ -785,17 +777,20 @@ __device__ __forceinline__ void dkdv_zero_padding(const AttnParams& p, T* dk, T*
   }
 }
 
-// One stage of a dk/dv warp's buffer: Q and dout of a query tile (two [16][KS] matrices of T) and
-// the tile's aux rows ([16][2] float4: gate, lse2, delta per branch).
+// One stage of a dk/dv warp's buffer: Q and dout of a query tile (two [16][KS] matrices of T), the
+// tile's aux rows ([16][2] float4: gate, lse2, delta per branch) and its rows' mask words of the
+// warp's key tile ([16] uint32).
 template <typename T, int KS>
-constexpr int stage_bytes() { return 2 * kTile * KS * int(sizeof(T)) + kTile * 2 * int(sizeof(Aux)); }
+constexpr int stage_bytes() {
+  return 2 * kTile * KS * int(sizeof(T)) + kTile * 2 * int(sizeof(Aux)) + kTile * 4;
+}
 
 // Q, dout and aux of query tile qt, head h, into one stage (rows past L zero-filled: no mask sees
 // them, and zeros keep every product finite).
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnParams& p,
-                                             const BwdIn& in, const Aux* aux, const Unit& u, int qt,
-                                             int64_t h, int lane) {
+                                             const BwdIn& in, const Aux* aux, const uint32_t* wcol,
+                                             const Unit& u, int qt, int64_t h, int lane) {
   constexpr int kChunks = D / 8;
   T* buf = reinterpret_cast<T*>(stage);
   Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
@@ -818,6 +813,11 @@ __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnPar
     const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : 0)) * p.H + h;
     cp_async16(abuf + lane, aux + rh * 2 + br, valid);
   }
+  if (lane < kTile) {  // the words of the key tile (wcol[i]: query position i's)
+    const int i = qt * kTile + lane;
+    const bool valid = i < u.L;
+    cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + (valid ? i : 0), valid);
+  }
   cp_async_commit();
 }
 
@@ -837,12 +837,10 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
-  // Masks of every row of the sequence and which key tiles each query tile needs, in shared memory.
-  uint64_t* rowmask = reinterpret_cast<uint64_t*>(smem);
-  uint64_t* need = rowmask + a.smem_rows;  // [2][kMaxTiles]
+  // Which key tiles each query tile needs, in shared memory.
+  uint64_t* need = reinterpret_cast<uint64_t*>(smem);  // [2][kMaxTiles]
   unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
   const int q_tiles = (u.L + kTile - 1) / kTile;
-  for (int r = threadIdx.x; r < u.L; r += blockDim.x) rowmask[r] = row_mask(a, u, g, r);
   for (int t = threadIdx.x; t < q_tiles; t += blockDim.x) {
     const uint64_t* nd = tile_need(a, u, g, t);
     need[t] = nd[0];
@@ -858,6 +856,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   const int kt = u.c0 / kTile + tl;  // the warp's key tile
   const bool active = kt * kTile < u.L;
   unsigned char* buf = bufs + warp * kBuf;
+  // The mask words of key tile kt: wcol[i] is query position i's.
+  const uint32_t* wcol = a.words + (g * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
 
   uint64_t tlist = 0;  // query tiles that need this key tile
   if (active) {
@@ -866,7 +866,6 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     }
   }
   const int ja = kt * kTile + gq, jb = ja + 8;
-  const KCol kr[2] = {make_kcol(a, ja, u.L), make_kcol(a, jb, u.L)};
   uint32_t kf[D / 16][4], vf[D / 16][4];
   {
     const T* kb = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
@@ -886,12 +885,12 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   // The query tiles in increasing order, the next one's Q and dout loading while this one runs.
   int qt = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
   int stage = 0;
-  if (qt >= 0) stage_q_dout<T, D, KS>(buf, p, in, aux, u, qt, h, lane);
+  if (qt >= 0) stage_q_dout<T, D, KS>(buf, p, in, aux, wcol, u, qt, h, lane);
   while (qt >= 0) {
     tlist &= tlist - 1;
     const int qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
     if (qt_next >= 0) {
-      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, p, in, aux, u, qt_next, h, lane);
+      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, p, in, aux, wcol, u, qt_next, h, lane);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -902,15 +901,15 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     const Aux* as = reinterpret_cast<const Aux*>(dos + kTile * KS);
     const bool do_sel = (need[qt] >> kt) & 1, do_win = (need[kMaxTiles + qt] >> kt) & 1;
 
-    // The four query columns this lane holds: c = 2 nt + e2 -> query qt * 16 + 8 nt + 2 tq + e2.
-    QRow qc[4];
+    const uint32_t* ws = reinterpret_cast<const uint32_t*>(as + 2 * kTile);
+    // The four query columns this lane holds: c = 2 nt + e2 -> query qt * 16 + 8 nt + 2 tq + e2,
+    // their words shifted so that key row gq + 8 r is bit 8 r (LTIS) and 16 + 8 r (STIS).
+    uint32_t wq[4];
     float cg[4][2], cl[4][2], cd[4][2];  // gate, lse2, delta per column and branch
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int i = qt * kTile + (c >> 1) * 8 + 2 * tq + (c & 1);
-      const bool valid = i < u.L;
-      qc[c] = make_qrow(a, i, u.L, valid ? rowmask[i] : 0);
-      const int r = (c >> 1) * 8 + 2 * tq + (c & 1);
+      const int r = col_bit(c) + 2 * tq;
+      wq[c] = ws[r] >> gq;  // zeros past L
       const float4 a0 = as[r * 2], a1 = as[r * 2 + 1];  // zeros past L
       cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
       cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
@@ -925,15 +924,15 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 2 + (e & 1);
-        const KCol& k = kr[e >> 1];
+        const int kb = 8 * (e >> 1);  // key row gq + kb
         const float x = s[nt][e] * p.scale_log2;
         float dsv = 0.f, pgv = 0.f;
-        if (do_sel && ltis_visible(qc[c], k)) {
+        if (do_sel && word_bit(wq[c], kb)) {
           const float pw = exp2f(x - cl[c][0]);
           dsv += pw * (cg[c][0] * dpt[nt][e] - cd[c][0]);
           pgv += pw * cg[c][0];
         }
-        if (do_win && stis_visible_fast(a, u.L, qc[c], k)) {
+        if (do_win && word_bit(wq[c], kTile + kb)) {
           const float pw = exp2f(x - cl[c][1]);
           dsv += pw * (cg[c][1] * dpt[nt][e] - cd[c][1]);
           pgv += pw * cg[c][1];
@@ -1006,10 +1005,10 @@ __global__ void unit_count_kernel(const SeqParams sp, int64_t max_len, int rows,
   count[b] = (L > 0 && L <= max_len) ? int32_t((L + rows - 1) / rows) : 0;
 }
 
-// The row masks and tile needs of the fused sequences (fused_masks_kernel), kept alive by the
+// The mask words and tile needs of the fused sequences (fused_masks_kernel), kept alive by the
 // returned tensors until the kernels that read them are launched.
 struct Masks {
-  at::Tensor rowmask, need;
+  at::Tensor words, need;
 };
 
 Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
@@ -1029,24 +1028,17 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
   Launch l;
   FusedArgs& a = l.args;
   a.p = p;
-  a.rowmask = masks ? reinterpret_cast<uint64_t*>(masks->rowmask.data_ptr<int64_t>()) : nullptr;
+  a.words = masks ? reinterpret_cast<uint32_t*>(masks->words.data_ptr<int32_t>()) : nullptr;
   a.need = masks ? reinterpret_cast<uint64_t*>(masks->need.data_ptr<int64_t>()) : nullptr;
   a.mask_rows = d.Bq * d.N;
   a.tiles_cap = masks ? int(masks->need.size(2)) : 0;
   a.rows = rows;
   constexpr int64_t kClamp = 2 * kMaxLen;
   a.b = int(p.select_block < kClamp ? p.select_block : kClamp);
-  a.w = int(p.stis.window < kClamp ? p.stis.window : kClamp);
-  a.wlo = p.stis.causal ? 0 : 1 - a.w;
-  a.wspan = a.w - a.wlo;
   a.st = p.stis;
-  a.st.window = a.w;
+  a.st.window = p.stis.window < kClamp ? p.stis.window : kClamp;
   a.st.power_block = p.stis.power_block < kClamp ? p.stis.power_block : kClamp;
-  a.inv_b = float(1.0 / double(p.select_block));
-  a.inv_p = float(1.0 / double(p.stis.power_block));
-  a.p1 = p.stis.power_block == 1;
   a.seg = 0;
-  a.smem_rows = 0;
   if (d.Bq == d.B) {
     a.unit_end = nullptr;
     a.per_seq = ceil_div(d.N, rows);
@@ -1079,10 +1071,12 @@ Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t
                     const at::Tensor& seq_len, cudaStream_t stream) {
   Masks m;
   const auto opts = seq_len.options().dtype(at::kLong);
-  m.rowmask = at::empty({d.KVH, d.Bq * d.N}, opts);
-  m.need = at::empty({d.KVH, d.B, ceil_div(n_max, kTile), 2}, opts);
+  const int64_t tiles_cap = ceil_div(n_max, kTile);
+  m.words = at::empty({d.KVH, tiles_cap, d.Bq * d.N}, opts.dtype(at::kInt));
+  m.need = at::empty({d.KVH, d.B, tiles_cap, 2}, opts);
   Launch l = plan_units(p, d, max_len, kMaskRows, seq_len, stream, &m);
-  fused_masks_kernel<<<l.grid, kMaskRows, 0, stream>>>(l.args);
+  const int64_t smem = tiles_cap * kMaskRows * 4;  // <= 32 KiB
+  fused_masks_kernel<<<l.grid, kMaskRows, size_t(smem), stream>>>(l.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return m;
 }
@@ -1129,9 +1123,8 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
   const int64_t tiles = tiles_per_cta(d, n_max);
   const int64_t warps = d.G * tiles;
   Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks);
-  l.args.smem_rows = int(ceil_div(n_max, kTile) * kTile);
   l.threads = int(32 * warps);
-  l.smem = int64_t(l.args.smem_rows) * 8 + 2 * kMaxTiles * 8 + warps * 2 * stage_bytes<T, KS>();
+  l.smem = 2 * kMaxTiles * 8 + warps * 2 * stage_bytes<T, KS>();
   auto kernel = fused_dkdv_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
@@ -1143,9 +1136,9 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
-  // Measured (docs/PERF_NOTES.md, v15): at D = 16 the row kernels are faster from ~1024 tokens on
-  // (S3 fwd+bwd 1.36 ms against the fused kernels' 1.87 ms on an H200); at S2 (N = 200) the fused
-  // kernels are faster. Above D = 16 the fused kernels win at every length they take.
+  // Measured (docs/PERF_NOTES.md, v15, v16): at D = 16 the row kernels are faster from ~1024 tokens
+  // on (S3 kernels 1.26 ms per fwd+bwd against the fused kernels' 1.34 ms on an H200 at v16); at S2
+  // (N = 200) the fused kernels are faster. Above D = 16 the fused kernels win at every length.
   const int64_t by_dim = head_dim == 16 ? 256 : kMaxLen;
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;

@@ -1,4 +1,4 @@
-// PTX wrappers for the tensor-core kernels (sm_80 and newer): asynchronous 16-byte copies,
+// PTX wrappers for the tensor-core kernels (sm_80 and newer): asynchronous 16- and 4-byte copies,
 // ldmatrix and the m16n8k16 MMA with float32 accumulators, for float16 and bfloat16 operands.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4:
@@ -23,6 +23,13 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src,
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+               "r"(src_bytes));
+}
+// Four bytes (the 16-bit-aligned mask words of the fused kernels), zero-filled when !valid.
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src),
                "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
