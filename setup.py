@@ -76,7 +76,7 @@ def _write_build_info(with_cuda):
 def _extension():
     with_cuda = _want_cuda()
     _write_build_info(with_cuda)
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not with_cuda:

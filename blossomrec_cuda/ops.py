@@ -72,12 +72,36 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
     B, N = q.shape[0], q.shape[1]
     if lengths is None:
         _check_padding_side(padding_side)
-        length = torch.full((B,), N, dtype=torch.int32, device=q.device)
-        start = torch.zeros_like(length)
         # Full-length batches need no check (and no device sync).
+        start, length = _full_bounds(B, N, q.device)
         return SeqLayout(start, length, False, N)
     start, length, max_len = padded_bounds(lengths, B, N, padding_side, q.device)
     return SeqLayout(_ops_int(start, q.device), _ops_int(length, q.device), False, max_len)
+
+
+# (B, N, device, stream) -> the int32 (seq_start, seq_len) of a full-length batch. Two fills per call
+# were a visible share of the op's host time at S1 (docs/PERF_NOTES.md v17). Keyed by the stream:
+# the tensors are filled on the stream that first asks, so its later kernels are ordered after the
+# fill; the kernels only read them. Not used while tracing or capturing (those make their own).
+_FULL_BOUNDS: dict[tuple, tuple[Tensor, Tensor]] = {}
+_FULL_BOUNDS_MAX = 16
+
+
+def _full_bounds(B: int, N: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def make() -> tuple[Tensor, Tensor]:
+        length = torch.full((B,), N, dtype=torch.int32, device=device)
+        return torch.zeros_like(length), length
+
+    if _is_tracing() or device.type == "meta":
+        return make()
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (B, N, device, stream)
+    hit = _FULL_BOUNDS.get(key)
+    if hit is None:
+        if len(_FULL_BOUNDS) >= _FULL_BOUNDS_MAX:
+            _FULL_BOUNDS.clear()
+        hit = _FULL_BOUNDS[key] = make()
+    return hit
 
 
 def _ops_int(x: Tensor, device: torch.device) -> Tensor:
@@ -214,29 +238,8 @@ def _sparse_attention_bwd_fake(dout, q, k, v, gates, o_sel, o_win, lse, sel_idx,
     return dq, dk, dv, dgates
 
 
-_FWD_ARGS = ("q", "k", "v", "gates", "sel_idx", "sel_cnt", "seq_start", "seq_len", "select_block",
-             "window", "power_block", "use_power", "use_sink", "causal", "scale")
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    (q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block, window, power_block,
-     use_power, use_sink, causal, scale) = inputs
-    out, o_sel, o_win, lse = output
-    ctx.save_for_backward(q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start, seq_len)
-    ctx.hparams = (select_block, window, power_block, use_power, use_sink, causal, scale)
-    ctx.mark_non_differentiable(o_sel, o_win, lse)
-
-
-def _fwd_backward(ctx, dout, _do_sel, _do_win, _dlse):
-    q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start, seq_len = ctx.saved_tensors
-    dq, dk, dv, dgates = torch.ops.blossomrec.sparse_attention_bwd(
-        dout.contiguous(), q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start, seq_len,
-        *ctx.hparams)
-    return dq, dk, dv, dgates, None, None, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("blossomrec::sparse_attention_fwd", _fwd_backward,
-                                setup_context=_fwd_setup_context)
+# The autograd of sparse_attention_fwd (its backward is sparse_attention_bwd) is registered in C++,
+# csrc/autograd.cpp: a Python wrapper cost more host time than S1's kernels take.
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 //
 // score[g, i, J] = mean over the G heads and the m windows of block J of scale * q_h . kc_c, which
 // equals scale * qbar[g, i] . kcb[g, J] with qbar the group-mean query and kcb the block-mean
-// compressed key. kcb is tiny ([B, N/b, KVH, D]) and computed first with ATen; the kernel then
-// streams it once per query, keeps the softmax normaliser (with SPEC's -1000 entry) and the top-n in
-// registers/local memory, and writes only the selected indices and their count: no N x N/s score
-// tensor ever exists.
+// compressed key (the mean of the m = b / s rows of kc in block J, in float32, formed as the kernel
+// reads kc: a chain of ATen ops per call cost more host time than the kernel, docs/PERF_NOTES.md
+// v17). The kernel streams the blocks once per query, keeps the softmax normaliser (with SPEC's
+// -1000 entry) and the top-n in registers/local memory, and writes only the selected indices and
+// their count: no N x N/s score tensor ever exists.
 //
 // One thread per (buffer row, kv head), a CTA of 128 consecutive rows. When the CTA's rows belong to
 // one sequence (every sequence longer than a few CTAs), kcb streams through shared-memory tiles,
@@ -33,7 +34,10 @@ constexpr int kSelectThreads = 128;
 struct SelectParams {
   const void* q;
   int64_t q_sb, q_sn, q_sh;  // strides in elements (last dim contiguous)
-  const float* kcb;          // [B, NB_max, KVH, D] contiguous
+  const void* kc;            // [B, C, KVH, D], last dim contiguous, 16-byte aligned rows
+  int64_t kc_sb, kc_sc, kc_sh;
+  int64_t m;                 // compressed rows per selection block
+  float inv_m;
   int64_t nb_max, c_avail;
   int32_t* idx;  // [Bq * N, KVH, width]
   int32_t* cnt;  // [Bq * N, KVH]
@@ -107,6 +111,26 @@ __device__ __forceinline__ float dot_smem(const float* qbar, const float* k) {
   return s;
 }
 
+// kcb[b, J, g, e .. e + 15] = the mean of kc[b, J m + c, g, e .. e + 15] over c < m, in float32
+// (summed in increasing c, then scaled by 1 / m).
+template <typename T>
+__device__ __forceinline__ void load_kcb16(const SelectParams& p, int64_t b, int64_t g, int64_t J,
+                                           int e, float (&x)[kDimsPerLane]) {
+  const T* row = static_cast<const T*>(p.kc) + b * p.kc_sb + J * p.m * p.kc_sc + g * p.kc_sh + e;
+  Vec16<T>::load(row, x);
+#pragma unroll 1
+  for (int64_t c = 1; c < p.m; ++c) {
+    float y[kDimsPerLane];
+    Vec16<T>::load(row + c * p.kc_sc, y);
+#pragma unroll
+    for (int k = 0; k < kDimsPerLane; ++k) x[k] += y[k];
+  }
+  if (p.m > 1) {
+#pragma unroll
+    for (int k = 0; k < kDimsPerLane; ++k) x[k] *= p.inv_m;
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectParams p) {
   constexpr int kTile = select_tile<D>();
@@ -155,12 +179,16 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     const int64_t nb_seq = num_select_blocks(first.L, p.c_avail, p.compress_stride, p.select_block);
     const int64_t last_own = last.i / p.select_block;
     const int64_t cta_end = p.causal ? (last_own < nb_seq ? last_own : nb_seq) : nb_seq;
-    const float* kcb = p.kcb + (first.b * p.KVH + g) * p.nb_max * D;  // [B, KVH, nb_max, D]
     for (int64_t J0 = 0; J0 < cta_end; J0 += kTile) {
       __syncthreads();  // the previous tile is consumed
-      const int64_t count = (cta_end - J0 < kTile ? cta_end - J0 : kTile) * D / 4;
+      const int64_t count = (cta_end - J0 < kTile ? cta_end - J0 : kTile) * (D / kDimsPerLane);
       for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-        reinterpret_cast<float4*>(tile)[e] = __ldg(reinterpret_cast<const float4*>(kcb + J0 * D) + e);
+        const int64_t jj = e / (D / kDimsPerLane);
+        const int c = int(e - jj * (D / kDimsPerLane)) * kDimsPerLane;
+        float x[kDimsPerLane];
+        load_kcb16<T>(p, first.b, g, J0 + jj, c, x);
+#pragma unroll
+        for (int k = 0; k < kDimsPerLane; ++k) tile[jj * D + c + k] = x[k];
       }
       __syncthreads();
       if (J0 >= j_end) continue;
@@ -177,16 +205,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     }
   } else if (row.b >= 0) {
     // Rows of several sequences (short or packed sequences): each thread reads its own blocks.
-    const float* kcb = p.kcb + (row.b * p.KVH + g) * p.nb_max * D;
     for (int64_t J = 0; J < j_end; ++J) {
       if (!p.causal && J == own) continue;
-      float k[D];
+      float s = 0.f;  // the FMA order of dot_smem: the same score as the shared-memory path
 #pragma unroll
-      for (int v = 0; v < D / 4; ++v) {
-        const float4 k4 = __ldg(reinterpret_cast<const float4*>(kcb + J * D) + v);
-        k[4 * v] = k4.x; k[4 * v + 1] = k4.y; k[4 * v + 2] = k4.z; k[4 * v + 3] = k4.w;
+      for (int c = 0; c < D / kDimsPerLane; ++c) {
+        float x[kDimsPerLane];
+        load_kcb16<T>(p, row.b, g, J, c * kDimsPerLane, x);
+#pragma unroll
+        for (int e = 0; e < kDimsPerLane; ++e) s = fmaf(qbar[c * kDimsPerLane + e], x[e], s);
       }
-      st.add(dot_smem<D>(qbar, k), int32_t(J), n_sel);
+      st.add(s, int32_t(J), n_sel);
     }
   }
   if (r >= rows) return;
@@ -227,14 +256,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
 
   const int64_t m = select_block / compress_stride;
   const int64_t nb_max = kc.size(1) / m;
-  // Block-mean compressed keys in float32, laid out [B, KVH, nb_max, D] so that a tile of blocks
-  // is one contiguous range.
-  at::Tensor kcb = kc.narrow(1, 0, nb_max * m)
-                       .to(at::kFloat)
-                       .reshape({d.B, nb_max, m, d.KVH, d.D})
-                       .mean(2)
-                       .permute({0, 2, 1, 3})
-                       .contiguous();
+  const at::Tensor kc_a = vec_aligned(kc);
   const at::Tensor st = seq_start.contiguous();
   const at::Tensor ln = seq_len.contiguous();
 
@@ -243,7 +265,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   p.q_sb = q.stride(0);
   p.q_sn = q.stride(1);
   p.q_sh = q.stride(2);
-  p.kcb = kcb.data_ptr<float>();
+  p.kc = kc_a.data_ptr();
+  p.kc_sb = kc_a.stride(0);
+  p.kc_sc = kc_a.stride(1);
+  p.kc_sh = kc_a.stride(2);
+  p.m = m;
+  p.inv_m = float(1.0 / double(m));
   p.nb_max = nb_max;
   p.c_avail = nb_max * m;
   p.idx = idx.data_ptr<int32_t>();

@@ -1,0 +1,110 @@
+// Autograd of blossomrec::sparse_attention_fwd, in C++ (one kernel for every backend, at the
+// Autograd dispatch key).
+//
+// The backward is the sparse_attention_bwd op: dq, dk, dv and dgates from the saved inputs, both
+// branch outputs and their log-sum-exps. Selection indices, counts and the sequence bounds get no
+// gradient, nor do o_sel, o_win and lse (non-differentiable outputs).
+//
+// Why C++ and not torch.library.register_autograd: the Python wrapper cost about 0.27 ms of host
+// time per forward + backward on an H200's host (torch.profiler, docs/PERF_NOTES.md v17), more than
+// the kernels of a 2048 x 50 batch take.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace blossomrec {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+FwdOut call_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& gates,
+                const Tensor& sel_idx, const Tensor& sel_cnt, const Tensor& seq_start,
+                const Tensor& seq_len, int64_t select_block, int64_t window, int64_t power_block,
+                bool use_power, bool use_sink, bool causal, double scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blossomrec::sparse_attention_fwd", "")
+                             .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const Tensor&, int64_t, int64_t,
+                                           int64_t, bool, bool, bool, double)>();
+  return op.call(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block, window,
+                 power_block, use_power, use_sink, causal, scale);
+}
+
+FwdOut call_bwd(const Tensor& dout, const variable_list& s, int64_t select_block, int64_t window,
+                int64_t power_block, bool use_power, bool use_sink, bool causal, double scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("blossomrec::sparse_attention_bwd", "")
+          .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, const Tensor&, int64_t, int64_t, int64_t, bool, bool, bool,
+                        double)>();
+  return op.call(dout, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
+                 select_block, window, power_block, use_power, use_sink, causal, scale);
+}
+
+class SparseAttention : public torch::autograd::Function<SparseAttention> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
+                               const Tensor& v, const Tensor& gates, const Tensor& sel_idx,
+                               const Tensor& sel_cnt, const Tensor& seq_start,
+                               const Tensor& seq_len, int64_t select_block, int64_t window,
+                               int64_t power_block, bool use_power, bool use_sink, bool causal,
+                               double scale) {
+    // The gradients of o_sel, o_win and lse are never used: not materialised as zeros (two
+    // output-sized fills per backward under the default).
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, o_sel, o_win, lse] = call_fwd(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len,
+                                             select_block, window, power_block, use_power,
+                                             use_sink, causal, scale);
+    ctx->save_for_backward({q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start,
+                            seq_len});
+    ctx->saved_data["select_block"] = select_block;
+    ctx->saved_data["window"] = window;
+    ctx->saved_data["power_block"] = power_block;
+    ctx->saved_data["use_power"] = use_power;
+    ctx->saved_data["use_sink"] = use_sink;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({o_sel, o_win, lse});
+    return {out, o_sel, o_win, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    // Only `out` is differentiable; its gradient is undefined when the graph did not use it.
+    const Tensor dout = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(s[0]);
+    const auto& d = ctx->saved_data;
+    auto [dq, dk, dv, dgates] =
+        call_bwd(dout, s, d.at("select_block").toInt(), d.at("window").toInt(),
+                 d.at("power_block").toInt(), d.at("use_power").toBool(),
+                 d.at("use_sink").toBool(), d.at("causal").toBool(), d.at("scale").toDouble());
+    const Tensor none;
+    return {dq, dk, dv, dgates, none, none, none, none, none, none, none, none, none, none, none};
+  }
+};
+
+FwdOut sparse_attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& gates, const Tensor& sel_idx,
+                                     const Tensor& sel_cnt, const Tensor& seq_start,
+                                     const Tensor& seq_len, int64_t select_block, int64_t window,
+                                     int64_t power_block, bool use_power, bool use_sink,
+                                     bool causal, double scale) {
+  const variable_list r = SparseAttention::apply(q, k, v, gates, sel_idx, sel_cnt, seq_start,
+                                                 seq_len, select_block, window, power_block,
+                                                 use_power, use_sink, causal, scale);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+}  // namespace
+}  // namespace blossomrec
+
+TORCH_LIBRARY_IMPL(blossomrec, Autograd, m) {
+  m.impl("sparse_attention_fwd", &blossomrec::sparse_attention_fwd_autograd);
+}
