@@ -202,11 +202,10 @@ class BlossomRec(nn.Module):
             raise ValueError(f"no checkpoint at {path!r}")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path} does not load with torch.load(weights_only=True) ({reason}); "
-                             "older checkpoints held NumPy objects; train again "
-                             "to get one that loads safely") from None
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path} does not load with torch.load(weights_only=True): it holds "
+                             "pickled Python objects (checkpoints of earlier versions held NumPy "
+                             "RNG state); train again to get one that loads safely") from None
         if not isinstance(ckpt, dict) or "model_config" not in ckpt:
             raise ValueError(f"{path} is not a checkpoint of the training command (no model_config)")
         config = dict(ckpt["model_config"])
