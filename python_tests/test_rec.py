@@ -169,6 +169,9 @@ def test_command_line_writes_table_json_and_jsonl(tmp_path, capsys):
     assert main(argv + ["--attention", "dense"]) == 0
     printed = capsys.readouterr().out
     assert "| BlossomRec | sampled (100 neg) |" in printed and "| SASRec | full ranking |" in printed
+    # the result record goes to the files only; stdout is the summary
+    assert not any(line.startswith("{") for line in printed.splitlines())
+    assert printed.count(f"result: {out}") == 2
     result = json.loads(out.read_text())
     assert result["model"] == "SASRec" and result["dataset"] == "synthetic"
     lines = [json.loads(line) for line in rows.read_text().splitlines()]
@@ -225,7 +228,7 @@ def test_distributed_two_processes_gloo(tmp_path):
     model = build_model(data.num_items, hidden=32, heads=2, kv_heads=1, layers=1, inner=64,
                         sparse_kwargs=cfg.sparse)
     model.load_state_dict(torch.load(tmp_path / "ckpt" / "checkpoint.pt",
-                                     weights_only=False)["best_model"])
+                                     weights_only=True)["best_model"])
     model.eval()
     single = evaluate(_model_scorer(model, torch.no_grad), split.test, negatives, data.num_items,
                       cfg.max_len, 256, Runtime(torch.device("cpu")))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FORMATS = ("auto", "user-items", "user-item-pairs", "movielens")
+FORMATS = ("auto", "user-items", "user-item-pairs", "movielens", "recbole")
 
 
 @dataclass
@@ -114,11 +114,58 @@ def read_movielens(path: str, max_users: Optional[int] = None) -> InteractionDat
     return _compact(_name(path), ordered, None)
 
 
+def read_recbole(path: str, max_users: Optional[int] = None) -> InteractionData:
+    """RecBole atomic file (``.inter``): tab-separated, a header of ``name:type`` fields, e.g.
+    ``user_id:token  item_id:token  rating:float  timestamp:float``. Needs ``user_id`` and
+    ``item_id`` (RecBole's default field names); each user's rows are sorted by ``timestamp``
+    (stable: equal timestamps keep file order; without the column, file order). Users in order of
+    first appearance; other columns are ignored, every row counts as an interaction."""
+    per_user: dict[str, list[tuple[float, int, str]]] = {}
+    with open(path, newline="") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        names = [field.split(":", 1)[0] for field in header]
+        types = {name: field.split(":", 1)[1] if ":" in field else "" for name, field in
+                 zip(names, header)}
+        missing = [name for name in ("user_id", "item_id") if name not in names]
+        if missing or not all(types.values()):
+            raise ValueError(f"{path}: a RecBole .inter file starts with a tab-separated header of "
+                             "name:type fields including user_id and item_id (e.g. "
+                             f"'user_id:token\\titem_id:token\\ttimestamp:float'); got {header!r}")
+        user_col, item_col = names.index("user_id"), names.index("item_id")
+        time_col = names.index("timestamp") if "timestamp" in names else None
+        for lineno, line in enumerate(f, 2):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            row = line.split("\t")
+            if len(row) != len(names):
+                raise ValueError(f"{path}:{lineno}: expected {len(names)} tab-separated fields "
+                                 f"({names}), got {len(row)}: {line!r}")
+            user, item = row[user_col], row[item_col]
+            if not user or not item:
+                raise ValueError(f"{path}:{lineno}: a row needs user_id and item_id, got {line!r}")
+            timestamp = 0.0
+            if time_col is not None:
+                try:
+                    timestamp = float(row[time_col])
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: timestamp must be a number, got "
+                                     f"{row[time_col]!r}") from None
+            if user not in per_user and max_users is not None and len(per_user) >= max_users:
+                continue
+            rows = per_user.setdefault(user, [])
+            rows.append((timestamp, len(rows), item))
+    ordered = ([item for _, _, item in sorted(rows)] for rows in per_user.values())
+    return _compact(_name(path), ordered, None)
+
+
 def detect_format(path: str) -> str:
-    """``movielens`` for a ``.csv``; otherwise ``user-item-pairs`` when every line of the head of the
-    file has two tokens and some user repeats, else ``user-items``."""
+    """``movielens`` for a ``.csv``, ``recbole`` for a ``.inter``; otherwise ``user-item-pairs`` when
+    every line of the head of the file has two tokens and some user repeats, else ``user-items``."""
     if path.endswith(".csv"):
         return "movielens"
+    if path.endswith(".inter"):
+        return "recbole"
     seen, repeated = set(), False
     with open(path) as f:
         for _, line in zip(range(2000), f):
@@ -133,10 +180,13 @@ def detect_format(path: str) -> str:
 
 
 def dataset_path(path: str) -> str:
-    """The file :func:`load_dataset` reads for ``path`` (a directory means its ``ratings.csv``,
-    MovieLens); ValueError when there is none."""
+    """The file :func:`load_dataset` reads for ``path``: a directory means its ``ratings.csv``
+    (MovieLens) or, when there is none, its ``<directory name>.inter`` (a RecBole dataset folder);
+    ValueError when there is none."""
     if os.path.isdir(path):
-        path = os.path.join(path, "ratings.csv")
+        inter = os.path.join(path, os.path.basename(os.path.abspath(path)) + ".inter")
+        csv_path = os.path.join(path, "ratings.csv")
+        path = inter if os.path.exists(inter) and not os.path.exists(csv_path) else csv_path
     if not os.path.exists(path):
         raise ValueError(f"no dataset at {path!r}; pass --data with a file in one of the formats "
                          f"{FORMATS[1:]} (or leave --data out for the synthetic dataset)")
@@ -145,10 +195,10 @@ def dataset_path(path: str) -> str:
 
 def load_dataset(path: str, fmt: str = "auto", max_users: Optional[int] = None) -> InteractionData:
     """Read ``path`` in ``fmt`` (one of :data:`FORMATS`); a directory is searched for
-    ``ratings.csv`` (MovieLens)."""
+    ``ratings.csv`` (MovieLens) or ``<name>/<name>.inter`` (RecBole)."""
     path = dataset_path(path)
     readers = {"user-items": read_user_items, "user-item-pairs": read_user_item_pairs,
-               "movielens": read_movielens}
+               "movielens": read_movielens, "recbole": read_recbole}
     if fmt != "auto" and fmt not in readers:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     try:

@@ -2,20 +2,27 @@
 
     python -m blossomrec_cuda.rec.train                       # synthetic data, CPU or one GPU
     python -m blossomrec_cuda.rec.train --data ../shared/data/amazon-beauty.txt --epochs 200
+    python -m blossomrec_cuda.rec.train --out r.json --checkpoint-dir ckpt   # result JSON + model
     torchrun --nproc_per_node 4 -m blossomrec_cuda.rec.train --data ...   # DistributedDataParallel
 
 Leave-one-out split by time, early stopping on validation NDCG@10 (sampled protocol by default), then
 Recall/MRR/NDCG@10 on test under the sampled protocol (100 uniform negatives the user never
 interacted with, 'uni100') and under full ranking over all items (items already in the history do not
 compete). A popularity baseline is evaluated on the same candidates.
+
+Standard output gets a short summary (the metrics table); the full result record goes to --out (JSON)
+and/or is appended to --jsonl. The checkpoint in --checkpoint-dir loads with
+BlossomRec.from_checkpoint(path) and recommends with model.recommend(histories, k).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -30,14 +37,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ..attention import SPARSE_NAMES, normalize_sparse_names
+from ..attention import SPARSE_NAMES, BlossomAttention, normalize_sparse_names
 from .data import (FORMATS, InteractionData, dataset_path, leave_one_out, load_dataset, pad_batch,
                    sample_negatives, synthetic_dataset, training_examples)
 from .metrics import metric_sums, rank_of_target
-from .model import ATTENTIONS, BlossomRec, build_model
+from .model import ATTENTIONS, CHECKPOINT_NAME, BlossomRec, build_model
 
 K = 10
-CHECKPOINT_NAME = "checkpoint.pt"
+# Bumped when the checkpoint's layout changes; version 2 loads with torch.load(weights_only=True)
+# and carries model_config, item_ids and max_len (what BlossomRec.from_checkpoint needs).
+CHECKPOINT_VERSION = 2
 # Arguments that shape the data or the model: a checkpoint resumes only under the same values.
 _RESUME_KEYS = ("data", "format", "max_users", "attention", "backend", "hidden", "heads", "kv_heads",
                 "layers", "inner", "max_len", "seed")
@@ -124,8 +133,15 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values, so that the checkpoint loads with
+    ``torch.load(weights_only=True)`` (NumPy's own state tuple holds an ndarray, which does not)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": int(version), "state": list(internal),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -133,8 +149,11 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -274,6 +293,14 @@ def _save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
+def _model_record(model: BlossomRec, data: InteractionData, cfg: TrainConfig) -> dict:
+    """What BlossomRec.from_checkpoint needs besides the weights: the architecture, the raw item id
+    of every model index (``item_ids[i - 1]`` names index ``i``) and the training history length."""
+    return {"checkpoint_version": CHECKPOINT_VERSION, "model_config": model.config(),
+            "item_ids": list(data.raw_item_ids) or None, "max_len": cfg.max_len,
+            "dataset": data.name}
+
+
 def load_data(cfg: TrainConfig) -> InteractionData:
     if cfg.data is None:
         # users are drawn one after another, so a smaller count gives the first users of the
@@ -372,7 +399,7 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
             _save_checkpoint(ckpt, {**state, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(),
                                     "scaler": scaler.state_dict(), "rng": _rng_state(),
-                                    "config": asdict(cfg)})
+                                    "config": asdict(cfg), **_model_record(model, data, cfg)})
         if epoch - state["best_epoch"] >= cfg.patience:
             _log(rt, f"early stop: no validation gain for {cfg.patience} epochs")
             break
@@ -444,7 +471,12 @@ def _progress(rt: Runtime, cfg: TrainConfig, per_process: int, epoch: int):
 
 def _restore(path: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, rt: Runtime) -> dict:
-    ckpt = torch.load(path, map_location=rt.device, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=rt.device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} does not load with torch.load(weights_only=True): it was written "
+                         "by an older version (with NumPy RNG state inside), which cannot resume; "
+                         "point --checkpoint-dir elsewhere to start afresh") from None
     saved = ckpt["config"]
     changed = [key for key in _RESUME_KEYS if saved.get(key) != getattr(cfg, key)]
     if changed or normalize_sparse_names(saved.get("sparse", {})) != cfg.sparse:
@@ -462,6 +494,7 @@ def _restore(path: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
 # Report
 # --------------------------------------------------------------------------------------------------
 def format_table(result: dict) -> str:
+    """The test metrics of the model and of the popularity baseline as a Markdown table."""
     rows = [(result["model"], result["test"]), ("Popularity", result["popularity"])]
     head = f"| model | protocol | Recall@{K} | MRR@{K} | NDCG@{K} |"
     lines = [head, "|---|---|---|---|---|"]
@@ -474,21 +507,45 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_summary(result: dict) -> str:
+    """What the command prints: the data, the run, the metrics table and where the files went."""
+    cfg = result["config"]
+    kind = ("dense attention" if result["attention"] == "dense"
+            else f"BlossomAttention, {result['backend']} backend")
+    lines = [
+        f"{result['dataset']}: {result['users']} users, {result['items']} items, "
+        f"{result['interactions']} interactions",
+        f"{result['model']} ({kind}, {result['parameters']} parameters) on {result['device']} "
+        f"x{result['world_size']}: "
+        f"{result['epochs_run']} epochs in {result['seconds']:.0f} s, best validation "
+        f"NDCG@{K} ({cfg['valid_protocol']}) {result[f'valid_best_ndcg@{K}']:.4f} at epoch "
+        f"{result['best_epoch']}",
+        "",
+        format_table(result),
+        "",
+    ]
+    if cfg["out"]:
+        lines.append(f"result: {cfg['out']}")
+    if cfg["jsonl"]:
+        lines.append(f"result appended to: {cfg['jsonl']}")
+    if not (cfg["out"] or cfg["jsonl"]):
+        lines.append("full result not saved (pass --out result.json)")
+    if cfg["checkpoint_dir"]:
+        lines.append(f"checkpoint: {os.path.join(cfg['checkpoint_dir'], CHECKPOINT_NAME)} "
+                     "(BlossomRec.from_checkpoint)")
+    return "\n".join(lines)
+
+
 def _report(result: dict, cfg: TrainConfig) -> None:
-    print(f"{result['dataset']}: {result['users']} users, {result['items']} items; "
-          f"best epoch {result['best_epoch']} of {result['epochs_run']}, "
-          f"{result['seconds']:.0f} s on {result['device']} x{result['world_size']}")
-    print(format_table(result))
-    text = json.dumps(result)
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(cfg.out, "w") as f:
             json.dump(result, f, indent=1)
-    else:
-        print(text)
+            f.write("\n")
     if cfg.jsonl:
         with open(cfg.jsonl, "a") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(result) + "\n")
+    print(format_summary(result), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,45 +584,126 @@ def _check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} {path!r}: {parent!r} is not a directory")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and ``(default: X)`` after every flag with a value default;
+    the help of a flag whose default is None (or an off switch) says itself what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+# BlossomAttention's hyper-parameters: the flag's help, and the module's default (shown in --help;
+# the flag's own default stays None, so that a run records only what it changed).
+_SPARSE_HELP = {
+    "compress_block_size": "l: keys per compressed block (LTIS block scores)",
+    "compress_stride": "s: stride between compressed blocks",
+    "select_block": "b: keys per selection block, a multiple of --compress-stride",
+    "num_select": "n: blocks each query selects (LTIS)",
+    "window": "w: the STIS window (keys at distance < w, then powers of two)",
+    "power_block": "p: the STIS power mask's block size",
+}
+_SPARSE_DEFAULTS = {name: inspect.signature(BlossomAttention.__init__).parameters[name].default
+                    for name in SPARSE_NAMES}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m blossomrec_cuda.rec.train``: one flag per
+    :class:`TrainConfig` field (``--no-progress`` for ``progress``, BlossomAttention's
+    hyper-parameters for ``sparse``), in groups."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m blossomrec_cuda.rec.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="dataset file (or MovieLens folder); default: "
-                   "the built-in synthetic dataset")
-    p.add_argument("--format", default=d.format, choices=FORMATS)
-    p.add_argument("--max-users", type=int, default=None, help="keep the first N users (a slice)")
-    p.add_argument("--attention", default=d.attention, choices=ATTENTIONS,
-                   help="blossom = BlossomRec, dense = SASRec")
-    p.add_argument("--backend", default=d.backend, choices=("ops", "reference"),
-                   help="BlossomAttention's op: the kernels or reference.py (same math)")
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--inner", type=int, default=d.inner)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--max-len", type=int, default=d.max_len)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--amp", default=d.amp, choices=("off", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--valid-protocol", default=d.valid_protocol, choices=("sampled", "full"))
-    p.add_argument("--num-negatives", type=int, default=d.num_negatives)
-    p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    p.add_argument("--out", default=None, help="write the result JSON here (default: stdout)")
-    p.add_argument("--jsonl", default=None, help="append the result as one JSON line")
-    p.add_argument("--no-progress", action="store_true")
-    sparse = p.add_argument_group("BlossomAttention (defaults: the paper's)")
+                                formatter_class=HelpFormatter)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", default=None,
+                   help="dataset: a file in one of the --format layouts, a MovieLens folder (its "
+                        "ratings.csv) or a RecBole dataset folder (NAME/NAME.inter); default: the "
+                        "built-in synthetic dataset")
+    g.add_argument("--format", default=d.format, choices=FORMATS,
+                   help="layout of --data: user-items ('user item item ...' per line), "
+                        "user-item-pairs ('user item' per line, in time order), movielens "
+                        "(userId,movieId,rating,timestamp CSV), recbole (atomic .inter file); auto "
+                        "picks by extension (.csv, .inter) and content")
+    g.add_argument("--max-users", metavar="N", type=int, default=None,
+                   help="keep the first N users of the file (a quick slice); default: all users")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--attention", default=d.attention, choices=ATTENTIONS,
+                   help="blossom = BlossomRec (sparse attention), dense = SASRec")
+    g.add_argument("--backend", default=d.backend, choices=("ops", "reference"),
+                   help="BlossomAttention's implementation: ops (the compiled CPU/CUDA kernels) or "
+                        "reference (reference.py in plain PyTorch, the same math)")
+    g.add_argument("--hidden", type=int, default=d.hidden,
+                   help="model width (item embedding size), a multiple of --heads")
+    g.add_argument("--heads", type=int, default=d.heads, help="query heads per layer")
+    g.add_argument("--kv-heads", type=int, default=d.kv_heads,
+                   help="key/value heads (grouped-query attention); divides --heads")
+    g.add_argument("--layers", type=int, default=d.layers, help="Transformer blocks")
+    g.add_argument("--inner", type=int, default=d.inner, help="feed-forward inner size")
+    g.add_argument("--dropout", type=float, default=d.dropout,
+                   help="dropout probability, in [0, 1)")
+    g.add_argument("--max-len", type=int, default=d.max_len,
+                   help="longest history the model reads: older items are cut")
+
+    g = p.add_argument_group("BlossomAttention (defaults: the paper's values)")
     for name in SPARSE_NAMES:
-        sparse.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"{_SPARSE_HELP[name]} (default: {_SPARSE_DEFAULTS[name]})")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="most epochs to train")
+    g.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many epochs without a better validation NDCG@10")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="training examples per step, over all processes together")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the model init, the batch order and the sampled negatives")
+    g.add_argument("--device", default=d.device,
+                   help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--amp", default=d.amp, choices=("off", "bf16", "fp16"),
+                   help="autocast dtype for training and evaluation (scores are ranked in float32)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (batches padded to --max-len); default: eager")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="validate every N epochs (and after the last)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="users per evaluation batch")
+    g.add_argument("--valid-protocol", default=d.valid_protocol, choices=("sampled", "full"),
+                   help="the validation NDCG@10 that early stopping watches: sampled negatives or "
+                        "full ranking")
+    g.add_argument("--num-negatives", type=int, default=d.num_negatives,
+                   help="negatives per user in the sampled protocol (uniform, never interacted "
+                        "with)")
+
+    g = p.add_argument_group("checkpoints and output")
+    g.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help=f"write DIR/{CHECKPOINT_NAME} after every epoch (loads with "
+                        "BlossomRec.from_checkpoint); default: no checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --checkpoint-dir (same data and model arguments); "
+                        "default: start afresh")
+    g.add_argument("--out", metavar="PATH", default=None,
+                   help="write the full result record here as JSON (metrics, config, history); "
+                        "default: not written, standard output gets the summary only")
+    g.add_argument("--jsonl", metavar="PATH", default=None,
+                   help="append the result record as one JSON line (sweeps); default: none")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on standard error; default: a bar per epoch")
+    for action in p._actions:  # short placeholders in the usage line: N for counts, X for numbers
+        if action.metavar is None and action.type in (int, float):
+            action.metavar = "N" if action.type is int else "X"
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Command-line arguments -> :class:`TrainConfig`. Bad values and paths are argument errors:
+    one ``error:`` line and exit status 2, no traceback."""
+    p = build_parser()
     a = p.parse_args(argv)
     sparse_kwargs = {name: getattr(a, name) for name in SPARSE_NAMES if getattr(a, name) is not None}
     cfg = TrainConfig(
@@ -577,11 +715,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         valid_protocol=a.valid_protocol, num_negatives=a.num_negatives,
         checkpoint_dir=a.checkpoint_dir, resume=a.resume, out=a.out, jsonl=a.jsonl,
         progress=not a.no_progress, sparse=sparse_kwargs)
-    # Bad values and paths are argument errors: one `error:` line and exit status 2, no traceback.
     try:
         _check_config(cfg)
         if cfg.data is not None:
             dataset_path(cfg.data)
+        # the model's own checks of its sizes and BlossomAttention's hyper-parameters, on the meta
+        # device: nothing allocated, nothing read
+        with torch.device("meta"):
+            build_model(1, cfg.attention, cfg.backend, cfg.hidden, cfg.heads, cfg.kv_heads,
+                        cfg.layers, cfg.inner, cfg.dropout, cfg.sparse)
     except ValueError as e:
         p.error(str(e))
     return cfg
