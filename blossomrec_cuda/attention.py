@@ -96,11 +96,12 @@ def _check_contiguous(mask: Tensor, seq_start: Tensor, seq_len: Tensor) -> None:
     bad = (seq_len > 0) & (last - seq_start + 1 != seq_len)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        tokens = mask[row].nonzero().flatten().tolist()
+        first, end = int(seq_start[row]), int(last[row]) + 1
+        holes = _ops._offending(~mask[row, first:end], lambda i: str(first + i))
         raise ValueError(
-            f"attention_mask row {row} has holes: its valid tokens {tokens} are not one contiguous "
-            "run. Move each sequence's valid tokens together (right or left padding) or pass "
-            "lengths instead of a mask.")
+            f"attention_mask row {row} has holes: its valid tokens run from {first} to {end - 1} "
+            f"but tokens {holes} in between are padding. Move each sequence's valid tokens "
+            "together (right or left padding) or pass lengths instead of a mask.")
 
 
 def valid_mask(seq_start: Tensor, seq_len: Tensor, N: int) -> Tensor:

@@ -7,12 +7,21 @@ Layouts (docs/DESIGN.md):
 - packed: ``q [T, H, D]``, ``k, v [T, KVH, D]``, ``gates [T, H, 2]`` with ``cu_seqlens [B + 1]``.
 
 ``kc`` is always per sequence: ``[B, C, KVH, D]`` with ``C >= floor(L_b / compress_stride)``.
+
+Errors (docs/ERRORS.md): ``TypeError`` for a type (a tensor's dtype, an argument that is not an
+int, a tensor or a list), ``ValueError`` for every other bad input (ranks, shapes, strides, devices,
+values, ranges, offsets). The wrappers check what they can see before calling an op and word it in
+the caller's layout (packed shapes ``[T, ...]``, offsets as ``cu_seqlens[i]``); the ops raise the
+same types (csrc/common/checks.h), and so do the fake kernels, which run for meta inputs: an input
+on another device than ``q``, the meta device included, is a ``ValueError``. ``RuntimeError`` is
+left for internal invariants. Messages name the argument, say what was expected, and list at most a
+few offending entries (``"... and N more"``), so their length does not grow with the input.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,7 +46,40 @@ class SeqLayout:
     def from_rows(self, x: Tensor) -> Tensor:
         return x.squeeze(0) if self.packed else x
 
+    @property
+    def row_names(self) -> tuple[str, ...]:
+        """The leading dims of q, k, v, gates, sel_idx, sel_cnt as the caller passes them."""
+        return ("T",) if self.packed else ("B", "N")
 
+
+# --------------------------------------------------------------------------------------------------
+# Short messages
+# --------------------------------------------------------------------------------------------------
+_MAX_LISTED = 4  # offending entries a message lists before "... and N more"
+_MAX_REPR = 60  # characters of a caller's value quoted in a message
+
+
+def _offending(bad: Tensor, entry: Callable[[int], str]) -> str:
+    """``entry(i)`` for the first few indices where the 1-D bool ``bad`` holds, then how many more:
+    ``"lengths[3] = 20, lengths[7] = 18 ... and 12 more"``."""
+    where = bad.nonzero().flatten()
+    shown = ", ".join(entry(i) for i in where[:_MAX_LISTED].tolist())
+    more = where.numel() - _MAX_LISTED
+    return f"{shown} ... and {more} more" if more > 0 else shown
+
+
+def _short_repr(x: object) -> str:
+    r = repr(x)
+    return r if len(r) <= _MAX_REPR else r[: _MAX_REPR - 3] + "..."
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts: lengths and cu_seqlens
+# --------------------------------------------------------------------------------------------------
 def _is_tracing() -> bool:
     if torch.compiler.is_compiling():
         return True
@@ -50,6 +92,8 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
 
     ``cu_seqlens [B + 1]`` starts at 0 and does not decrease; rows from ``cu_seqlens[-1]`` to ``T``
     belong to no sequence (padding: their outputs are 0)."""
+    if not isinstance(q, Tensor):
+        raise TypeError(f"q must be a tensor, got {type(q).__name__}")
     if cu_seqlens is not None:
         if lengths is not None:
             raise ValueError("pass either lengths (padded layout) or cu_seqlens (packed), not both")
@@ -57,14 +101,16 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
             raise ValueError(f"the packed layout takes q as [T, H, D]; got rank {q.dim()}")
         cu_in = _int_tensor(cu_seqlens, "cu_seqlens")
         if cu_in.dim() != 1 or cu_in.numel() < 1:
-            raise ValueError("cu_seqlens must be a 1-D tensor [B + 1] of cumulative lengths")
+            raise ValueError(f"cu_seqlens must be a 1-D tensor [B + 1] of cumulative lengths, got "
+                             f"shape {list(cu_in.shape)}")
         if cu_in.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_in.dtype}")
+        _check_host_readable(cu_in, "cu_seqlens", q.device)
         # Checked in int64, before the narrowing to the ops' int32 (which would wrap large values),
         # and where the values are: host offsets need no round trip through the device.
         cu = cu_in.to(torch.int64)
+        max_len = _validate_offsets(cu, q.shape[0])
         start, length = cu[:-1], cu[1:] - cu[:-1]
-        max_len = _validate(start, length, q.shape[0], packed=True)
         return SeqLayout(_ops_int(start, q.device), _ops_int(length, q.device), True, max_len)
     if q.dim() != 4:
         raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
@@ -111,7 +157,15 @@ def _ops_int(x: Tensor, device: torch.device) -> Tensor:
 
 def _check_padding_side(padding_side: str) -> None:
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        raise ValueError(f"padding_side must be 'right' or 'left', got {_short_repr(padding_side)}")
+
+
+def _check_host_readable(x: Tensor, name: str, device: torch.device) -> None:
+    """Lengths and offsets may live on the host or on q's device, but a meta tensor holds no values
+    to check or to copy: allowed only with a meta q."""
+    if x.device.type == "meta" and torch.device(device).type != "meta":
+        raise ValueError(f"{name} must hold values: it is on the meta device but q is on {device} "
+                         f"(pass it on the host or on q's device)")
 
 
 def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding_side: str,
@@ -121,18 +175,21 @@ def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding
     Values are checked (0 <= length <= N) in int64, before anything narrows them to the ops' int32,
     which would wrap large ones, and before they move to ``device`` (lengths given as a list or a
     CPU tensor are checked on the host, with no round trip through the GPU); eager only, see
-    :func:`_validate` (``max_len`` is None when skipped). Shared by the op wrappers and the
+    :func:`_skip_value_checks` (``max_len`` is None when skipped). Shared by the op wrappers and the
     attention modules."""
     _check_padding_side(padding_side)
     length = _int_tensor(lengths, "lengths")
-    if length.dtype not in (torch.int32, torch.int64) or length.dim() != 1:
-        raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype} "
-                        f"of rank {length.dim()}")
+    if length.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lengths must be a 1-D integer tensor or list, got {length.dtype}")
+    if length.dim() != 1:
+        raise ValueError(f"lengths must be a 1-D integer tensor or list [B], got rank "
+                         f"{length.dim()}")
     if length.shape[0] != B:
         raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
+    _check_host_readable(length, "lengths", device)
     length = length.to(torch.int64)
     start = torch.zeros_like(length) if padding_side == "right" else N - length
-    max_len = _validate(start, length, N, packed=False)
+    max_len = _validate_lengths(length, N)
     return start.to(device), length.to(device), max_len
 
 
@@ -145,39 +202,59 @@ def _int_tensor(x: Union[Tensor, Sequence[int]], name: str) -> Tensor:
         t = torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise TypeError(f"{name} must be a 1-D integer tensor or list, got {type(x).__name__} "
-                        f"({e})") from None
+                        f"({_short_repr(str(e))})") from None
     return t.to(torch.int64) if t.numel() == 0 else t
 
 
-def _validate(seq_start: Tensor, seq_len: Tensor, N: int, packed: bool) -> Optional[int]:
-    """Value checks that need the lengths on the host (a device sync for CUDA lengths); skipped
-    while tracing or capturing, and for meta tensors (the kernels clamp lengths, so bad values there
-    cannot go out of bounds). Returns the longest length when it was checked."""
-    if _is_tracing() or seq_len.device.type == "meta":
+def _skip_value_checks(x: Tensor) -> bool:
+    """Value checks need the values on the host (a device sync for CUDA ones): skipped while
+    tracing or capturing, and for meta tensors (the kernels clamp lengths, so bad values there
+    cannot go out of bounds)."""
+    return _is_tracing() or x.device.type == "meta"
+
+
+def _validate_lengths(length: Tensor, N: int) -> Optional[int]:
+    """``0 <= lengths[b] <= N`` for int64 ``lengths [B]``; returns the longest, None if skipped."""
+    if _skip_value_checks(length):
         return None
-    if seq_len.numel() == 0:
+    if length.numel() == 0:
         return 0
-    start, length = seq_start.cpu(), seq_len.cpu()
-    # Messages name what the caller passed: cu_seqlens (packed) or lengths (padded).
-    if packed and int(start[0]) != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(start[0])} (cumulative lengths "
-                         f"[0, L_0, L_0 + L_1, ...], not the lengths themselves)")
-    if packed and bool((length < 0).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got differences {length.tolist()}")
+    length = length.cpu()
+
+    def entry(i: int) -> str:
+        return f"lengths[{i}] = {int(length[i])}"
+
     if bool((length < 0).any()):
-        raise ValueError(f"lengths must be >= 0, got {length.tolist()}")
-    # (packed starts are >= 0 from here on; a padded start is below 0 only for a left-padded
-    # length above N)
-    if bool((start < 0).any()) or bool((start + length > N).any()):
+        raise ValueError(f"lengths must be >= 0, got {_offending(length < 0, entry)}")
+    if bool((length > N).any()):
         raise ValueError(f"lengths must be <= the sequence dimension N = {N}, got "
-                         f"{length.tolist()} at starts {start.tolist()}")
+                         f"{_offending(length > N, entry)}")
     return int(length.max())
 
 
+def _validate_offsets(cu: Tensor, T: int) -> Optional[int]:
+    """``cu_seqlens [B + 1]`` (int64) are offsets into q's ``T`` rows: ``cu_seqlens[0] = 0``,
+    non-decreasing, ``cu_seqlens[-1] <= T``. Returns the longest sequence, None if skipped."""
+    if _skip_value_checks(cu):
+        return None
+    cu = cu.cpu()
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])} (offsets "
+                         f"[0, L_0, L_0 + L_1, ...] into q's rows, not the lengths themselves)")
+    decreasing = cu[1:] < cu[:-1]
+    if bool(decreasing.any()):
+        def entry(i: int) -> str:
+            return f"cu_seqlens[{i + 1}] = {int(cu[i + 1])} < cu_seqlens[{i}] = {int(cu[i])}"
+        raise ValueError(f"cu_seqlens must be non-decreasing (offsets of the sequences in q's "
+                         f"rows), got {_offending(decreasing, entry)}")
+    if int(cu[-1]) > T:
+        raise ValueError(f"cu_seqlens[-1] = {int(cu[-1])} exceeds the T = {T} rows of q (the last "
+                         f"offset is the end of the last sequence; rows after it are padding)")
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
 def _check_kc_rows(kc: Tensor, layout: SeqLayout, compress_stride: int) -> None:
-    if compress_stride < 1:  # checked here too: the division below would raise ZeroDivisionError
-        raise ValueError(f"compress_stride must be >= 1, got {compress_stride}")
-    if layout.max_len is None or kc.dim() != 4:
+    if layout.max_len is None:
         return
     need = layout.max_len // compress_stride
     if kc.shape[1] < need:
@@ -185,13 +262,133 @@ def _check_kc_rows(kc: Tensor, layout: SeqLayout, compress_stride: int) -> None:
                          f"sequence needs floor(L / compress_stride) = {need}")
 
 
+# --------------------------------------------------------------------------------------------------
+# Tensors and hyper-parameters (the rules of csrc/common/checks.h, in the caller's layout)
+# --------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HEAD_DIMS = (16, 32, 64, 128)
+_MAX_GROUP = 8
+_MAX_SELECT = 64
+
+
+def _check_rank(t: Tensor, name: str, dims: tuple[str, ...]) -> None:
+    if t.dim() != len(dims):
+        raise ValueError(f"{name} must have rank {len(dims)} [{', '.join(dims)}], got rank "
+                         f"{t.dim()}")
+
+
+def _check_shape(t: Tensor, name: str, shape: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_dtype(t: Tensor, name: str, allowed: tuple[torch.dtype, ...], rule: str) -> None:
+    """``rule`` completes "``name`` must ...": ``"be int32"``, ``"have q's dtype (float32)"``."""
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must {rule}, got {_dtype_name(t.dtype)}")
+
+
+def _check_inputs(q: Tensor, rows: tuple[str, ...], num_seqs: int, *, k: Optional[Tensor] = None,
+                  v: Optional[Tensor] = None, kc: Optional[Tensor] = None,
+                  gates: Optional[Tensor] = None, sel_idx: Optional[Tensor] = None,
+                  sel_cnt: Optional[Tensor] = None, saved: Optional[dict[str, Tensor]] = None,
+                  lse: Optional[Tensor] = None, sizes: bool = True) -> None:
+    """The tensor checks of the ops for ``q [*rows, H, D]`` and whichever of the other inputs are
+    given, ``rows`` naming q's leading dims (``("B", "N")``, ``("T",)``, the ops' ``("Bq", "N")``);
+    ``saved`` are forward outputs shaped and typed like q (the backward's ``dout``, ``o_sel``,
+    ``o_win``). Devices, dtypes and ranks always; sizes and strides unless ``sizes`` is False
+    (symbolic shapes in a fake kernel, where a Python comparison would add a guard)."""
+    named = dict(k=k, v=v, kc=kc, gates=gates, sel_idx=sel_idx, sel_cnt=sel_cnt, lse=lse,
+                 **(saved or {}))
+    given = {name: t for name, t in named.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+
+    kv_dims = (*rows, "KVH", "D")
+    _check_rank(q, "q", (*rows, "H", "D"))
+    for name, t in (("k", k), ("v", v)):
+        if t is not None:
+            _check_rank(t, name, kv_dims)
+    for name, t in (saved or {}).items():
+        _check_rank(t, name, (*rows, "H", "D"))
+    if kc is not None:
+        _check_rank(kc, "kc", ("B", "C", "KVH", "D"))
+    if gates is not None:
+        _check_rank(gates, "gates", (*rows, "H", "2"))
+    if lse is not None:
+        _check_rank(lse, "lse", (*rows, "H", "2"))
+    if sel_idx is not None:
+        _check_rank(sel_idx, "sel_idx", (*rows, "KVH", "n"))
+    if sel_cnt is not None:
+        _check_rank(sel_cnt, "sel_cnt", (*rows, "KVH"))
+
+    _check_dtype(q, "q", _FLOAT_DTYPES, "be float32, float16, bfloat16 or float64")
+    same = f"have q's dtype ({_dtype_name(q.dtype)})"
+    for name, t in (("k", k), ("v", v), ("kc", kc), *(saved or {}).items()):
+        if t is not None:
+            _check_dtype(t, name, (q.dtype,), same)
+    if gates is not None:
+        _check_dtype(gates, "gates", (q.dtype, torch.float32), f"{same} or float32")
+    for name, t in (("sel_idx", sel_idx), ("sel_cnt", sel_cnt)):
+        if t is not None:
+            _check_dtype(t, name, (torch.int32,), "be int32")
+    if lse is not None:
+        _check_dtype(lse, "lse", (torch.float32,), "be float32")
+
+    if not sizes:
+        return
+    for name, t in (("q", q), *given.items()):
+        # (an empty tensor addresses no element: any stride will do, as in checks.h)
+        if name != "sel_cnt" and t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension, got stride "
+                             f"{t.stride(-1)}")
+
+    lead, H, D = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1]
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head dim must be one of 16, 32, 64, 128, got {D}")
+    # the kv heads: k's where given (the attention), else kc's (the selection alone)
+    KVH = k.shape[-2] if k is not None else kc.shape[2]
+    if k is not None:
+        _check_shape(k, "k", (*lead, KVH, D))
+    if v is not None:
+        _check_shape(v, "v", (*lead, KVH, D))
+    if kc is not None:
+        if kc.shape[0] != num_seqs:
+            raise ValueError(f"kc's batch ({kc.shape[0]}) must equal the number of sequences "
+                             f"({num_seqs})")
+        if kc.shape[3] != D:
+            raise ValueError(f"kc's head dim ({kc.shape[3]}) must equal q's ({D})")
+        if kc.shape[2] != KVH:
+            raise ValueError(f"kc must have k's {KVH} kv heads, got {kc.shape[2]}")
+    if KVH < 1 or H % KVH != 0:
+        raise ValueError(f"the number of query heads ({H}) must be divisible by the number of kv "
+                         f"heads ({KVH})")
+    if H // KVH > _MAX_GROUP:
+        raise ValueError(f"group size H / KVH must be 1..{_MAX_GROUP}, got {H // KVH}")
+    if gates is not None:
+        _check_shape(gates, "gates", (*lead, H, 2))
+    if sel_idx is not None and (tuple(sel_idx.shape[:-1]) != (*lead, KVH) or sel_idx.shape[-1] < 1):
+        want = ", ".join(str(n) for n in (*lead, KVH))
+        raise ValueError(f"sel_idx must have shape [{', '.join(rows)}, KVH, n] = [{want}, n>=1], "
+                         f"got {list(sel_idx.shape)}")
+    if sel_cnt is not None:
+        _check_shape(sel_cnt, "sel_cnt", (*lead, KVH))
+    for name, t in (saved or {}).items():
+        _check_shape(t, name, q.shape)
+    if lse is not None:
+        _check_shape(lse, "lse", (*lead, H, 2))
+
+
 _INT32_MAX = 2**31 - 1
 
 
 def _check_int_args(**args: int) -> None:
-    """Integer hyper-parameters: ints (anything ``operator.index`` takes) within int32. The ops
-    check the exact ranges (``window >= 1``, ...) and the raw ops the same int32 bound; a value past
-    int64 would otherwise fail in torch's argument parser with a confusing message."""
+    """Integer hyper-parameters: ints (anything ``operator.index`` takes) within int32, checked
+    before anything else sees them (a value past int64 would fail in torch's argument parser with
+    a confusing message)."""
     for name, value in args.items():
         try:
             v = operator.index(value)
@@ -201,6 +398,33 @@ def _check_int_args(**args: int) -> None:
             raise ValueError(f"{name} must be within int32 (|{name}| <= {_INT32_MAX}), got {v}")
 
 
+def _check_hparam_max(**args: int) -> None:
+    """The ops' bound on positions (checks.h's check_hparam_max): the wrappers' _check_int_args has
+    run first, so this fires for the fake kernels only."""
+    for name, value in args.items():
+        if value > _INT32_MAX:
+            raise ValueError(f"{name} must be <= {_INT32_MAX} (int32), got {value}")
+
+
+def _check_select_hparams(compress_stride: int, select_block: int, num_select: int) -> None:
+    _check_hparam_max(compress_stride=compress_stride, select_block=select_block)
+    if compress_stride < 1:
+        raise ValueError(f"compress_stride must be >= 1, got {compress_stride}")
+    if select_block < compress_stride or select_block % compress_stride != 0:
+        raise ValueError(f"select_block ({select_block}) must be a positive multiple of "
+                         f"compress_stride ({compress_stride})")
+    if not 0 <= num_select <= _MAX_SELECT:
+        raise ValueError(f"num_select must be 0..{_MAX_SELECT}, got {num_select}")
+
+
+def _check_attention_hparams(select_block: int, window: int, power_block: int) -> None:
+    _check_hparam_max(select_block=select_block, window=window, power_block=power_block)
+    for name, value in (("select_block", select_block), ("window", window),
+                        ("power_block", power_block)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def _scale(q: Tensor, scale: Optional[float]) -> float:
     return float(q.shape[-1] ** -0.5) if scale is None else float(scale)
 
@@ -208,9 +432,39 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 # --------------------------------------------------------------------------------------------------
 # The raw ops: fake kernels and autograd
 # --------------------------------------------------------------------------------------------------
+# The fake kernels run for meta tensors and under torch.compile's fake tensors, where the C++ checks
+# do not: they run the same checks (sizes only where they are plain ints), so that a meta call fails
+# as a CPU call would. One meta input among CPU or CUDA ones also lands here (the dispatcher picks
+# the meta kernel), which the device check refuses instead of returning empty tensors on q's device.
+_OP_ROWS = ("Bq", "N")
+
+
+def _concrete(*tensors: Tensor) -> bool:
+    return all(isinstance(n, int) for t in tensors for n in t.shape)
+
+
+def _check_raw_seq(q: Tensor, seq_start: Tensor, seq_len: Tensor, sizes: bool) -> None:
+    """seq_start / seq_len as checks.h takes them: [B] int32 on q's device, B = Bq or Bq = 1."""
+    for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+        _check_rank(t, name, ("B",))
+        _check_dtype(t, name, (torch.int32,), "be int32")
+    if sizes and seq_start.shape[0] != seq_len.shape[0]:
+        raise ValueError(f"seq_start and seq_len must have the same length, got "
+                         f"{seq_start.shape[0]} and {seq_len.shape[0]}")
+    if sizes and q.dim() == 4 and q.shape[0] not in (seq_len.shape[0], 1):
+        raise ValueError(f"q's batch ({q.shape[0]}) must equal the number of sequences "
+                         f"({seq_len.shape[0]}) or be 1 for the packed layout")
+
+
 @torch.library.register_fake("blossomrec::select_blocks")
 def _select_blocks_fake(q, kc, seq_start, seq_len, compress_stride, select_block, num_select,
                         causal, scale):
+    sizes = _concrete(q, kc, seq_start, seq_len)
+    _check_raw_seq(q, seq_start, seq_len, sizes)
+    _check_inputs(q, _OP_ROWS, seq_len.shape[0], kc=kc, sizes=sizes)
+    _check_select_hparams(compress_stride, select_block, num_select)
     Bq, N, _, _ = q.shape
     KVH = kc.shape[2]
     idx = q.new_empty((Bq, N, KVH, max(num_select, 1)), dtype=torch.int32)
@@ -218,9 +472,23 @@ def _select_blocks_fake(q, kc, seq_start, seq_len, compress_stride, select_block
     return idx, cnt
 
 
+def _check_raw_attention(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block,
+                         window, power_block, use_sink, causal, saved=None, lse=None) -> None:
+    tensors = [q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, *(saved or {}).values()]
+    sizes = _concrete(*tensors, *([] if lse is None else [lse]))
+    _check_raw_seq(q, seq_start, seq_len, sizes)
+    _check_inputs(q, _OP_ROWS, seq_len.shape[0], k=k, v=v, gates=gates, sel_idx=sel_idx,
+                  sel_cnt=sel_cnt, saved=saved, lse=lse, sizes=sizes)
+    _check_attention_hparams(select_block, window, power_block)
+    if use_sink and causal:
+        raise ValueError("use_sink applies to non-causal attention only")
+
+
 @torch.library.register_fake("blossomrec::sparse_attention_fwd")
 def _sparse_attention_fwd_fake(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block,
                                window, power_block, use_power, use_sink, causal, scale):
+    _check_raw_attention(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block,
+                         window, power_block, use_sink, causal)
     Bq, N, H, D = q.shape
     out = q.new_empty((Bq, N, H, D))
     lse = q.new_empty((Bq, N, H, 2), dtype=torch.float32)
@@ -231,6 +499,9 @@ def _sparse_attention_fwd_fake(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_
 def _sparse_attention_bwd_fake(dout, q, k, v, gates, o_sel, o_win, lse, sel_idx, sel_cnt, seq_start,
                                seq_len, select_block, window, power_block, use_power, use_sink,
                                causal, scale):
+    _check_raw_attention(q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, select_block,
+                         window, power_block, use_sink, causal,
+                         saved=dict(dout=dout, o_sel=o_sel, o_win=o_win), lse=lse)
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
@@ -254,7 +525,9 @@ def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_sid
     ``sel_cnt [B, N, KVH]`` int32 (packed: without the leading ``B``)."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select)
+    _check_select_hparams(compress_stride, select_block, num_select)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    _check_inputs(q, layout.row_names, layout.seq_len.shape[0], kc=kc)
     _check_kc_rows(kc, layout, compress_stride)
     idx, cnt = torch.ops.blossomrec.select_blocks(
         layout.to_rows(q), kc, layout.seq_start, layout.seq_len, compress_stride, select_block,
@@ -277,7 +550,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, sel_idx: Te
     ``[0, n]``, blocks outside the sequence are skipped) but the CPU and CUDA kernels may treat
     them differently (docs/DESIGN.md, "known gap")."""
     _check_int_args(select_block=select_block, window=window, power_block=power_block)
+    _check_attention_hparams(select_block, window, power_block)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    _check_inputs(q, layout.row_names, layout.seq_len.shape[0], k=k, v=v, gates=gates,
+                  sel_idx=sel_idx, sel_cnt=sel_cnt)
     return _sparse_attention(layout, q, k, v, gates, sel_idx, sel_cnt, select_block, window,
                              power_block, use_power, use_sink, causal, _scale(q, scale))
 
@@ -303,7 +579,10 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
     packed ``[T, ...]`` with ``cu_seqlens``) -> ``out`` shaped like ``q``."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select, window=window, power_block=power_block)
+    _check_select_hparams(compress_stride, select_block, num_select)
+    _check_attention_hparams(select_block, window, power_block)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    _check_inputs(q, layout.row_names, layout.seq_len.shape[0], k=k, v=v, kc=kc, gates=gates)
     _check_kc_rows(kc, layout, compress_stride)
     sc = _scale(q, scale)
     with torch.no_grad():

@@ -1,17 +1,31 @@
-"""Bad inputs fail with a clear message, through the public wrappers and the raw torch.ops.
+"""Bad inputs fail with a short message of the documented type, through the public wrappers, the
+raw torch.ops (CPU kernels, and the fake kernels that meta inputs reach) and the modules.
 
-Python wrapper checks raise ValueError / TypeError; the C++ checks (csrc/common/checks.h, run by
-every kernel) arrive as RuntimeError. Each case changes one thing of a valid call, and the valid
-calls themselves are tested first, so an error can only come from that change.
+The convention (docs/ERRORS.md): TypeError for a type (a tensor's dtype, an argument that is not an
+int or a list), ValueError for everything else (ranks, shapes, strides, devices including meta,
+values, ranges, packed offsets); the wrappers raise theirs before calling an op, the ops raise the
+same types from csrc/common/checks.h. Every message names the argument and stays under
+MAX_MESSAGE characters, however large the input. Each case changes one thing of a valid call, and
+the valid calls themselves are tested first, so an error can only come from that change.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, NamedTuple
 
 import pytest
 import torch
 
 import blossomrec_cuda as br
+
+MAX_MESSAGE = 500  # characters; the longest message of a bad input of any size
+
+
+def assert_short(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert len(msg) < MAX_MESSAGE, f"a {len(msg)}-character message: {msg[:200]}..."
+    return msg
+
 
 B, N, H, KVH, D = 2, 17, 4, 2, 16
 S, BLK = 4, 8  # compress_stride, select_block
@@ -105,109 +119,115 @@ ALL = OPS
 ATTN = ("sparse_attention", "blossom_attention")
 SEL = ("select_blocks", "blossom_attention")
 
+def _packed(cu_seqlens, **change) -> Callable[[dict], dict]:
+    """The packed batch of :func:`as_packed` with some of its entries changed (``change`` maps a
+    name to a function of the packed entry)."""
+    def apply(x):
+        packed = as_packed(x, cu_seqlens)
+        return {**packed, **{name: f(packed[name]) for name, f in change.items()}}
+    return apply
+
+
+def _on_meta(name: str) -> Callable[[dict], dict]:
+    return lambda x: {name: x[name].to("meta")}
+
+
 WRAPPER_CASES = [
-    # dtypes
-    Case("int q", ALL, lambda x: dict(q=x["q"].to(torch.int32)), RuntimeError,
-         r"q must be float32, float16, bfloat16 or float64, got Int"),
-    Case("float64 k with float32 q", ATTN, lambda x: dict(k=x["k"].double()), RuntimeError,
-         r"q, k and v must share a dtype"),
-    Case("float64 kc with float32 q", SEL, lambda x: dict(kc=x["kc"].double()), RuntimeError,
-         r"kc must have q's dtype \(Float\), got Double"),
-    Case("int16 gates", ATTN, lambda x: dict(gates=x["gates"].to(torch.int16)), RuntimeError,
-         r"gates must have q's dtype \(Float\) or float32, got Short"),
+    # dtypes and Python types: TypeError
+    Case("int q", ALL, lambda x: dict(q=x["q"].to(torch.int32)), TypeError,
+         r"q must be float32, float16, bfloat16 or float64, got int32"),
+    Case("float64 k with float32 q", ATTN, lambda x: dict(k=x["k"].double()), TypeError,
+         r"k must have q's dtype \(float32\), got float64"),
+    Case("float16 v with float32 q", ATTN, lambda x: dict(v=x["v"].half()), TypeError,
+         r"v must have q's dtype \(float32\), got float16"),
+    Case("float64 kc with float32 q", SEL, lambda x: dict(kc=x["kc"].double()), TypeError,
+         r"kc must have q's dtype \(float32\), got float64"),
+    Case("int16 gates", ATTN, lambda x: dict(gates=x["gates"].to(torch.int16)), TypeError,
+         r"gates must have q's dtype \(float32\) or float32, got int16"),
     Case("int64 sel_idx", ("sparse_attention",), lambda x: dict(sel_idx=x["sel_idx"].long()),
-         RuntimeError, r"sel_idx and sel_cnt must be int32"),
-    # ranks and shapes
+         TypeError, r"sel_idx must be int32, got int64"),
+    Case("int64 sel_cnt", ("sparse_attention",), lambda x: dict(sel_cnt=x["sel_cnt"].long()),
+         TypeError, r"sel_cnt must be int32, got int64"),
+    Case("q as a list", ALL, lambda x: dict(q=x["q"].tolist()), TypeError,
+         r"q must be a tensor, got list"),
+    Case("k as a list", ATTN, lambda x: dict(k=x["k"].tolist()), TypeError,
+         r"k must be a tensor, got list"),
+    # ranks and shapes: ValueError
     Case("q of rank 3 without cu_seqlens", ALL, lambda x: dict(q=x["q"][0]), ValueError,
          r"the padded layout takes q as \[B, N, H, D\]; got rank 3"),
-    Case("k of rank 3", ATTN, lambda x: dict(k=x["k"][0]), RuntimeError,
-         r"k must have rank 4 \[Bq, N, KVH, D\], got rank 3"),
-    Case("kc of rank 3", SEL, lambda x: dict(kc=x["kc"][0]), RuntimeError,
+    Case("k of rank 3", ATTN, lambda x: dict(k=x["k"][0]), ValueError,
+         r"k must have rank 4 \[B, N, KVH, D\], got rank 3"),
+    Case("kc of rank 3", SEL, lambda x: dict(kc=x["kc"][0]), ValueError,
          r"kc must have rank 4 \[B, C, KVH, D\], got rank 3"),
-    Case("gates of rank 3", ATTN, lambda x: dict(gates=x["gates"][..., 0]), RuntimeError,
-         r"gates must have rank 4 \[Bq, N, H, 2\], got rank 3"),
-    Case("head dim 24", ALL, _heads(H, KVH, 24), RuntimeError,
+    Case("gates of rank 3", ATTN, lambda x: dict(gates=x["gates"][..., 0]), ValueError,
+         r"gates must have rank 4 \[B, N, H, 2\], got rank 3"),
+    Case("sel_cnt of rank 4", ("sparse_attention",), lambda x: dict(sel_cnt=x["sel_idx"]),
+         ValueError, r"sel_cnt must have rank 3 \[B, N, KVH\], got rank 4"),
+    Case("head dim 24", ALL, _heads(H, KVH, 24), ValueError,
          r"head dim must be one of 16, 32, 64, 128, got 24"),
-    Case("head dim 256", ALL, _heads(H, KVH, 256), RuntimeError,
+    Case("head dim 256", ALL, _heads(H, KVH, 256), ValueError,
          r"head dim must be one of 16, 32, 64, 128, got 256"),
-    Case("3 heads over 2 kv heads", ALL, _heads(3, 2), RuntimeError,
+    Case("3 heads over 2 kv heads", ALL, _heads(3, 2), ValueError,
          r"number of query heads \(3\) must be divisible by the number of kv heads \(2\)"),
-    Case("group of 9 heads", ALL, _heads(18, 2), RuntimeError,
+    Case("group of 9 heads", ALL, _heads(18, 2), ValueError,
          r"group size H / KVH must be 1\.\.8, got 9"),
     Case("k batch differs from q", ATTN, lambda x: dict(k=torch.randn(B + 1, N, KVH, D)),
-         RuntimeError, r"k must have shape .*got \[3, 17, 2, 16\]"),
+         ValueError, r"k must have shape \[2, 17, 2, 16\], got \[3, 17, 2, 16\]"),
     Case("v rows differ from q", ATTN, lambda x: dict(v=torch.randn(B, N - 1, KVH, D)),
-         RuntimeError, r"v must have shape .*got \[2, 16, 2, 16\]"),
+         ValueError, r"v must have shape \[2, 17, 2, 16\], got \[2, 16, 2, 16\]"),
     Case("kc batch differs from q", SEL, lambda x: dict(kc=torch.randn(B + 1, C, KVH, D)),
-         RuntimeError, r"kc's batch \(3\) must equal the number of sequences \(2\)"),
+         ValueError, r"kc's batch \(3\) must equal the number of sequences \(2\)"),
     Case("kc head dim differs from q", SEL, lambda x: dict(kc=torch.randn(B, C, KVH, 32)),
-         RuntimeError, r"kc's head dim \(32\) must equal q's \(16\)"),
+         ValueError, r"kc's head dim \(32\) must equal q's \(16\)"),
+    # (select_block's selection would have kc's kv heads, the attention k's: an error that named
+    # sel_idx, an argument blossom_attention does not take)
+    Case("kc with other kv heads than k", ("blossom_attention",),
+         lambda x: dict(kc=torch.randn(B, C, 1, D)), ValueError,
+         r"kc must have k's 2 kv heads, got 1"),
     Case("gates with 3 entries per head", ATTN, lambda x: dict(gates=torch.rand(B, N, H, 3)),
-         RuntimeError, r"gates must have shape .*got \[2, 17, 4, 3\]"),
+         ValueError, r"gates must have shape \[2, 17, 4, 2\], got \[2, 17, 4, 3\]"),
     Case("gates for the wrong number of heads", ATTN,
-         lambda x: dict(gates=torch.rand(B, N, H + 1, 2)), RuntimeError, r"gates must have shape"),
+         lambda x: dict(gates=torch.rand(B, N, H + 1, 2)), ValueError, r"gates must have shape"),
     Case("sel_idx for other kv heads", ("sparse_attention",),
          lambda x: dict(sel_idx=torch.full((B, N, KVH + 1, 4), -1, dtype=torch.int32)),
-         RuntimeError, r"sel_idx must have shape \[Bq, N, KVH, n\] = \[2, 17, 2, n>=1\]"),
+         ValueError, r"sel_idx must have shape \[B, N, KVH, n\] = \[2, 17, 2, n>=1\], "
+                     r"got \[2, 17, 3, 4\]"),
+    Case("sel_cnt for other rows", ("sparse_attention",),
+         lambda x: dict(sel_cnt=x["sel_cnt"][:, :3]), ValueError,
+         r"sel_cnt must have shape \[2, 17, 2\], got \[2, 3, 2\]"),
     Case("q with a strided last dim", ALL,
-         lambda x: dict(q=torch.randn(B, N, H, 2 * D)[..., ::2]), RuntimeError,
+         lambda x: dict(q=torch.randn(B, N, H, 2 * D)[..., ::2]), ValueError,
          r"q must have a contiguous last dimension, got stride 2"),
+    Case("sel_idx with a strided last dim", ("sparse_attention",),
+         lambda x: dict(sel_idx=torch.full((B, N, KVH, 8), -1, dtype=torch.int32)[..., ::2]),
+         ValueError, r"sel_idx must have a contiguous last dimension, got stride 2"),
     Case("kc too short for the lengths", SEL, lambda x: dict(kc=x["kc"][:, : C - 2]), ValueError,
          r"kc holds 2 compressed rows per sequence but the longest sequence needs "
          r"floor\(L / compress_stride\) = 4"),
-    # hyper-parameters
+    # the packed layout: shapes in its own terms ([T, ...], not the ops' [1, T, ...])
+    Case("packed k of rank 4", ATTN, _packed([0, 9, 17], k=lambda k: k[None]), ValueError,
+         r"k must have rank 3 \[T, KVH, D\], got rank 4"),
+    Case("packed v with fewer rows", ATTN, _packed([0, 9, 17], v=lambda v: v[:16]), ValueError,
+         r"v must have shape \[17, 2, 16\], got \[16, 2, 16\]"),
+    Case("packed gates of rank 4", ATTN, _packed([0, 9, 17], gates=lambda g: g[None]), ValueError,
+         r"gates must have rank 3 \[T, H, 2\], got rank 4"),
+    Case("packed kc for three sequences", SEL,
+         _packed([0, 9, 17], kc=lambda kc: kc[:1].expand(3, -1, -1, -1)), ValueError,
+         r"kc's batch \(3\) must equal the number of sequences \(2\)"),
+    # hyper-parameters: ValueError (a value), TypeError (not an int)
     Case("select_block not a multiple of compress_stride", SEL, lambda x: dict(select_block=6),
-         RuntimeError, r"select_block \(6\) must be a positive multiple of compress_stride \(4\)"),
+         ValueError, r"select_block \(6\) must be a positive multiple of compress_stride \(4\)"),
     Case("compress_stride 0", SEL, lambda x: dict(compress_stride=0), ValueError,
          r"compress_stride must be >= 1, got 0"),
-    Case("num_select -1", SEL, lambda x: dict(num_select=-1), RuntimeError,
+    Case("num_select -1", SEL, lambda x: dict(num_select=-1), ValueError,
          r"num_select must be 0\.\.64, got -1"),
-    Case("num_select 65", SEL, lambda x: dict(num_select=65), RuntimeError,
+    Case("num_select 65", SEL, lambda x: dict(num_select=65), ValueError,
          r"num_select must be 0\.\.64, got 65"),
-    Case("window 0", ATTN, lambda x: dict(window=0), RuntimeError, r"window must be >= 1, got 0"),
-    Case("power_block 0", ATTN, lambda x: dict(power_block=0), RuntimeError,
+    Case("window 0", ATTN, lambda x: dict(window=0), ValueError, r"window must be >= 1, got 0"),
+    Case("power_block 0", ATTN, lambda x: dict(power_block=0), ValueError,
          r"power_block must be >= 1, got 0"),
-    # lengths and layouts
-    Case("a length above N", ALL, _lengths([18, 9]), ValueError,
-         r"lengths must be <= the sequence dimension N = 17, got \[18, 9\]"),
-    Case("a negative length", ALL, _lengths([-1, 9]), ValueError,
-         r"lengths must be >= 0, got \[-1, 9\]"),
-    Case("a length above N, left padded", ALL, _lengths([17, 18], "left"), ValueError,
-         r"lengths must be <= the sequence dimension N = 17"),
-    Case("three lengths for two sequences", ALL, _lengths([17, 9, 3]), ValueError,
-         r"lengths has 3 entries for a batch of 2"),
-    Case("lengths as a 2-D tensor", ALL, _lengths(torch.tensor([[17, 9]])), TypeError,
-         r"lengths must be a 1-D integer tensor or list, got torch.int64 of rank 2"),
-    Case("float lengths", ALL, _lengths([17.0, 9.0]), TypeError,
-         r"lengths must be a 1-D integer tensor or list, got torch.float32"),
-    Case("padding_side 'middle'", ALL, _lengths([17, 9], "middle"), ValueError,
-         r"padding_side must be 'right' or 'left', got 'middle'"),
-    Case("lengths and cu_seqlens both", ALL,
-         lambda x: dict(layout=dict(lengths=[17, 9], cu_seqlens=torch.tensor([0, 17, 26]))),
-         ValueError, r"pass either lengths \(padded layout\) or cu_seqlens \(packed\), not both"),
-    Case("decreasing cu_seqlens", ALL, lambda x: as_packed(x, [0, 12, 5, 17]), ValueError,
-         r"cu_seqlens must be non-decreasing, got differences \[12, -7, 12\]"),
-    Case("cu_seqlens starting below 0", ALL, lambda x: as_packed(x, [-2, 5, 17]), ValueError,
-         r"cu_seqlens must start at 0, got -2"),
-    # lengths passed where cumulative lengths are expected: silently one sequence at rows 9..17
-    Case("cu_seqlens starting above 0", ALL, lambda x: as_packed(x, [9, 17]), ValueError,
-         r"cu_seqlens must start at 0, got 9 \(cumulative lengths"),
-    # values past int32 used to wrap (2**32 + 5 -> 5) in the cast to the ops' int32: no error
-    Case("cu_seqlens past int32", ALL,
-         lambda x: dict(as_packed(x, [0, 9, 17]),
-                        layout=dict(cu_seqlens=torch.tensor([0, 2**32 + 5, 2**32 + 9]))),
-         ValueError, r"lengths must be <= the sequence dimension N = 17, got \[4294967301, 4\]"),
-    Case("a length past int32", ALL, _lengths([2**32 + 3, 9]), ValueError,
-         r"lengths must be <= the sequence dimension N = 17, got \[4294967299, 9\]"),
-    Case("a length that wraps to -1 in int32", ALL, _lengths(torch.tensor([2**32 - 1, 9])),
-         ValueError, r"lengths must be <= the sequence dimension N = 17, got \[4294967295, 9\]"),
-    Case("an empty lengths list", ALL, _lengths([]), ValueError,
-         r"lengths has 0 entries for a batch of 2"),
-    Case("lengths as a string", ALL, _lengths("17 9"), TypeError,
-         r"lengths must be a 1-D integer tensor or list, got str"),
-    Case("cu_seqlens as a string", ALL,
-         lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens="0 9 17")), TypeError,
-         r"cu_seqlens must be a 1-D integer tensor or list, got str"),
+    Case("select_block 0", ("sparse_attention",), lambda x: dict(select_block=0), ValueError,
+         r"select_block must be >= 1, got 0"),
     # integer hyper-parameters past int32 (the kernels' position arithmetic would overflow)
     Case("window past int32", ATTN, lambda x: dict(window=2**31), ValueError,
          r"window must be within int32 \(\|window\| <= 2147483647\), got 2147483648"),
@@ -224,30 +244,105 @@ WRAPPER_CASES = [
          r"window must be an int, got float"),
     Case("num_select None", SEL, lambda x: dict(num_select=None), TypeError,
          r"num_select must be an int, got NoneType"),
-    Case("sel_idx with a strided last dim", ("sparse_attention",),
-         lambda x: dict(sel_idx=torch.full((B, N, KVH, 8), -1, dtype=torch.int32)[..., ::2]),
-         RuntimeError, r"sel_idx must have a contiguous last dimension, got stride 2"),
+    # padded lengths (ranges: ValueError)
+    Case("a length above N", ALL, _lengths([18, 9]), ValueError,
+         r"lengths must be <= the sequence dimension N = 17, got lengths\[0\] = 18$"),
+    Case("a negative length", ALL, _lengths([9, -1]), ValueError,
+         r"lengths must be >= 0, got lengths\[1\] = -1$"),
+    Case("a length above N, left padded", ALL, _lengths([17, 18], "left"), ValueError,
+         r"lengths must be <= the sequence dimension N = 17, got lengths\[1\] = 18$"),
+    Case("three lengths for two sequences", ALL, _lengths([17, 9, 3]), ValueError,
+         r"lengths has 3 entries for a batch of 2"),
+    Case("lengths as a 2-D tensor", ALL, _lengths(torch.tensor([[17, 9]])), ValueError,
+         r"lengths must be a 1-D integer tensor or list \[B\], got rank 2"),
+    Case("float lengths", ALL, _lengths([17.0, 9.0]), TypeError,
+         r"lengths must be a 1-D integer tensor or list, got torch.float32"),
+    Case("padding_side 'middle'", ALL, _lengths([17, 9], "middle"), ValueError,
+         r"padding_side must be 'right' or 'left', got 'middle'"),
+    Case("lengths and cu_seqlens both", ALL,
+         lambda x: dict(layout=dict(lengths=[17, 9], cu_seqlens=torch.tensor([0, 17, 26]))),
+         ValueError, r"pass either lengths \(padded layout\) or cu_seqlens \(packed\), not both"),
+    # values past int32 used to wrap (2**32 + 3 -> 3) in the cast to the ops' int32: no error
+    Case("a length past int32", ALL, _lengths([2**32 + 3, 9]), ValueError,
+         r"lengths must be <= the sequence dimension N = 17, got lengths\[0\] = 4294967299$"),
+    Case("a length that wraps to -1 in int32", ALL, _lengths(torch.tensor([2**32 - 1, 9])),
+         ValueError, r"got lengths\[0\] = 4294967295$"),
+    Case("an empty lengths list", ALL, _lengths([]), ValueError,
+         r"lengths has 0 entries for a batch of 2"),
+    Case("lengths as a string", ALL, _lengths("17 9"), TypeError,
+         r"lengths must be a 1-D integer tensor or list, got str"),
+    Case("lengths on the meta device", ALL, _lengths(torch.tensor([17, 9], device="meta")),
+         ValueError, r"lengths must hold values: it is on the meta device but q is on cpu"),
+    # packed offsets (worded as offsets into q's T rows, not as lengths)
+    Case("decreasing cu_seqlens", ALL, lambda x: as_packed(x, [0, 12, 5, 17]), ValueError,
+         r"cu_seqlens must be non-decreasing \(offsets of the sequences in q's rows\), got "
+         r"cu_seqlens\[2\] = 5 < cu_seqlens\[1\] = 12$"),
+    Case("cu_seqlens starting below 0", ALL, lambda x: as_packed(x, [-2, 5, 17]), ValueError,
+         r"cu_seqlens must start at 0, got cu_seqlens\[0\] = -2"),
+    # lengths passed where cumulative lengths are expected: silently one sequence at rows 9..17
+    Case("cu_seqlens starting above 0", ALL, lambda x: as_packed(x, [9, 17]), ValueError,
+         r"cu_seqlens must start at 0, got cu_seqlens\[0\] = 9 \(offsets \[0, L_0, L_0 \+ L_1"),
     Case("cu_seqlens past the packed rows", ALL, lambda x: as_packed(x, [0, 9, 18]), ValueError,
-         r"lengths must be <= the sequence dimension N = 17"),
+         r"cu_seqlens\[-1\] = 18 exceeds the T = 17 rows of q"),
+    # (past int32: these wrapped to [0, 5, 9] in the cast to the ops' int32)
+    Case("cu_seqlens past int32", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]),
+                        layout=dict(cu_seqlens=torch.tensor([0, 2**32 + 5, 2**32 + 9]))),
+         ValueError, r"cu_seqlens\[-1\] = 4294967305 exceeds the T = 17 rows of q"),
+    Case("cu_seqlens as a string", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens="0 9 17")), TypeError,
+         r"cu_seqlens must be a 1-D integer tensor or list, got str"),
     Case("float cu_seqlens", ALL,
          lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens=torch.tensor([0., 17.]))),
          TypeError, r"cu_seqlens must be int32 or int64, got torch.float32"),
     Case("2-D cu_seqlens", ALL,
          lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens=torch.tensor([[0, 17]]))),
-         ValueError, r"cu_seqlens must be a 1-D tensor \[B \+ 1\]"),
+         ValueError, r"cu_seqlens must be a 1-D tensor \[B \+ 1\] of cumulative lengths, got "
+                     r"shape \[1, 2\]"),
+    Case("empty cu_seqlens", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]), layout=dict(cu_seqlens=[])), ValueError,
+         r"cu_seqlens must be a 1-D tensor \[B \+ 1\] .*got shape \[0\]"),
+    Case("cu_seqlens on the meta device", ALL,
+         lambda x: dict(as_packed(x, [0, 9, 17]),
+                        layout=dict(cu_seqlens=torch.tensor([0, 9, 17], device="meta"))),
+         ValueError, r"cu_seqlens must hold values: it is on the meta device but q is on cpu"),
     Case("packed q of rank 4", ALL,
          lambda x: dict(layout=dict(cu_seqlens=torch.tensor([0, 9, 17], dtype=torch.int32))),
          ValueError, r"the packed layout takes q as \[T, H, D\]; got rank 4"),
+    # devices: every tensor on q's device; a meta one among CPU ones (which the dispatcher would
+    # send to the fake kernels: empty outputs, no error) included
+    *[Case(f"{name} on the meta device", ops, _on_meta(name), ValueError,
+           rf"{name} must be on the same device as q \(cpu\), got meta")
+      for name, ops in (("k", ATTN), ("v", ATTN), ("kc", SEL), ("gates", ATTN),
+                        ("sel_idx", ("sparse_attention",)), ("sel_cnt", ("sparse_attention",)))],
+    Case("q on the meta device", ALL, _on_meta("q"), ValueError,
+         r"must be on the same device as q \(meta\), got cpu"),
 ]
+
+
+class _Unreachable:
+    """Stands in for torch.ops.blossomrec: a wrapper that reaches an op has not checked first."""
+
+    def __getattr__(self, op):
+        raise AssertionError(f"the wrapper called torch.ops.blossomrec.{op} with a bad input")
 
 
 @pytest.mark.parametrize(
     "op, case", [pytest.param(op, c, id=f"{op}-{c.name}") for c in WRAPPER_CASES for op in c.ops])
-def test_wrapper_rejects(op, case):
+def test_wrapper_rejects(op, case, monkeypatch):
     x = valid_inputs()
     x.update(case.change(x))
-    with pytest.raises(case.exc, match=case.match):
+    monkeypatch.setattr(torch.ops, "blossomrec", _Unreachable())
+    with pytest.raises(case.exc, match=case.match) as exc:
         call(op, x)
+    assert_short(exc)
+
+
+def test_the_unreachable_op_is_reached_by_a_valid_call(monkeypatch):
+    """(so test_wrapper_rejects shows that its errors come before the op)"""
+    monkeypatch.setattr(torch.ops, "blossomrec", _Unreachable())
+    with pytest.raises(AssertionError, match="the wrapper called torch.ops.blossomrec"):
+        call("blossom_attention", valid_inputs())
 
 
 def test_wrapper_accepts_cu_seqlens_as_a_list_and_an_empty_lengths_list():
@@ -327,100 +422,134 @@ RAW_ALL = RAW_OPS
 RAW_ATTN = ("sparse_attention_fwd", "sparse_attention_bwd")
 RAW_SEL = ("select_blocks",)
 
+def _dt(cpp: str, py: str) -> str:
+    """A dtype as the C++ checks (c10's name) or the fake kernels (torch's) print it."""
+    return f"(?:{cpp}|{py})"
+
+
+class RawCase(NamedTuple):
+    name: str
+    ops: tuple
+    change: Callable[[dict], dict]
+    exc: type
+    match: str  # holds for the C++ checks (CPU) and for the fake kernels (meta)
+    needs_values: bool = False  # a check of seq_start / seq_len values: none on the meta device
+
+
 RAW_CASES = [
-    Case("int q", RAW_ALL, lambda x: dict(q=x["q"].to(torch.int32)), RuntimeError,
-         r"q must be float32, float16, bfloat16 or float64, got Int"),
-    Case("float64 v with float32 q", RAW_ATTN, lambda x: dict(v=x["v"].double()), RuntimeError,
-         r"q, k and v must share a dtype, got Float, Float, Double"),
-    Case("float64 kc with float32 q", RAW_SEL, lambda x: dict(kc=x["kc"].double()), RuntimeError,
-         r"kc must have q's dtype"),
-    Case("int64 seq_len", RAW_ALL, lambda x: dict(seq_len=x["seq_len"].long()), RuntimeError,
-         r"seq_start and seq_len must be int32, got Int and Long"),
-    Case("int64 seq_start", RAW_ALL, lambda x: dict(seq_start=x["seq_start"].long()),
-         RuntimeError, r"seq_start and seq_len must be int32, got Long and Int"),
-    Case("q of rank 3", RAW_ALL, lambda x: dict(q=x["q"][0]), RuntimeError,
-         r"q must have rank 4 \[Bq, N, H, D\], got rank 3"),
-    Case("2-D seq_len", RAW_ALL, lambda x: dict(seq_len=x["seq_len"][None]), RuntimeError,
-         r"seq_start and seq_len must have rank 1 \[B\]"),
-    Case("head dim 24", RAW_ALL, _heads(H, KVH, 24), RuntimeError,
-         r"head dim must be one of 16, 32, 64, 128, got 24"),
-    Case("head dim 256", RAW_ALL, _heads(H, KVH, 256), RuntimeError,
-         r"head dim must be one of 16, 32, 64, 128, got 256"),
-    Case("4 heads over 3 kv heads", RAW_ALL, _heads(4, 3), RuntimeError,
-         r"number of query heads \(4\) must be divisible by the number of kv heads \(3\)"),
-    Case("group of 16 heads", RAW_ALL, _heads(16, 1), RuntimeError,
-         r"group size H / KVH must be 1\.\.8, got 16"),
-    Case("k batch differs from q", RAW_ATTN, lambda x: dict(k=torch.randn(1, N, KVH, D)),
-         RuntimeError, r"k must have shape .*got \[1, 17, 2, 16\]"),
-    Case("kc batch differs from seq_len", RAW_SEL, lambda x: dict(kc=x["kc"][:1]), RuntimeError,
-         r"kc's batch \(1\) must equal the number of sequences \(2\)"),
-    Case("gates wrong shape", RAW_ATTN, lambda x: dict(gates=torch.rand(B, N, H, 1)),
-         RuntimeError, r"gates must have shape .*got \[2, 17, 4, 1\]"),
-    Case("select_block not a multiple of compress_stride", RAW_SEL,
-         lambda x: dict(select_block=10), RuntimeError,
-         r"select_block \(10\) must be a positive multiple of compress_stride \(4\)"),
-    Case("compress_stride 0", RAW_SEL, lambda x: dict(compress_stride=0), RuntimeError,
-         r"compress_stride must be >= 1, got 0"),
-    Case("window 0", RAW_ATTN, lambda x: dict(window=0), RuntimeError, r"window must be >= 1"),
-    Case("select_block 0", RAW_ATTN, lambda x: dict(select_block=0), RuntimeError,
-         r"select_block must be >= 1, got 0"),
-    Case("use_sink with causal", RAW_ATTN, lambda x: dict(use_sink=True, causal=True),
-         RuntimeError, r"use_sink applies to non-causal attention only"),
-    Case("a length above N", RAW_ALL,
-         lambda x: dict(seq_len=torch.tensor([18, 9], dtype=torch.int32)), RuntimeError,
-         r"sequence 0 \(start 0, length 18\) runs past the 17 rows of q"),
-    Case("start + length above N", RAW_ALL,
-         lambda x: dict(seq_start=torch.tensor([0, 10], dtype=torch.int32)), RuntimeError,
-         r"sequence 1 \(start 10, length 9\) runs past the 17 rows of q"),
-    Case("a negative length", RAW_ALL,
-         lambda x: dict(seq_len=torch.tensor([17, -1], dtype=torch.int32)), RuntimeError,
-         r"sequence 1 has a negative start \(0\) or length \(-1\)"),
-    Case("a negative start", RAW_ALL,
-         lambda x: dict(seq_start=torch.tensor([-1, 0], dtype=torch.int32)), RuntimeError,
-         r"sequence 0 has a negative start \(-1\) or length \(17\)"),
-    Case("seq_start and seq_len of different sizes", RAW_ALL,
-         lambda x: dict(seq_start=torch.zeros(3, dtype=torch.int32)), RuntimeError,
-         r"seq_start and seq_len must have the same length, got 3 and 2"),
-    Case("three sequences for a batch of two", RAW_ATTN,
-         lambda x: dict(seq_start=torch.zeros(3, dtype=torch.int32),
-                        seq_len=torch.tensor([1, 2, 3], dtype=torch.int32)), RuntimeError,
-         r"q's batch \(2\) must equal the number of sequences \(3\) or be 1 for the packed layout"),
-    Case("overlapping packed sequences", RAW_ALL, _packed_rows([0, 5], [10, 5]), RuntimeError,
-         r"packed sequences must be in order and must not overlap: sequence 1 starts at row 5 "
-         r"before sequence 0 ends at row 10"),
-    Case("packed sequences out of order", RAW_ALL, _packed_rows([9, 0], [8, 9]), RuntimeError,
-         r"packed sequences must be in order and must not overlap"),
-    Case("kc too short for the lengths", RAW_SEL, lambda x: dict(kc=x["kc"][:, :3]), RuntimeError,
-         r"kc holds 3 compressed rows but sequence 0 \(length 17\) needs 4"),
-    Case("int64 sel_cnt", RAW_ATTN, lambda x: dict(sel_cnt=x["sel_cnt"].long()), RuntimeError,
-         r"sel_idx and sel_cnt must be int32"),
-    Case("sel_cnt wrong shape", RAW_ATTN, lambda x: dict(sel_cnt=x["sel_cnt"][:, :3]),
-         RuntimeError, r"sel_cnt must have shape"),
-    Case("dout wrong shape", ("sparse_attention_bwd",),
-         lambda x: dict(dout=torch.randn(B, N, H, 2 * D)), RuntimeError, r"dout must have shape"),
-    Case("o_sel float64", ("sparse_attention_bwd",), lambda x: dict(o_sel=x["o_sel"].double()),
-         RuntimeError, r"o_sel must have q's dtype"),
-    Case("lse float64", ("sparse_attention_bwd",), lambda x: dict(lse=x["lse"].double()),
-         RuntimeError, r"lse must be float32, got Double"),
+    # dtypes: TypeError
+    RawCase("int q", RAW_ALL, lambda x: dict(q=x["q"].to(torch.int32)), TypeError,
+            rf"q must be float32, float16, bfloat16 or float64, got {_dt('Int', 'int32')}"),
+    RawCase("float64 v with float32 q", RAW_ATTN, lambda x: dict(v=x["v"].double()), TypeError,
+            rf"v must have q's dtype \({_dt('Float', 'float32')}\), got "
+            rf"{_dt('Double', 'float64')}"),
+    RawCase("float64 kc with float32 q", RAW_SEL, lambda x: dict(kc=x["kc"].double()), TypeError,
+            rf"kc must have q's dtype \({_dt('Float', 'float32')}\), got "
+            rf"{_dt('Double', 'float64')}"),
+    RawCase("int16 gates", RAW_ATTN, lambda x: dict(gates=x["gates"].to(torch.int16)), TypeError,
+            rf"gates must have q's dtype \({_dt('Float', 'float32')}\) or float32, got "
+            rf"{_dt('Short', 'int16')}"),
+    RawCase("int64 seq_len", RAW_ALL, lambda x: dict(seq_len=x["seq_len"].long()), TypeError,
+            rf"seq_len must be int32, got {_dt('Long', 'int64')}"),
+    RawCase("int64 seq_start", RAW_ALL, lambda x: dict(seq_start=x["seq_start"].long()),
+            TypeError, rf"seq_start must be int32, got {_dt('Long', 'int64')}"),
+    RawCase("int64 sel_cnt", RAW_ATTN, lambda x: dict(sel_cnt=x["sel_cnt"].long()), TypeError,
+            rf"sel_cnt must be int32, got {_dt('Long', 'int64')}"),
+    RawCase("o_sel float64", ("sparse_attention_bwd",), lambda x: dict(o_sel=x["o_sel"].double()),
+            TypeError, rf"o_sel must have q's dtype \({_dt('Float', 'float32')}\)"),
+    RawCase("lse float64", ("sparse_attention_bwd",), lambda x: dict(lse=x["lse"].double()),
+            TypeError, rf"lse must be float32, got {_dt('Double', 'float64')}"),
+    # ranks and shapes: ValueError
+    RawCase("q of rank 3", RAW_ALL, lambda x: dict(q=x["q"][0]), ValueError,
+            r"q must have rank 4 \[Bq, N, H, D\], got rank 3"),
+    RawCase("2-D seq_len", RAW_ALL, lambda x: dict(seq_len=x["seq_len"][None]), ValueError,
+            r"seq_len must have rank 1 \[B\], got rank 2"),
+    RawCase("head dim 24", RAW_ALL, _heads(H, KVH, 24), ValueError,
+            r"head dim must be one of 16, 32, 64, 128, got 24"),
+    RawCase("head dim 256", RAW_ALL, _heads(H, KVH, 256), ValueError,
+            r"head dim must be one of 16, 32, 64, 128, got 256"),
+    RawCase("4 heads over 3 kv heads", RAW_ALL, _heads(4, 3), ValueError,
+            r"number of query heads \(4\) must be divisible by the number of kv heads \(3\)"),
+    RawCase("group of 16 heads", RAW_ALL, _heads(16, 1), ValueError,
+            r"group size H / KVH must be 1\.\.8, got 16"),
+    RawCase("k batch differs from q", RAW_ATTN, lambda x: dict(k=torch.randn(1, N, KVH, D)),
+            ValueError, r"k must have shape \[2, 17, 2, 16\], got \[1, 17, 2, 16\]"),
+    RawCase("kc batch differs from seq_len", RAW_SEL, lambda x: dict(kc=x["kc"][:1]), ValueError,
+            r"kc's batch \(1\) must equal the number of sequences \(2\)"),
+    RawCase("gates wrong shape", RAW_ATTN, lambda x: dict(gates=torch.rand(B, N, H, 1)),
+            ValueError, r"gates must have shape \[2, 17, 4, 2\], got \[2, 17, 4, 1\]"),
+    RawCase("sel_cnt wrong shape", RAW_ATTN, lambda x: dict(sel_cnt=x["sel_cnt"][:, :3]),
+            ValueError, r"sel_cnt must have shape \[2, 17, 2\], got \[2, 3, 2\]"),
+    RawCase("sel_idx for other kv heads", RAW_ATTN,
+            lambda x: dict(sel_idx=torch.full((B, N, KVH + 1, 4), -1, dtype=torch.int32)),
+            ValueError, r"sel_idx must have shape \[Bq, N, KVH, n\] = \[2, 17, 2, n>=1\], "
+                        r"got \[2, 17, 3, 4\]"),
+    RawCase("dout wrong shape", ("sparse_attention_bwd",),
+            lambda x: dict(dout=torch.randn(B, N, H, 2 * D)), ValueError,
+            r"dout must have shape \[2, 17, 4, 16\], got \[2, 17, 4, 32\]"),
+    RawCase("lse wrong shape", ("sparse_attention_bwd",), lambda x: dict(lse=x["lse"][..., :1]),
+            ValueError, r"lse must have shape \[2, 17, 4, 2\], got \[2, 17, 4, 1\]"),
+    RawCase("seq_start and seq_len of different sizes", RAW_ALL,
+            lambda x: dict(seq_start=torch.zeros(3, dtype=torch.int32)), ValueError,
+            r"seq_start and seq_len must have the same length, got 3 and 2"),
+    RawCase("three sequences for a batch of two", RAW_ATTN,
+            lambda x: dict(seq_start=torch.zeros(3, dtype=torch.int32),
+                           seq_len=torch.tensor([1, 2, 3], dtype=torch.int32)), ValueError,
+            r"q's batch \(2\) must equal the number of sequences \(3\) or be 1 for the packed "
+            r"layout"),
+    # the CUDA kernels read a selection as a contiguous list; the CPU ops refuse the same input
+    RawCase("sel_idx with a strided last dim", RAW_ATTN,
+            lambda x: dict(sel_idx=torch.full((B, N, KVH, 8), -1, dtype=torch.int32)[..., ::2]),
+            ValueError, r"sel_idx must have a contiguous last dimension, got stride 2"),
+    # hyper-parameters: ValueError
+    RawCase("select_block not a multiple of compress_stride", RAW_SEL,
+            lambda x: dict(select_block=10), ValueError,
+            r"select_block \(10\) must be a positive multiple of compress_stride \(4\)"),
+    RawCase("compress_stride 0", RAW_SEL, lambda x: dict(compress_stride=0), ValueError,
+            r"compress_stride must be >= 1, got 0"),
+    RawCase("num_select 65", RAW_SEL, lambda x: dict(num_select=65), ValueError,
+            r"num_select must be 0\.\.64, got 65"),
+    RawCase("window 0", RAW_ATTN, lambda x: dict(window=0), ValueError,
+            r"window must be >= 1, got 0"),
+    RawCase("select_block 0", RAW_ATTN, lambda x: dict(select_block=0), ValueError,
+            r"select_block must be >= 1, got 0"),
+    RawCase("use_sink with causal", RAW_ATTN, lambda x: dict(use_sink=True, causal=True),
+            ValueError, r"use_sink applies to non-causal attention only"),
     # Hyper-parameters past int32: select_block = 2**62 made the CPU kernels' J * select_block
     # overflow (a hang, or every key of the sequence for J = 4); a window past 2**62 made the CUDA
     # STIS enumeration loop forever.
-    Case("select_block past int32", RAW_ATTN, lambda x: dict(select_block=2**62), RuntimeError,
-         r"select_block must be <= 2147483647 \(int32\), got 4611686018427387904"),
-    Case("select_block past int32", RAW_SEL,
-         lambda x: dict(compress_stride=4, select_block=2**62), RuntimeError,
-         r"select_block must be <= 2147483647 \(int32\), got 4611686018427387904"),
-    Case("compress_stride past int32", RAW_SEL,
-         lambda x: dict(compress_stride=2**40, select_block=2**40), RuntimeError,
-         r"compress_stride must be <= 2147483647 \(int32\), got 1099511627776"),
-    Case("window past int32", RAW_ATTN, lambda x: dict(window=2**62 + 1), RuntimeError,
-         r"window must be <= 2147483647 \(int32\), got 4611686018427387905"),
-    Case("power_block past int32", RAW_ATTN, lambda x: dict(power_block=2**31), RuntimeError,
-         r"power_block must be <= 2147483647 \(int32\), got 2147483648"),
-    # the CUDA kernels read a selection as a contiguous list; the CPU ops now refuse the same input
-    Case("sel_idx with a strided last dim", RAW_ATTN,
-         lambda x: dict(sel_idx=torch.full((B, N, KVH, 8), -1, dtype=torch.int32)[..., ::2]),
-         RuntimeError, r"sel_idx must have a contiguous last dimension, got stride 2"),
+    RawCase("select_block past int32", RAW_ATTN, lambda x: dict(select_block=2**62), ValueError,
+            r"select_block must be <= 2147483647 \(int32\), got 4611686018427387904"),
+    RawCase("select_block past int32", RAW_SEL,
+            lambda x: dict(compress_stride=4, select_block=2**62), ValueError,
+            r"select_block must be <= 2147483647 \(int32\), got 4611686018427387904"),
+    RawCase("compress_stride past int32", RAW_SEL,
+            lambda x: dict(compress_stride=2**40, select_block=2**40), ValueError,
+            r"compress_stride must be <= 2147483647 \(int32\), got 1099511627776"),
+    RawCase("window past int32", RAW_ATTN, lambda x: dict(window=2**62 + 1), ValueError,
+            r"window must be <= 2147483647 \(int32\), got 4611686018427387905"),
+    RawCase("power_block past int32", RAW_ATTN, lambda x: dict(power_block=2**31), ValueError,
+            r"power_block must be <= 2147483647 \(int32\), got 2147483648"),
+    # values of seq_start / seq_len (ranges: ValueError; the first offending sequence is named)
+    RawCase("a length above N", RAW_ALL,
+            lambda x: dict(seq_len=torch.tensor([18, 9], dtype=torch.int32)), ValueError,
+            r"sequence 0 \(start 0, length 18\) runs past the 17 rows of q", True),
+    RawCase("start + length above N", RAW_ALL,
+            lambda x: dict(seq_start=torch.tensor([0, 10], dtype=torch.int32)), ValueError,
+            r"sequence 1 \(start 10, length 9\) runs past the 17 rows of q", True),
+    RawCase("a negative length", RAW_ALL,
+            lambda x: dict(seq_len=torch.tensor([17, -1], dtype=torch.int32)), ValueError,
+            r"sequence 1 has a negative start \(0\) or length \(-1\)", True),
+    RawCase("a negative start", RAW_ALL,
+            lambda x: dict(seq_start=torch.tensor([-1, 0], dtype=torch.int32)), ValueError,
+            r"sequence 0 has a negative start \(-1\) or length \(17\)", True),
+    RawCase("overlapping packed sequences", RAW_ALL, _packed_rows([0, 5], [10, 5]), ValueError,
+            r"packed sequences must be in order and must not overlap: sequence 1 starts at row 5 "
+            r"before sequence 0 ends at row 10", True),
+    RawCase("packed sequences out of order", RAW_ALL, _packed_rows([9, 0], [8, 9]), ValueError,
+            r"packed sequences must be in order and must not overlap", True),
+    RawCase("kc too short for the lengths", RAW_SEL, lambda x: dict(kc=x["kc"][:, :3]),
+            ValueError, r"kc holds 3 compressed rows but sequence 0 \(length 17\) needs 4", True),
 ]
 
 
@@ -431,14 +560,25 @@ def test_raw_op_select_block_that_overflowed_the_block_offsets():
     x.update(sel_idx=torch.full((B, N, KVH, 4), 4, dtype=torch.int32),
              sel_cnt=torch.full((B, N, KVH), 4, dtype=torch.int32), select_block=2**62)
     for op in RAW_ATTN:
-        with pytest.raises(RuntimeError, match=r"select_block must be <= 2147483647"):
+        with pytest.raises(ValueError, match=r"select_block must be <= 2147483647"):
             call_raw(op, x)
 
 
+def _to_meta(x: dict) -> dict:
+    """Every tensor of ``x`` as a meta tensor with the same strides (``.to`` would make a strided
+    view contiguous)."""
+    return {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            if isinstance(t, torch.Tensor) else t for name, t in x.items()}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("op", RAW_OPS)
-def test_raw_valid_inputs_pass(op):
-    outs = call_raw(op, raw_inputs())
-    assert all(not t.is_floating_point() or not bool(t.isnan().any()) for t in outs)
+def test_raw_valid_inputs_pass(op, device):
+    x = raw_inputs()
+    outs = call_raw(op, _to_meta(x) if device == "meta" else x)
+    assert all(t.device.type == device for t in outs)
+    if device == "cpu":
+        assert all(not t.is_floating_point() or not bool(t.isnan().any()) for t in outs)
 
 
 @pytest.mark.parametrize(
@@ -446,8 +586,106 @@ def test_raw_valid_inputs_pass(op):
 def test_raw_op_rejects(op, case):
     x = raw_inputs()
     x.update(case.change(x))
-    with pytest.raises(case.exc, match=case.match):
+    with pytest.raises(case.exc, match=case.match) as exc:
         call_raw(op, x)
+    assert_short(exc)
+
+
+@pytest.mark.parametrize(
+    "op, case", [pytest.param(op, c, id=f"{op}-{c.name}") for c in RAW_CASES for op in c.ops])
+def test_raw_op_on_meta_rejects_what_the_cpu_op_rejects(op, case):
+    """Meta inputs reach the fake kernels (ops.py), not checks.h: they raise the same errors,
+    except for the values of seq_start / seq_len, which a meta tensor does not hold."""
+    x = raw_inputs()
+    x.update(case.change(x))
+    x = _to_meta(x)
+    if case.needs_values:
+        assert all(t.device.type == "meta" for t in call_raw(op, x))
+        return
+    with pytest.raises(case.exc, match=case.match) as exc:
+        call_raw(op, x)
+    assert_short(exc)
+
+
+RAW_TENSORS = {
+    "select_blocks": ("q", "kc", "seq_start", "seq_len"),
+    "sparse_attention_fwd": ("q", "k", "v", "gates", "sel_idx", "sel_cnt", "seq_start", "seq_len"),
+    "sparse_attention_bwd": ("dout", "q", "k", "v", "gates", "o_sel", "o_win", "lse", "sel_idx",
+                             "sel_cnt", "seq_start", "seq_len"),
+}
+
+
+@pytest.mark.parametrize("op, name", [(op, name) for op, names in RAW_TENSORS.items()
+                                      for name in names if name != "q"])
+def test_raw_op_rejects_one_input_on_the_meta_device(op, name):
+    """One meta input among CPU ones sends the call to the fake kernel (the dispatcher prefers the
+    meta kernel), which returned empty CPU tensors shaped like the outputs: no error at all."""
+    x = raw_inputs()
+    x[name] = x[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{name} must be on the same device as q \(cpu\), "
+                                         r"got meta$") as exc:
+        call_raw(op, x)
+    assert_short(exc)
+
+
+@pytest.mark.parametrize("op", RAW_OPS)
+def test_raw_op_rejects_q_on_the_meta_device(op):
+    x = raw_inputs()
+    x["q"] = x["q"].to("meta")
+    with pytest.raises(ValueError, match=r"must be on the same device as q \(meta\), got cpu"):
+        call_raw(op, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Messages stay short however large the input
+# --------------------------------------------------------------------------------------------------
+BIG = 5000
+
+
+def test_wrapper_lists_a_few_offending_lengths_and_counts_the_rest():
+    q = torch.empty(BIG, 4, H, D, device="meta")
+    lengths = torch.full((BIG,), 3)
+    lengths[::2] = 4 + torch.arange(0, BIG, 2)  # above N = 4 at the even indices from 2: 2499
+    with pytest.raises(ValueError, match=r"^lengths must be <= the sequence dimension N = 4, got "
+                                         r"lengths\[2\] = 6, lengths\[4\] = 8, "
+                                         r"lengths\[6\] = 10, lengths\[8\] = 12 "
+                                         r"\.\.\. and 2495 more$") as exc:
+        br.seq_layout(q, lengths=lengths)
+    assert_short(exc)
+    with pytest.raises(ValueError, match=r"lengths\[0\] = -1, .* and 4996 more$") as exc:
+        br.seq_layout(q, lengths=torch.full((BIG,), -1))
+    assert_short(exc)
+
+
+def test_wrapper_lists_a_few_decreasing_offsets_and_counts_the_rest():
+    q = torch.empty(BIG, H, D, device="meta")
+    cu = torch.arange(BIG + 1)
+    cu[2::2] = 0  # every second offset drops back to 0
+    with pytest.raises(ValueError, match=r"got cu_seqlens\[2\] = 0 < cu_seqlens\[1\] = 1, "
+                                         r"cu_seqlens\[4\] = 0 < cu_seqlens\[3\] = 3, .* "
+                                         r"\.\.\. and 2496 more$") as exc:
+        br.seq_layout(q, cu_seqlens=cu)
+    assert_short(exc)
+
+
+def test_wrapper_quotes_a_long_argument_in_part():
+    with pytest.raises(ValueError, match=r"padding_side must be 'right' or 'left', got 'xx") as exc:
+        br.seq_layout(torch.empty(2, 4, H, D), lengths=[1, 2], padding_side="x" * 10_000)
+    assert_short(exc)
+    with pytest.raises(TypeError, match=r"lengths must be a 1-D integer tensor or list") as exc:
+        br.seq_layout(torch.empty(2, 4, H, D), lengths=[[1] * 10_000, "x"])
+    assert_short(exc)
+
+
+def test_raw_op_names_the_first_bad_sequence_of_a_large_batch():
+    q = torch.randn(BIG, 4, 2, D)
+    kc = torch.randn(BIG, 1, 1, D)
+    seq_len = torch.full((BIG,), 9, dtype=torch.int32)  # every sequence is too long
+    with pytest.raises(ValueError, match=r"^sequence 0 \(start 0, length 9\) runs past the 4 rows "
+                                         r"of q$") as exc:
+        torch.ops.blossomrec.select_blocks(q, kc, torch.zeros_like(seq_len), seq_len, 4, 4, 1,
+                                           True, 0.25)
+    assert_short(exc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,18 +720,22 @@ MODULE_CASES = [
     # the int32 the ops take (2**32 + 3 -> 3): a result without an error. Left-padded ones failed
     # deep in torch.gather ("index -5 is out of bounds").
     ModuleCase("length above N", lambda: dict(lengths=torch.tensor([25, 5])), ValueError,
-               r"lengths must be <= the sequence dimension N = 20, got \[25, 5\]"),
+               r"lengths must be <= the sequence dimension N = 20, got lengths\[0\] = 25$"),
     ModuleCase("length above N, left padded",
-               lambda: dict(lengths=torch.tensor([25, 5]), padding_side="left"), ValueError,
-               r"lengths must be <= the sequence dimension N = 20, got \[25, 5\]"),
+               lambda: dict(lengths=torch.tensor([5, 25]), padding_side="left"), ValueError,
+               r"lengths must be <= the sequence dimension N = 20, got lengths\[1\] = 25$"),
     ModuleCase("negative length", lambda: dict(lengths=torch.tensor([-3, 5])), ValueError,
-               r"lengths must be >= 0, got \[-3, 5\]"),
+               r"lengths must be >= 0, got lengths\[0\] = -3$"),
     ModuleCase("length past int32", lambda: dict(lengths=torch.tensor([2**32 + 3, 5])),
-               ValueError, r"got \[4294967299, 5\]"),
+               ValueError, r"got lengths\[0\] = 4294967299$"),
+    ModuleCase("lengths on the meta device",
+               lambda: dict(lengths=torch.tensor([20, 5], device="meta")), ValueError,
+               r"lengths must hold values: it is on the meta device but q is on cpu"),
     ModuleCase("padding_side without lengths", lambda: dict(padding_side="top"), ValueError,
                r"padding_side must be 'right' or 'left', got 'top'"),
     ModuleCase("mask with a hole", lambda: dict(attention_mask=_holes()), ValueError,
-               r"attention_mask row 1 has holes: its valid tokens \[0, 1, 2, 3, 5,"),
+               r"attention_mask row 1 has holes: its valid tokens run from 0 to 19 but tokens 4 in "
+               r"between are padding"),
     ModuleCase("mask and lengths", lambda: dict(attention_mask=_holes(),
                                                 lengths=torch.tensor([20, 20])),
                ValueError, r"pass either attention_mask or lengths, not both"),
@@ -509,8 +751,19 @@ MODULE_CASES = [
 def test_module_rejects(kind, case):
     m = make_module(kind)
     x = torch.randn(2, MN, DIM)
-    with pytest.raises(case.exc, match=case.match):
+    with pytest.raises(case.exc, match=case.match) as exc:
         m(x, **case.kwargs())
+    assert_short(exc)
+
+
+@pytest.mark.parametrize("kind", ["blossom-ops", "dense"])
+def test_module_mask_with_a_hole_in_a_long_row_has_a_short_message(kind):
+    m = make_module(kind)
+    mask = torch.ones(1, 4096, dtype=torch.bool)
+    mask[0, 2000] = False
+    with pytest.raises(ValueError, match=r"attention_mask row 0 has holes") as exc:
+        m(torch.randn(1, 4096, DIM), attention_mask=mask)
+    assert_short(exc)
 
 
 @pytest.mark.parametrize("kind", MODULES)
@@ -616,33 +869,44 @@ def test_rec_command_line_rejects_a_zero_batch(tmp_path, capsys):
 needs_cuda_build = pytest.mark.skipif(not br.WITH_CUDA, reason="extension built without CUDA")
 
 
+def _mixed_device_params() -> list:
+    return [pytest.param(op, name, other, id=f"{op}-{name}-{other}")
+            for op, names in RAW_TENSORS.items() for name in names if name != "q"
+            for other in ("cpu", "meta")]
+
+
 @pytest.mark.cuda
 @needs_cuda_build
-@pytest.mark.parametrize("name", ["k", "v", "gates", "sel_idx", "seq_len"])
-@pytest.mark.parametrize("op", RAW_ATTN)
-def test_raw_op_rejects_mixed_devices(op, name):
+@pytest.mark.parametrize("op, name, other", _mixed_device_params())
+def test_raw_op_rejects_mixed_devices(op, name, other):
+    """A CPU input reaches the CUDA kernel's checks.h, a meta one the fake kernel: one message."""
     x = raw_inputs("cuda")
-    x[name] = x[name].cpu()
-    with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as q \(cuda:0\), "
-                                           r"got cpu"):
+    x[name] = x[name].to(other)
+    with pytest.raises(ValueError, match=rf"^{name} must be on the same device as q \(cuda:0\), "
+                                         rf"got {other}$") as exc:
         call_raw(op, x)
+    assert_short(exc)
 
 
 @pytest.mark.cuda
 @needs_cuda_build
-def test_raw_select_blocks_rejects_kc_on_another_device():
-    x = raw_inputs("cuda")
-    x["kc"] = x["kc"].cpu()
-    with pytest.raises(RuntimeError,
-                       match=r"kc must be on the same device as q \(cuda:0\), got cpu"):
-        call_raw("select_blocks", x)
+@pytest.mark.parametrize("op", RAW_OPS)
+def test_raw_op_rejects_float64_on_cuda(op):
+    """A CUDA-only check (csrc/cuda/*.cu): the CUDA kernels take float32, float16, bfloat16."""
+    x = {name: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+         and name != "lse" else t for name, t in raw_inputs("cuda").items()}
+    with pytest.raises(TypeError, match=r"float64 runs on CPU only") as exc:
+        call_raw(op, x)
+    assert_short(exc)
 
 
 @pytest.mark.cuda
 @needs_cuda_build
 @pytest.mark.parametrize("op", ATTN)
-def test_wrapper_rejects_k_on_another_device(op):
+@pytest.mark.parametrize("other", ["cpu", "meta"])
+def test_wrapper_rejects_k_on_another_device(op, other):
     x = valid_inputs("cuda")
-    x["k"] = x["k"].cpu()
-    with pytest.raises(RuntimeError, match=r"k must be on the same device as q"):
+    x["k"] = x["k"].to(other)
+    with pytest.raises(ValueError, match=rf"k must be on the same device as q \(cuda:0\), "
+                                         rf"got {other}"):
         call(op, x)

@@ -614,14 +614,14 @@ def test_input_errors_name_the_problem() -> None:
     batch = make_batch(case, torch.float32)
     q, k, v = batch.split()
     st, ln = batch.layout.seq_start, batch.layout.seq_len
-    with pytest.raises(RuntimeError, match="head dim"):
+    with pytest.raises(ValueError, match="head dim"):
         OPS.select_blocks(q[..., :8], batch.kc[..., :8], st, ln, 2, 4, 3, True, 0.25)
-    with pytest.raises(RuntimeError, match="multiple of compress_stride"):
+    with pytest.raises(ValueError, match="multiple of compress_stride"):
         OPS.select_blocks(q, batch.kc, st, ln, 3, 4, 3, True, 0.25)
     idx, cnt = OPS.select_blocks(q, batch.kc, st, ln, 2, 4, 3, True, 0.25)
-    with pytest.raises(RuntimeError, match="non-causal"):
+    with pytest.raises(ValueError, match="non-causal"):
         OPS.sparse_attention_fwd(q, k, v, batch.gates, idx, cnt, st, ln, 4, 8, 1, True, True, True,
                                  0.25)
-    with pytest.raises(RuntimeError, match="runs past"):
+    with pytest.raises(ValueError, match="runs past"):
         OPS.sparse_attention_fwd(q, k, v, batch.gates, idx, cnt, st, ln + 1, 4, 8, 1, True, False,
                                  True, 0.25)

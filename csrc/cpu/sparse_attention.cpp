@@ -83,6 +83,7 @@ inline void stis_keys(int64_t i, int64_t L, const AttnArgs& a, std::vector<int64
 template <typename Fn>
 void dispatch_dtypes(const at::Tensor& q, const at::Tensor& gates, const char* name, Fn&& fn) {
   // The dispatch macro wants a constant name on some torch versions; `name` goes into the error.
+  // An internal invariant: check_float_dtype has refused every other dtype.
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
                   q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               name, ": unsupported dtype ", q.scalar_type());
@@ -346,10 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   check_saved(dout, q, d, "dout");
   check_saved(o_sel, q, d, "o_sel");
   check_saved(o_win, q, d, "o_win");
-  BR_CHECK_SHAPE(lse, d.Bq, d.N, d.H, 2);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
-  check_same_device(lse, q, "lse");
-  check_last_dim_contiguous(lse, "lse");
+  check_lse(lse, q, d);
   const AttnArgs a{select_block, window, power_block, use_power, use_sink, causal, scale};
   at::Tensor dq = alloc_output(q.sizes(), q.options());
   at::Tensor dk = alloc_output(k.sizes(), k.options());

@@ -244,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
                                                       double scale) {
   Dims d;
   check_select_inputs(q_in, kc, seq_start, seq_len, compress_stride, select_block, num_select, &d);
-  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
-              "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
+  TORCH_CHECK_TYPE(q_in.scalar_type() != at::kDouble,
+                   "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vec_aligned(q_in);
   const int64_t width = num_select > 1 ? num_select : 1;

@@ -461,8 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   check_saved(o_sel, q_in, d, "o_sel");
   check_saved(o_win, q_in, d, "o_win");
   const at::Tensor q = vec_aligned(q_in), k = vec_aligned(k_in), v = vec_aligned(v_in);
-  BR_CHECK_SHAPE(lse, d.Bq, d.N, d.H, 2);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  check_lse(lse, q_in, d);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor gates_f = aligned_f32(gates);
   const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
