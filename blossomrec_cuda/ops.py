@@ -110,8 +110,8 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
         # and where the values are: host offsets need no round trip through the device.
         cu = cu_in.to(torch.int64)
         max_len = _validate_offsets(cu, q.shape[0])
-        start, length = cu[:-1], cu[1:] - cu[:-1]
-        return SeqLayout(_ops_int(start, q.device), _ops_int(length, q.device), True, max_len)
+        start, length = _bounds_to(q.device, torch.int32, cu[:-1], cu[1:] - cu[:-1])
+        return SeqLayout(start, length, True, max_len)
     if q.dim() != 4:
         raise ValueError(f"the padded layout takes q as [B, N, H, D]; got rank {q.dim()} "
                          "(pass cu_seqlens for a packed [T, H, D] batch)")
@@ -121,8 +121,8 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
         # Full-length batches need no check (and no device sync).
         start, length = _full_bounds(B, N, q.device)
         return SeqLayout(start, length, False, N)
-    start, length, max_len = padded_bounds(lengths, B, N, padding_side, q.device)
-    return SeqLayout(_ops_int(start, q.device), _ops_int(length, q.device), False, max_len)
+    start, length, max_len = _padded_bounds(lengths, B, N, padding_side, q.device, torch.int32)
+    return SeqLayout(start, length, False, max_len)
 
 
 # (B, N, device, stream) -> the int32 (seq_start, seq_len) of a full-length batch. Two fills per call
@@ -150,9 +150,19 @@ def _full_bounds(B: int, N: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return hit
 
 
-def _ops_int(x: Tensor, device: torch.device) -> Tensor:
-    """A checked int64 bound as the ops take it: contiguous int32 on ``device``."""
-    return x.to(device=device, dtype=torch.int32).contiguous()
+def _bounds_to(device: torch.device, dtype: torch.dtype, start: Tensor,
+               length: Tensor) -> tuple[Tensor, Tensor]:
+    """Checked bounds as contiguous ``dtype`` tensors on ``device``. From the host to a GPU in one
+    pinned, asynchronous copy: a copy from pageable memory waits for the work already queued on
+    the stream, a device sync per call (R1's eager op was host-bound by it, docs/PERF_NOTES.md
+    v17)."""
+    if (device.type == "cuda" and start.device.type == "cpu" and length.device.type == "cpu"
+            and not _is_tracing()):
+        both = torch.stack([start.to(dtype), length.to(dtype)]).pin_memory()
+        start, length = both.to(device, non_blocking=True).unbind(0)
+        return start, length
+    return (start.to(device=device, dtype=dtype).contiguous(),
+            length.to(device=device, dtype=dtype).contiguous())
 
 
 def _check_padding_side(padding_side: str) -> None:
@@ -177,6 +187,12 @@ def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding
     CPU tensor are checked on the host, with no round trip through the GPU); eager only, see
     :func:`_skip_value_checks` (``max_len`` is None when skipped). Shared by the op wrappers and the
     attention modules."""
+    return _padded_bounds(lengths, B, N, padding_side, device, torch.int64)
+
+
+def _padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding_side: str,
+                   device: torch.device, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Optional[int]]:
     _check_padding_side(padding_side)
     length = _int_tensor(lengths, "lengths")
     if length.dtype not in (torch.int32, torch.int64):
@@ -190,7 +206,8 @@ def padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, padding
     length = length.to(torch.int64)
     start = torch.zeros_like(length) if padding_side == "right" else N - length
     max_len = _validate_lengths(length, N)
-    return start.to(device), length.to(device), max_len
+    start, length = _bounds_to(device, dtype, start, length)
+    return start, length, max_len
 
 
 def _int_tensor(x: Union[Tensor, Sequence[int]], name: str) -> Tensor:
