@@ -504,7 +504,8 @@ def _graphed(build: Callable[[list[dict], Case, str], Callable[[int], object]]):
     def builder(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA-graph methods need a GPU")
-        inner = build(sets, case, pass_)
+        # A captured call cannot copy the lengths from the host: the graph takes them on the GPU.
+        inner = build([dict(s, lengths_host=s["lengths"]) for s in sets], case, pass_)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -17,11 +17,14 @@ from torch.profiler import ProfilerActivity, profile
 import blossomrec_cuda
 
 SHAPES = {"S1": (2048, 50), "S2": (512, 200), "S3": (64, 1024), "S4": (16, 4096),
-          "S5": (4, 16384), "S6": (1, 65536)}
+          "S5": (4, 16384), "S6": (1, 65536), "R1": (2048, 50)}
+# R1 here: right-padded lengths uniform in 1..17 (mean 9, like the Amazon Beauty histories of
+# bench_attention.py's R1), on the host as a data loader yields them.
+RAGGED = {"R1": 17}
 H, KVH = 8, 2
 
 
-def inputs(B: int, N: int, D: int) -> dict[str, torch.Tensor]:
+def inputs(B: int, N: int, D: int, max_len: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rnd(*shape, grad=False):
@@ -31,11 +34,17 @@ def inputs(B: int, N: int, D: int) -> dict[str, torch.Tensor]:
     return dict(q=rnd(B, N, H, D, grad=True), k=rnd(B, N, KVH, D, grad=True),
                 v=rnd(B, N, KVH, D, grad=True), kc=rnd(B, N // 16, KVH, D),
                 gates=torch.sigmoid(rnd(B, N, H, 2)).detach().requires_grad_(True),
-                dout=rnd(B, N, H, D))
+                dout=rnd(B, N, H, D),
+                lengths=ragged_lengths(B, max_len) if max_len else None)
+
+
+def ragged_lengths(B: int, max_len: int) -> torch.Tensor:
+    return torch.randint(1, max_len + 1, (B,), generator=torch.Generator().manual_seed(0))
 
 
 def step(x: dict[str, torch.Tensor], backward: bool) -> None:
-    out = blossomrec_cuda.blossom_attention(x["q"], x["k"], x["v"], x["kc"], x["gates"])
+    out = blossomrec_cuda.blossom_attention(x["q"], x["k"], x["v"], x["kc"], x["gates"],
+                                            lengths=x["lengths"])
     if backward:
         out.backward(x["dout"])
 
@@ -55,7 +64,7 @@ def main() -> None:
     for name in a.shapes.split(","):
         B, N = SHAPES[name]
         for D in (int(d) for d in a.dims.split(",")):
-            x = inputs(B, N, D)
+            x = inputs(B, N, D, RAGGED.get(name, 0))
             for _ in range(2):  # warm-up
                 step(x, not a.fwd_only)
             torch.cuda.synchronize()

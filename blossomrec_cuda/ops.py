@@ -156,13 +156,19 @@ def _bounds_to(device: torch.device, dtype: torch.dtype, start: Tensor,
     pinned, asynchronous copy: a copy from pageable memory waits for the work already queued on
     the stream, a device sync per call (R1's eager op was host-bound by it, docs/PERF_NOTES.md
     v17)."""
-    if (device.type == "cuda" and start.device.type == "cpu" and length.device.type == "cpu"
-            and not _is_tracing()):
-        both = torch.stack([start.to(dtype), length.to(dtype)]).pin_memory()
-        start, length = both.to(device, non_blocking=True).unbind(0)
-        return start, length
+    if _host_to_gpu(start, device) and length.device.type == "cpu":
+        both = torch.empty((2, start.shape[0]), dtype=dtype, pin_memory=True)
+        both[0].copy_(start)
+        both[1].copy_(length)
+        both = both.to(device, non_blocking=True)
+        return both[0], both[1]
     return (start.to(device=device, dtype=dtype).contiguous(),
             length.to(device=device, dtype=dtype).contiguous())
+
+
+def _host_to_gpu(x: Tensor, device: torch.device) -> bool:
+    """Host values bound for a GPU outside a capture (a captured call cannot copy from the host)."""
+    return device.type == "cuda" and x.device.type == "cpu" and not _is_tracing()
 
 
 def _check_padding_side(padding_side: str) -> None:
@@ -204,8 +210,19 @@ def _padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, paddin
         raise ValueError(f"lengths has {length.shape[0]} entries for a batch of {B}")
     _check_host_readable(length, "lengths", device)
     length = length.to(torch.int64)
-    start = torch.zeros_like(length) if padding_side == "right" else N - length
     max_len = _validate_lengths(length, N)
+    if _host_to_gpu(length, device):
+        # Straight into one pinned buffer: each small host op costs microseconds (R1,
+        # docs/PERF_NOTES.md v17).
+        both = torch.empty((2, B), dtype=dtype, pin_memory=True)
+        both[1].copy_(length)
+        if padding_side == "right":
+            both[0].zero_()
+        else:
+            both[0].fill_(N).sub_(both[1])
+        both = both.to(device, non_blocking=True)
+        return both[0], both[1], max_len
+    start = torch.zeros_like(length) if padding_side == "right" else N - length
     start, length = _bounds_to(device, dtype, start, length)
     return start, length, max_len
 
@@ -237,6 +254,9 @@ def _validate_lengths(length: Tensor, N: int) -> Optional[int]:
     if length.numel() == 0:
         return 0
     length = length.cpu()
+    lo, hi = (int(x) for x in torch.aminmax(length))  # one pass; the messages only on failure
+    if lo >= 0 and hi <= N:
+        return hi
 
     def entry(i: int) -> str:
         return f"lengths[{i}] = {int(length[i])}"
