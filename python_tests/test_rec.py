@@ -259,52 +259,6 @@ def test_short_run_on_real_data_beats_popularity(shared_data):
     assert result["commit"] and isinstance(result["commit"], str)
 
 
-# --------------------------------------------------------------------------------------------------
-# RecBole adapter (optional dependency)
-# --------------------------------------------------------------------------------------------------
-def test_recbole_adapter_trains_inside_recbole(tmp_path, monkeypatch):
-    pytest.importorskip("recbole", reason="RecBole is an optional dependency: pip install recbole")
-    import numpy as np
-    # RecBole 1.2.1's Config still assigns NumPy 1 aliases removed in NumPy 2
-    for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
-        monkeypatch.setattr(np, old, new, raising=False)
-    monkeypatch.chdir(tmp_path)  # RecBole's Trainer writes log_tensorboard/ into the cwd
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.trainer import Trainer
-    from recbole.utils import init_seed
-
-    from blossomrec_cuda.rec.recbole_adapter import BlossomRecRecBole
-
-    synthetic = D.synthetic_dataset(num_users=80, num_items=60, seed=1)
-    (tmp_path / "tiny").mkdir()
-    with open(tmp_path / "tiny" / "tiny.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u, seq in enumerate(synthetic.sequences):
-            f.writelines(f"{u}\t{item}\t{t}\n" for t, item in enumerate(seq))
-    results = {}
-    for mode in ("uni100", "full"):
-        config = Config(model=BlossomRecRecBole, config_dict={
-            "data_path": str(tmp_path), "dataset": "tiny", "loss_type": "CE",
-            "train_neg_sample_args": None, "epochs": 2, "train_batch_size": 128,
-            "eval_batch_size": 512, "hidden_size": 32, "n_heads": 2, "n_kv_heads": 1,
-            "inner_size": 64, "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 20, "compress_stride": 4,
-            "compress_block_size": 8, "select_block": 4, "device": "cpu",
-            "use_gpu": False, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": mode},
-            "metrics": ["Recall", "MRR", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
-            "show_progress": False, "checkpoint_dir": str(tmp_path / "saved"), "state": "ERROR"})
-        init_seed(config["seed"], config["reproducibility"])
-        train, valid, test = data_preparation(config, create_dataset(config))
-        model = BlossomRecRecBole(config, train.dataset)
-        assert model.model.num_items == model.n_items - 1
-        trainer = Trainer(config, model)
-        trainer.fit(train, valid, saved=False, show_progress=False)
-        results[mode] = trainer.evaluate(test, load_best_model=False, show_progress=False)
-    for mode, metrics in results.items():
-        assert 0.0 < metrics["ndcg@10"] <= metrics["recall@10"] <= 1.0, (mode, metrics)
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--data", "missing.txt"], "error: no dataset at 'missing.txt'"),
     (["--epochs", "0"], "error: epochs, eval_every, patience and max_len must all be >= 1"),
