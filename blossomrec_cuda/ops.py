@@ -119,7 +119,7 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
     if lengths is None:
         _check_padding_side(padding_side)
         # Full-length batches need no check (and no device sync).
-        start, length = _full_bounds(B, N, q.device)
+        start, length = _full_bounds(q, B, N)
         return SeqLayout(start, length, False, N)
     start, length, max_len = _padded_bounds(lengths, B, N, padding_side, q.device, torch.int32)
     return SeqLayout(start, length, False, max_len)
@@ -128,17 +128,23 @@ def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
 # (B, N, device, stream) -> the int32 (seq_start, seq_len) of a full-length batch. Two fills per call
 # were a visible share of the op's host time at S1 (docs/PERF_NOTES.md v17). Keyed by the stream:
 # the tensors are filled on the stream that first asks, so its later kernels are ordered after the
-# fill; the kernels only read them. Not used while tracing or capturing (those make their own).
+# fill; the kernels only read them (and nobody may write them: seq_layout hands them out). Only plain
+# tensors outside tracing, capture and inference mode use the cache: a fake, functional or inference
+# tensor kept there would break later eager or training calls (an inference tensor cannot be saved
+# for backward).
 _FULL_BOUNDS: dict[tuple, tuple[Tensor, Tensor]] = {}
 _FULL_BOUNDS_MAX = 16
 
 
-def _full_bounds(B: int, N: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _full_bounds(q: Tensor, B: int, N: int) -> tuple[Tensor, Tensor]:
+    device = q.device
+
     def make() -> tuple[Tensor, Tensor]:
         length = torch.full((B,), N, dtype=torch.int32, device=device)
         return torch.zeros_like(length), length
 
-    if _is_tracing() or device.type == "meta":
+    if (_is_tracing() or device.type == "meta" or type(q) is not Tensor
+            or torch.is_inference_mode_enabled()):
         return make()
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (B, N, device, stream)

@@ -153,3 +153,21 @@ def test_fused_qkv_views_match_contiguous_copies(layout, causal):
     assert torch.equal(out_f, out_p), "out differs between fused views and contiguous copies"
     for name in grads_f:
         assert torch.equal(grads_f[name], grads_p[name]), f"{name} differs (fused vs contiguous)"
+
+
+def test_full_length_layout_of_an_inference_call_does_not_leak_into_training():
+    """Full-length layouts are cached per (B, N, device, stream); one made under inference_mode must
+    not be the one a later training call saves for its backward (inference tensors cannot be)."""
+    B, N, H, KVH, D = 2, 20, 2, 1, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, N, H, D, generator=g)
+    k, v = torch.randn(B, N, KVH, D, generator=g), torch.randn(B, N, KVH, D, generator=g)
+    kc = torch.randn(B, N // 16, KVH, D, generator=g)
+    gates = torch.rand(B, N, H, 2, generator=g)
+    with torch.inference_mode():
+        expected = br.blossom_attention(q, k, v, kc, gates)
+    qg = q.clone().requires_grad_(True)
+    out = br.blossom_attention(qg, k, v, kc, gates)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected)
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
