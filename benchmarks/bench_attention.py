@@ -12,7 +12,11 @@ Methods (PERF.md names):
   (``BLOSSOMREC_STAGED=0``; only float32 or sequences past the fused kernels' limits take them);
 - ``sdpa_dense``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`` on the
   ``[B, H, N, D]`` layout (transposed copies made outside the timed region);
-- ``flex_stis``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` of the STIS mask alone;
+- ``flex_stis``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` of the STIS mask alone
+  (N < 128: q, k, v padded to one BlockMask tile per call);
+- ``flex_blossomrec``: the whole op with FlexAttention: ``select_blocks``, then two compiled
+  ``flex_attention`` calls (LTIS with a BlockMask built from the selection per call, STIS) and the
+  gated combine (``flex_blossomrec``); on request;
 - ``reference``: ``blossomrec_cuda.reference`` (float32 math), tiny shapes only, on request.
 
 Every measurement appends one JSON line (keys of PERF.md plus ``bytes``, ``floor_ms``, ``bw_ratio``)
@@ -66,12 +70,17 @@ RAGGED_SHAPES = {"R1"}
 CPU_SMOKE_SHAPES: dict[str, tuple[int, int]] = {"C1": (4, 64), "C2": (2, 256), "CR": (16, 50)}
 
 ALL_METHODS = ("blossomrec", "blossomrec_graph", "blossomrec_gather", "blossomrec_select",
-               "blossomrec_attn", "sdpa_dense", "sdpa_dense_graph", "flex_stis", "reference")
+               "blossomrec_attn", "sdpa_dense", "sdpa_dense_graph", "flex_stis", "flex_blossomrec",
+               "reference")
 # The opt-in variant (blossomrec_gather), the CUDA-graph replays (*_graph: the GPU time without the
-# host's launch overhead, as under torch.compile(mode="reduce-overhead")) and the reference run
-# only on request.
+# host's launch overhead, as under torch.compile(mode="reduce-overhead")), flex_blossomrec (two
+# FlexAttention compiles per shape and pass on top of flex_stis's one: it would more than double a
+# full sweep, most of which is FlexAttention compiling) and the reference run only on request.
 DEFAULT_METHODS = ("blossomrec", "blossomrec_select", "blossomrec_attn", "sdpa_dense", "flex_stis")
 FWD_ONLY_METHODS = {"blossomrec_select"}
+# Methods that call blossomrec_cuda: recorded as errors when it does not import.
+PACKAGE_METHODS = {m for m in ALL_METHODS if m.startswith("blossomrec")} | {"flex_blossomrec",
+                                                                           "reference"}
 REFERENCE_MAX_TOKENS = 8192  # the reference loops over sequences in Python: tiny shapes only
 
 # The op's hyper-parameters (docs/ALGORITHM.md defaults).
@@ -183,7 +192,8 @@ def compulsory_bytes(method: str, case: Case, pass_: str) -> int:
     writes out and lse (float32, 2 per row and head) for every row of the buffer (padding rows are
     written as zeros); backward reads q, k, v, gates, out, lse, dout and writes dq, dk, dv, dgates.
     Dense methods (sdpa_dense, flex_stis) have no gates and one lse per row and head, and run over
-    every row, padding included. ``fwd+bwd`` is the sum of both.
+    every row, padding included. flex_blossomrec computes the whole op: the op's bytes.
+    ``fwd+bwd`` is the sum of both.
     """
     e = torch.tensor([], dtype=case.dtype).element_size()
     rows_all = case.B * case.N
@@ -442,39 +452,274 @@ def _compiled_flex():
     return _FLEX_COMPILED
 
 
-def stis_mask_mod(window: int, lengths: Optional[torch.Tensor]):
-    """SPEC 2, causal, p = 1: key j visible to query i iff d = i - j >= 0 and (d < w or d a power of
-    two); with ``lengths`` also both inside the sequence (right padding)."""
+_BLOCK_MASK_COMPILED = None
+
+
+def _compiled_create_block_mask():
+    """torch.compile(create_block_mask), once per process (what torch suggests in place of its
+    deprecated ``_compile=True``): a BlockMask rebuilt per call costs a few kernels, not an eager
+    evaluation of the mask at every point. A new mask_mod closure per call does not recompile."""
+    global _BLOCK_MASK_COMPILED
+    if _BLOCK_MASK_COMPILED is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _compiled_flex()  # the recompile limits
+        _BLOCK_MASK_COMPILED = torch.compile(create_block_mask)
+    return _BLOCK_MASK_COMPILED
+
+
+# FlexAttention's BlockMask tiles. torch 2.11 on the H200 found no kernel for a sequence shorter than
+# one tile (NoValidChoicesError at N = 50): such inputs are padded up to one tile, the padded keys
+# and queries masked out (what a user with short sequences has to do on every call).
+FLEX_BLOCK = 128
+
+
+def flex_len(N: int) -> int:
+    """The sequence length FlexAttention runs at: N, or one BlockMask tile when N is shorter."""
+    return max(N, FLEX_BLOCK)
+
+
+def _pad_seq(x: torch.Tensor, n: int, dim: int, value: float = 0.0) -> torch.Tensor:
+    """x padded with ``value`` along ``dim`` to length n (x itself when it is already n long)."""
+    extra = n - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
+    return F.pad(x, pad, value=value)
+
+
+def _bound_mask(visible, b, q_idx, kv_idx, N: int, lengths: Optional[torch.Tensor], padded: bool):
+    """Both indices inside the sequence: ``lengths[b]`` for ragged batches, N for padded inputs."""
+    if lengths is not None:
+        return visible & (q_idx < lengths[b]) & (kv_idx < lengths[b])
+    if padded:
+        return visible & (q_idx < N) & (kv_idx < N)
+    return visible
+
+
+def stis_mask_mod(window: int, lengths: Optional[torch.Tensor], *, N: int = 0, padded: bool = False,
+                  power_block: int = 1, use_power: bool = True, causal: bool = True,
+                  use_sink: bool = True):
+    """SPEC 2 as a mask_mod, with d = i // p - j // p. Causal: d >= 0 and (d < w or d a power of
+    two); non-causal: |d| < w, or d > 0 a power of two, or j the last valid token (the sink, when
+    ``use_sink``). Keys and queries past ``lengths[b]`` (right padding), or past N when the inputs
+    were padded to ``flex_len(N)``, are masked out."""
     def mask_mod(b, h, q_idx, kv_idx):
-        d = q_idx - kv_idx
-        visible = (d >= 0) & ((d < window) | ((d & (d - 1)) == 0))
-        if lengths is not None:
-            visible = visible & (q_idx < lengths[b]) & (kv_idx < lengths[b])
-        return visible
+        d = q_idx // power_block - kv_idx // power_block if power_block > 1 else q_idx - kv_idx
+        if causal:
+            near = (d >= 0) & (d < window)
+            far = (d & (d - 1)) == 0  # with d >= 0; d = 0 is in the window anyway
+            visible = near | ((d >= 0) & far) if use_power else near
+        else:
+            visible = d.abs() < window
+            if use_power:
+                visible = visible | ((d > 0) & ((d & (d - 1)) == 0))
+            if use_sink:
+                last = (lengths[b] if lengths is not None else N) - 1
+                visible = visible | (kv_idx == last)
+        return _bound_mask(visible, b, q_idx, kv_idx, N, lengths, padded)
     return mask_mod
 
 
-def build_flex_stis(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
-    from torch.nn.attention.flex_attention import create_block_mask
+def ltis_mask_mod(sel_idx: torch.Tensor, group: int, select_block: int, causal: bool,
+                  lengths: Optional[torch.Tensor], *, N: int, padded: bool):
+    """SPEC 1c as a mask_mod reading the selection: key j visible to query i of head h iff j is in
+    i's own block (j <= i when causal) or in one of the blocks ``sel_idx[b, i, h // group, :]``
+    (-1 past the count: matches no block). ``sel_idx [B, >= flex_len(N) rows, KVH, n]``."""
+    n = sel_idx.shape[-1]
 
+    def mask_mod(b, h, q_idx, kv_idx):
+        g = h // group
+        kv_block = kv_idx // select_block
+        visible = kv_block == q_idx // select_block
+        if causal:
+            visible = visible & (kv_idx <= q_idx)
+        for t in range(n):
+            visible = visible | (sel_idx[b, q_idx, g, t] == kv_block)
+        return _bound_mask(visible, b, q_idx, kv_idx, N, lengths, padded)
+    return mask_mod
+
+
+def ltis_block_mask(sel_idx: torch.Tensor, H: int, N: int, select_block: int, causal: bool,
+                    lengths: Optional[torch.Tensor]):
+    """The LTIS BlockMask of one call, built from the selection in O(selection) work.
+
+    ``create_block_mask`` would evaluate the mask_mod at every (b, h, i, j): B * H * N^2 points per
+    call. The selection already says which tiles hold keys: a query tile's key tiles are the tiles
+    of its rows' own blocks and of every block they selected (a block of ``select_block <= 128``
+    keys touches at most two tiles: its first and its last key's). Those go into a
+    ``[B, KVH, tiles, tiles]`` map (one scatter), become ``kv_num_blocks`` / ``kv_indices`` (as
+    FlexAttention's ``_dense_to_ordered``: a count and a stable descending argsort) and are expanded
+    to the H query heads; every tile is partial (the mask_mod decides inside it), and
+    ``from_kv_blocks`` derives the query-tile lists the backward needs.
+    Returns ``(block_mask, sel_idx padded to the tiles' rows with -1)``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if select_block > FLEX_BLOCK:
+        raise ValueError(f"select_block must be at most {FLEX_BLOCK} (one BlockMask tile), "
+                         f"got {select_block}")
+    B, _, KVH, n = sel_idx.shape
+    Nf = flex_len(N)
+    tiles = -(-Nf // FLEX_BLOCK)
+    R = tiles * FLEX_BLOCK
+    sel = _pad_seq(sel_idx, R, dim=1, value=-1)
+    rows = torch.arange(R, device=sel.device)
+    q_tile = (rows // FLEX_BLOCK)[None, :, None, None]
+    own_first = rows // select_block * select_block
+    own_last = rows if causal else own_first + select_block - 1
+    own = torch.stack([own_first, own_last], dim=-1)[None, :, None, :].expand(B, R, KVH, 2)
+    first = sel * select_block
+    keys = torch.cat([first, first + select_block - 1], dim=-1)  # [B, R, KVH, 2n]
+    kv_tile = torch.where(keys >= 0, keys // FLEX_BLOCK, q_tile)
+    kv_tile = torch.cat([kv_tile, own // FLEX_BLOCK], dim=-1).clamp_(0, tiles - 1)
+    flat = (q_tile * tiles + kv_tile).permute(0, 2, 1, 3).reshape(B, KVH, -1)
+    dense = torch.zeros(B, KVH, tiles * tiles, dtype=torch.int32, device=sel.device)
+    dense.scatter_(2, flat, 1)
+    dense = dense.view(B, KVH, tiles, tiles)
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    group = H // KVH
+    num, idx = num.repeat_interleave(group, dim=1), idx.repeat_interleave(group, dim=1)
+    mask_mod = ltis_mask_mod(sel, group, select_block, causal, lengths, N=N, padded=Nf > N)
+    block_mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                          seq_lengths=(Nf, Nf))
+    return block_mask, sel
+
+
+def stis_block_mask(B: int, N: int, device: torch.device, lengths: Optional[torch.Tensor], *,
+                    window: int, power_block: int, use_power: bool, causal: bool, use_sink: bool):
+    """The STIS BlockMask (compiled ``create_block_mask``), at ``flex_len(N)``; per batch (B rows)
+    when it depends on the lengths, else broadcast over the batch."""
+    Nf = flex_len(N)
+    mask_mod = stis_mask_mod(window, lengths, N=N, padded=Nf > N, power_block=power_block,
+                             use_power=use_power, causal=causal, use_sink=use_sink)
+    return _compiled_create_block_mask()(mask_mod, B=B if lengths is not None else None, H=None,
+                                         Q_LEN=Nf, KV_LEN=Nf, device=device)
+
+
+def flex_blossomrec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
+                    gates: torch.Tensor, *, lengths_host: Optional[torch.Tensor] = None,
+                    lengths: Optional[torch.Tensor] = None, stis_mask=None,
+                    compress_stride: int = 16, select_block: int = 16, num_select: int = 4,
+                    window: int = 8, power_block: int = 1, use_power: bool = True,
+                    use_sink: bool = True, causal: bool = True) -> torch.Tensor:
+    """The whole BlossomRec op (SPEC 1b-3) with FlexAttention, as a user would write it.
+
+    ``q [B, H, N, D]``, ``k, v [B, KVH, N, D]`` (FlexAttention's layout), ``kc [B, C, KVH, D]``,
+    ``gates [B, N, H, 2]`` -> ``out [B, H, N, D]`` (padding rows 0). Ragged batches (right padding)
+    pass ``lengths_host`` (CPU int, for the selection) and ``lengths`` (the same on q's device, for
+    the mask_mods). Per call: the project's ``select_blocks`` (no gradient), the LTIS BlockMask from
+    that selection (:func:`ltis_block_mask`), the STIS BlockMask unless ``stis_mask`` is given (one
+    built by :func:`stis_block_mask` for this N and these lengths), two compiled ``flex_attention``
+    calls with ``enable_gqa=True`` and no lse (the gated combine needs none), then
+    ``g_sel * o_sel + g_win * o_win``. Differentiable w.r.t. q, k, v, gates (FlexAttention's
+    autograd; its backward runs on CUDA only). N shorter than one tile runs padded to
+    ``flex_len(N)``."""
+    import blossomrec_cuda
+
+    B, H, N, _ = q.shape
+    flex = _compiled_flex()
+    with torch.no_grad():
+        sel_idx, _ = blossomrec_cuda.select_blocks(
+            q.detach().transpose(1, 2), kc, lengths=lengths_host, compress_stride=compress_stride,
+            select_block=select_block, num_select=num_select, causal=causal)
+        sel_mask, _ = ltis_block_mask(sel_idx, H, N, select_block, causal, lengths)
+        if stis_mask is None:
+            stis_mask = stis_block_mask(B, N, q.device, lengths, window=window,
+                                        power_block=power_block, use_power=use_power,
+                                        causal=causal, use_sink=use_sink)
+    Nf = flex_len(N)
+    qf, kf, vf = (_pad_seq(t, Nf, dim=2) for t in (q, k, v))
+    o_sel = flex(qf, kf, vf, block_mask=sel_mask, enable_gqa=True)[:, :, :N]
+    o_win = flex(qf, kf, vf, block_mask=stis_mask, enable_gqa=True)[:, :, :N]
+    g = gates.transpose(1, 2).to(q.dtype)  # [B, H, N, 2]
+    return g[..., 0:1] * o_sel + g[..., 1:2] * o_win
+
+
+def _flex_hparams() -> dict:
+    return {k: HPARAMS[k] for k in ("compress_stride", "select_block", "num_select", "window",
+                                    "power_block", "use_power", "causal")}
+
+
+def _pinned_lengths(sets: list[dict]) -> list[torch.Tensor]:
+    """The host lengths in pinned memory, as a DataLoader with ``pin_memory=True`` yields them, so
+    that the per-call copy to the GPU is asynchronous."""
+    cuda = sets[0]["q"].device.type == "cuda"
+    return [s["lengths_host"].pin_memory() if cuda else s["lengths_host"] for s in sets]
+
+
+def build_flex_stis(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
+    """The STIS mask alone. Its BlockMask depends on N only: built once, outside the timed region,
+    as a user caches it per length. A ragged batch's mask depends on its lengths: rebuilt per call
+    (the lengths copied to the GPU per call). N shorter than one tile: q, k, v padded per call."""
     flex = _compiled_flex()
     tsets = _to_bhnd(sets, pass_)
     device = sets[0]["q"].device
     ragged = case.lengths is not None
-    mask_mod = stis_mask_mod(HPARAMS["window"], sets[0]["lengths"] if ragged else None)
-    block_mask = create_block_mask(mask_mod, B=case.B if ragged else None, H=None, Q_LEN=case.N,
-                                   KV_LEN=case.N, device=device, _compile=True)
+    N, Nf = case.N, flex_len(case.N)
+    hp = dict(window=HPARAMS["window"], power_block=HPARAMS["power_block"],
+              use_power=HPARAMS["use_power"], causal=HPARAMS["causal"], use_sink=True)
+    pinned = _pinned_lengths(sets)
+    static_mask = None if ragged else stis_block_mask(case.B, N, device, None, **hp)
+
+    def call(i):
+        s = tsets[i]
+        if ragged:
+            lengths = pinned[i].to(device, non_blocking=True)
+            block_mask = stis_block_mask(case.B, N, device, lengths, **hp)
+        else:
+            block_mask = static_mask
+        qf, kf, vf = (_pad_seq(s[n], Nf, dim=2) for n in ("q", "k", "v"))
+        return flex(qf, kf, vf, block_mask=block_mask, enable_gqa=True)[:, :, :N]
+
     if pass_ == "fwd":
         def fwd(i):
-            s = tsets[i]
             with torch.no_grad():
-                return flex(s["q"], s["k"], s["v"], block_mask=block_mask, enable_gqa=True)
+                return call(i)
         return fwd
 
     def fwd_bwd(i):
         s = tsets[i]
-        out = flex(s["q"], s["k"], s["v"], block_mask=block_mask, enable_gqa=True)
-        return torch.autograd.grad(out, (s["q"], s["k"], s["v"]), s["dout"])
+        return torch.autograd.grad(call(i), (s["q"], s["k"], s["v"]), s["dout"])
+    return fwd_bwd
+
+
+def build_flex_blossomrec(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
+    """The whole op with FlexAttention (:func:`flex_blossomrec`). Inside the timed region: the
+    selection, the LTIS BlockMask from it, (ragged: the lengths' copy to the GPU and the STIS
+    BlockMask), the padding of short inputs, both flex calls and the combine. Outside: the
+    ``[B, H, N, D]`` copies of q, k, v, dout (as for sdpa_dense and flex_stis) and, for full-length
+    shapes, the STIS BlockMask (it depends on N only)."""
+    tsets = _to_bhnd(sets, pass_)
+    device = sets[0]["q"].device
+    ragged = case.lengths is not None
+    hp = _flex_hparams()
+    pinned = _pinned_lengths(sets)
+    static_mask = None if ragged else stis_block_mask(
+        case.B, case.N, device, None, window=hp["window"], power_block=hp["power_block"],
+        use_power=hp["use_power"], causal=hp["causal"], use_sink=True)
+    for t, s in zip(tsets, sets):
+        t["kc"] = s["kc"]
+        t["gates"] = s["gates"].detach().clone().requires_grad_(pass_ != "fwd")
+
+    def call(i):
+        s = tsets[i]
+        kw = dict(hp)
+        if ragged:
+            kw.update(lengths_host=sets[i]["lengths_host"],
+                      lengths=pinned[i].to(device, non_blocking=True))
+        return flex_blossomrec(s["q"], s["k"], s["v"], s["kc"], s["gates"], stis_mask=static_mask,
+                               **kw)
+
+    if pass_ == "fwd":
+        def fwd(i):
+            with torch.no_grad():
+                return call(i)
+        return fwd
+
+    def fwd_bwd(i):
+        s = tsets[i]
+        return torch.autograd.grad(call(i), (s["q"], s["k"], s["v"], s["gates"]), s["dout"])
     return fwd_bwd
 
 
@@ -532,6 +777,7 @@ BUILDERS = {
     "blossomrec_attn": build_blossomrec_attn,
     "sdpa_dense": build_sdpa_dense,
     "flex_stis": build_flex_stis,
+    "flex_blossomrec": build_flex_blossomrec,
     "reference": build_reference,
 }
 
@@ -701,7 +947,7 @@ def bench_case(case: Case, methods: list[str], passes: list[str], device: torch.
         for pass_ in passes:
             if method in FWD_ONLY_METHODS and pass_ != "fwd":
                 continue
-            if method.startswith("blossomrec") and import_error:
+            if method in PACKAGE_METHODS and import_error:
                 emit(info, make_row(info, method, case, pass_, None, None, import_error), out_path)
                 continue
             if method == "reference" and case.B * case.N > REFERENCE_MAX_TOKENS:
@@ -755,8 +1001,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "../shared/data, .data)")
     p.add_argument("--run-id", help="run id shared by this invocation's rows (default: generated)")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny float32 run on the CPU (blossomrec, sdpa_dense, reference; D=16 "
-                        "unless --dims is given)")
+                   help="tiny float32 run on the CPU (blossomrec, sdpa_dense, reference unless "
+                        "--methods is given; D=16 unless --dims is given; FlexAttention runs its "
+                        "forward only on the CPU)")
     p.add_argument("--print-table", metavar="JSONL",
                    help="print the tables of a results file and exit")
     p.add_argument("--table-run",
@@ -812,7 +1059,7 @@ def main(argv=None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
 
     import_error = None
-    if any(m.startswith("blossomrec") or m == "reference" for m in methods):
+    if any(m in PACKAGE_METHODS for m in methods):
         import_error = import_package()
         if import_error:
             print("blossomrec_cuda does not import; its methods are recorded as errors: "
