@@ -168,6 +168,10 @@ def _bounds_to(device: torch.device, dtype: torch.dtype, start: Tensor,
         both[1].copy_(length)
         both = both.to(device, non_blocking=True)
         return both[0], both[1]
+    if (device.type == "cuda" and "cpu" in (start.device.type, length.device.type)
+            and torch.cuda.is_current_stream_capturing()):
+        raise ValueError("lengths and cu_seqlens must be on q's device while a CUDA graph is "
+                         "captured: a capture cannot copy them from the host")
     return (start.to(device=device, dtype=dtype).contiguous(),
             length.to(device=device, dtype=dtype).contiguous())
 
