@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from . import ops as _ops  # also registers the fake kernels and autograd of the ops
+from . import ops as _ops  # also registers the fake kernels of the ops
 
 BACKENDS = ("ops", "reference")
 
@@ -77,7 +77,7 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
         seq_len = mask.sum(dim=1)
         # argmax returns the first maximal entry: the first valid token (0 for an empty row)
         seq_start = mask.to(torch.int8).argmax(dim=1)
-        if not torch.compiler.is_compiling():
+        if not _ops._is_tracing():  # compiling or capturing: no host reads
             _check_contiguous(mask, seq_start, seq_len)
         return seq_start, seq_len
     if lengths is None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops as _ops
 from ..attention import (BACKENDS, SPARSE_NAMES, BlossomAttention, DenseAttention,
                          normalize_sparse_names, sequence_bounds, valid_mask)
 
@@ -317,7 +318,7 @@ class BlossomRec(nn.Module):
         """``items [B, N]`` item ids (0 = padding) padded on ``padding_side`` ("right" or "left"),
         ``lengths [B]`` -> ``[B, hidden]``, the hidden state at each sequence's last valid position.
         Ids outside ``0..num_items``, or ids that disagree with the lengths, raise ValueError
-        (checked in eager mode; skipped while compiling)."""
+        (checked in eager mode; skipped while compiling or capturing a CUDA graph)."""
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
         if items.dim() != 2 or items.dtype not in (torch.int32, torch.int64):
@@ -326,7 +327,7 @@ class BlossomRec(nn.Module):
         # the attention's own statement of the padding rule (and its check of the lengths' range)
         seq_start, seq_len = sequence_bounds(items[:, :, None], lengths=lengths,
                                              padding_side=padding_side)
-        if not torch.compiler.is_compiling():
+        if not _ops._is_tracing():  # compiling or capturing a CUDA graph: no host reads
             self._check_items(items, seq_start, seq_len, padding_side)
         x = self.emb_dropout(self.emb_norm(self.item_embedding(items)))
         for block in self.blocks:
@@ -347,7 +348,7 @@ class BlossomRec(nn.Module):
     def loss(self, items: Tensor, lengths: Tensor, targets: Tensor,
              padding_side: str = "right") -> Tensor:
         """Cross-entropy over all items of the next item ``targets [B]`` (ids ``1..num_items``)."""
-        if not torch.compiler.is_compiling() and targets.numel() \
+        if not _ops._is_tracing() and targets.numel() \
                 and bool(((targets < 1) | (targets > self.num_items)).any()):
             raise ValueError(f"targets must be item ids in 1..{self.num_items}, got values from "
                              f"{int(targets.min())} to {int(targets.max())}")
