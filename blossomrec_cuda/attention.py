@@ -300,16 +300,12 @@ class BlossomAttention(_QKVAttention):
             return reference.blossom_attention_batched(
                 q, k, v, kc, gates, seq_start, seq_len, compress_stride=self.compress_stride,
                 num_select=self.num_select, **hp).out
-        # The raw ops take (seq_start, seq_len), the row-buffer contract of docs/DESIGN.md, so one
-        # call serves right, left and mixed padding without a host-side decision.
-        with torch.no_grad():
-            sel_idx, sel_cnt = torch.ops.blossomrec.select_blocks(
-                q.detach(), kc, seq_start, seq_len, self.compress_stride, self.select_block,
-                self.num_select, self.causal, scale)
-        out, _, _, _ = torch.ops.blossomrec.sparse_attention_fwd(
-            q, k, v, gates, sel_idx, sel_cnt, seq_start, seq_len, hp["select_block"], hp["window"],
-            hp["power_block"], hp["use_power"], hp["use_sink"], hp["causal"], hp["scale"])
-        return out
+        # The public op with the module's own bounds (the row-buffer contract of docs/DESIGN.md),
+        # so one call serves right, left and mixed padding without a host-side decision.
+        return _ops.blossom_attention(q, k, v, kc, gates,
+                                      layout=_ops.SeqLayout(seq_start, seq_len, packed=False),
+                                      compress_stride=self.compress_stride,
+                                      num_select=self.num_select, **hp)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", compress_block_size={self.compress_block_size}, "

@@ -616,19 +616,29 @@ def _sparse_attention(layout: SeqLayout, q, k, v, gates, sel_idx, sel_cnt, selec
 
 def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor, *,
                       lengths: Lengths = None, padding_side: str = "right",
-                      cu_seqlens: CuSeqlens = None, compress_stride: int = 16,
-                      select_block: int = 16, num_select: int = 4, window: int = 8,
-                      power_block: int = 1, use_power: bool = True, use_sink: bool = True,
-                      causal: bool = True, scale: Optional[float] = None) -> Tensor:
+                      cu_seqlens: CuSeqlens = None, layout: Optional[SeqLayout] = None,
+                      compress_stride: int = 16, select_block: int = 16, num_select: int = 4,
+                      window: int = 8, power_block: int = 1, use_power: bool = True,
+                      use_sink: bool = True, causal: bool = True,
+                      scale: Optional[float] = None) -> Tensor:
     """The whole BlossomRec op: selection (no gradient) then the fused sparse attention.
 
     ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``, ``kc [B, C, KVH, D]``, ``gates [B, N, H, 2]`` (or
-    packed ``[T, ...]`` with ``cu_seqlens``) -> ``out`` shaped like ``q``."""
+    packed ``[T, ...]`` with ``cu_seqlens``) -> ``out`` shaped like ``q``. Instead of ``lengths`` /
+    ``cu_seqlens``, a :class:`SeqLayout` (each sequence's first row and length, as
+    :func:`seq_layout` builds it or as a caller with its own padding rule does: the modules) may
+    be passed as ``layout``; its bounds are used as given (int32 on q's device; the kernels clamp
+    them to the buffer, values are not checked again)."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select, window=window, power_block=power_block)
     _check_select_hparams(compress_stride, select_block, num_select)
     _check_attention_hparams(select_block, window, power_block)
-    layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    if layout is None:
+        layout = seq_layout(q, lengths, padding_side, cu_seqlens)
+    elif not isinstance(layout, SeqLayout):
+        raise TypeError(f"layout must be a SeqLayout, got {type(layout).__name__}")
+    elif lengths is not None or cu_seqlens is not None:
+        raise ValueError("pass either layout or lengths / cu_seqlens, not both")
     _check_inputs(q, layout.row_names, layout.seq_len.shape[0], k=k, v=v, kc=kc, gates=gates)
     _check_kc_rows(kc, layout, compress_stride)
     sc = _scale(q, scale)

@@ -171,3 +171,24 @@ def test_full_length_layout_of_an_inference_call_does_not_leak_into_training():
     out.sum().backward()
     assert torch.equal(out.detach(), expected)
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+def test_blossom_attention_takes_a_layout_as_the_modules_pass_it():
+    """``layout=`` (the modules' path: their own bounds) gives what ``lengths`` gives, and it is
+    either one or the other."""
+    B, N, H, KVH, D = 3, 20, 4, 2, 16
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, N, H, D, generator=g)
+    k, v = torch.randn(B, N, KVH, D, generator=g), torch.randn(B, N, KVH, D, generator=g)
+    kc = torch.randn(B, N // 4, KVH, D, generator=g)
+    gates = torch.rand(B, N, H, 2, generator=g)
+    lengths = torch.tensor([20, 7, 0])
+    hp = dict(compress_stride=4, select_block=4, num_select=2, padding_side="left")
+    want = br.blossom_attention(q, k, v, kc, gates, lengths=lengths, **hp)
+    layout = br.seq_layout(q, lengths=lengths, padding_side="left")
+    got = br.blossom_attention(q, k, v, kc, gates, layout=layout, **hp)
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="layout must be a SeqLayout, got tuple"):
+        br.blossom_attention(q, k, v, kc, gates, layout=(layout.seq_start, layout.seq_len))
+    with pytest.raises(ValueError, match="pass either layout or lengths / cu_seqlens, not both"):
+        br.blossom_attention(q, k, v, kc, gates, layout=layout, lengths=lengths)
