@@ -199,6 +199,16 @@ class BlossomAttention(_QKVAttention):
     ``torch.compile(fullgraph=True)``); ``backend="reference"`` runs :mod:`blossomrec_cuda.reference`
     (same math in plain PyTorch, the whole padded batch at once through
     ``reference.blossom_attention_batched``: ``O(N^2)`` masks, for checking and for comparisons).
+
+    Arguments: ``dim`` the model width (input and output ``[B, N, dim]``); ``heads`` / ``kv_heads``
+    the query and key/value heads (``heads`` a multiple of ``kv_heads``; with ``backend="ops"``
+    ``heads / kv_heads <= 8``); ``dim_head`` the head dim (16, 32, 64 or 128 with the ops);
+    ``compress_block_size`` l, the positions one compressed key summarises (>= compress_stride);
+    ``causal`` and ``rope_theta`` (RoPE's base); the op's hyper-parameters ``compress_stride``,
+    ``select_block``, ``num_select``, ``window``, ``power_block``, ``use_power``, ``use_sink`` as
+    :func:`blossomrec_cuda.blossom_attention` describes them. ``forward(x, attention_mask=None,
+    lengths=None, padding_side="right")``: ``x [B, N, dim]``; padding as a ``[B, N]`` bool mask
+    (one contiguous run of valid tokens per row) or as ``lengths [B]``; padding rows give 0.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int,

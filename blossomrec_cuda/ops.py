@@ -567,9 +567,14 @@ def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_sid
                   cu_seqlens: CuSeqlens = None, compress_stride: int = 16,
                   select_block: int = 16, num_select: int = 4, causal: bool = True,
                   scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """LTIS block selection (SPEC 1b). ``q [B, N, H, D]`` (or packed ``[T, H, D]``),
-    ``kc [B, C, KVH, D]`` -> ``sel_idx [B, N, KVH, max(n,1)]`` int32 (-1 past the count) and
-    ``sel_cnt [B, N, KVH]`` int32 (packed: without the leading ``B``)."""
+    """LTIS block selection (docs/ALGORITHM.md, SPEC 1b): for each query and kv group, the
+    ``num_select`` past blocks whose mean compressed key scores highest against the group's mean
+    query (no gradient).
+
+    Returns ``sel_idx [B, N, KVH, max(num_select, 1)]`` int32 (block indices by decreasing score,
+    -1 past the count) and ``sel_cnt [B, N, KVH]`` int32 (packed: without the leading ``B``);
+    padding rows hold -1 and 0. Takes q, kc, the layout and compress_stride, select_block,
+    num_select, causal, scale as :func:`blossom_attention` describes them."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select)
     _check_select_hparams(compress_stride, select_block, num_select)
@@ -589,6 +594,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, sel_idx: Te
                      causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """Selected-block + STIS attention with the gated combine (SPEC 1c-3), differentiable w.r.t.
     ``q``, ``k``, ``v`` and ``gates``. Returns ``out`` shaped like ``q``; padding rows are 0.
+    Arguments as :func:`blossom_attention` describes them, with ``sel_idx`` / ``sel_cnt`` in
+    place of ``kc`` (:func:`select_blocks`'s outputs).
 
     ``use_sink`` is ignored when ``causal`` (the sink is a non-causal rule).
 
@@ -621,14 +628,43 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
                       window: int = 8, power_block: int = 1, use_power: bool = True,
                       use_sink: bool = True, causal: bool = True,
                       scale: Optional[float] = None) -> Tensor:
-    """The whole BlossomRec op: selection (no gradient) then the fused sparse attention.
+    """The whole BlossomRec op: block selection (no gradient), then both sparse branches and the
+    gated combine, ``out = gates[..., 0] * LTIS + gates[..., 1] * STIS`` (docs/ALGORITHM.md).
+    Returns ``out`` shaped like ``q``; padding rows (and their gradients) are exactly 0;
+    differentiable w.r.t. q, k, v and gates.
 
-    ``q [B, N, H, D]``, ``k, v [B, N, KVH, D]``, ``kc [B, C, KVH, D]``, ``gates [B, N, H, 2]`` (or
-    packed ``[T, ...]`` with ``cu_seqlens``) -> ``out`` shaped like ``q``. Instead of ``lengths`` /
-    ``cu_seqlens``, a :class:`SeqLayout` (each sequence's first row and length, as
-    :func:`seq_layout` builds it or as a caller with its own padding rule does: the modules) may
-    be passed as ``layout``; its bounds are used as given (int32 on q's device; the kernels clamp
-    them to the buffer, values are not checked again)."""
+    Inputs (padded layout; packed: drop ``B, N`` for ``T`` and pass ``cu_seqlens``):
+        q: ``[B, N, H, D]`` float16 / bfloat16 / float32 (float64 on the CPU), ``D`` in
+            {16, 32, 64, 128}, any strides with a contiguous last dim.
+        k, v: ``[B, N, KVH, D]``, q's dtype; ``H`` a multiple of ``KVH`` with ``H / KVH <= 8``
+            (grouped-query attention: query head h reads kv head ``h // (H / KVH)``).
+        kc: ``[B, C, KVH, D]`` compressed keys per sequence (``C >= floor(L_b / compress_stride)``;
+            BlossomAttention's compressor makes them), q's dtype; gets no gradient.
+        gates: ``[B, N, H, 2]`` branch weights (not logits: sigmoid outputs, typically in [0, 1]),
+            ``[..., 0]`` for LTIS and ``[..., 1]`` for STIS; q's dtype or float32.
+        lengths: ``[B]`` valid tokens per row (a list or an int tensor, best on the host: lengths
+            on the GPU cost a device sync per call for the range check), placed at the start
+            (``padding_side="right"``) or the end (``"left"``) of each row; default all ``N``.
+        cu_seqlens: ``[B + 1]`` cumulative lengths of a packed ``[T, ...]`` batch (rows from
+            ``cu_seqlens[-1]`` to ``T`` are padding).
+    Hyper-parameters (keyword-only; docs/ALGORITHM.md):
+        compress_stride (16): positions per compressed key (kc row); >= 1.
+        select_block (16): the LTIS block size b, a multiple of compress_stride.
+        num_select (4): n, the selected blocks per query and kv group besides its own, 0..64;
+            blocks whose softmax probability is below 1e-10 are dropped.
+        window (8): STIS window w in power blocks, >= 1 (query i sees block distances 0..w-1,
+            and -(w-1)..w-1 when not causal).
+        power_block (1): p, STIS positions per power block, >= 1; keys at power-of-two block
+            distances beyond the window are seen when ``use_power``.
+        use_power (True): the power-of-two distances of STIS.
+        use_sink (True): non-causal only, every query also sees the sequence's last key.
+        causal (True): no key after the query, in either branch.
+        scale (``D ** -0.5``): the softmax scale of both branches and of the selection scores.
+        layout: instead of ``lengths`` / ``cu_seqlens``, a :class:`SeqLayout` (each sequence's
+            first row and length, as :func:`seq_layout` builds it, or as a caller with its own
+            padding rule does: the modules), used as given (int32 on q's device; the kernels
+            clamp the bounds to the buffer, their values are not checked again).
+    Errors: ValueError for values and shapes, TypeError for types (docs/ERRORS.md)."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select, window=window, power_block=power_block)
     _check_select_hparams(compress_stride, select_block, num_select)
