@@ -317,25 +317,37 @@ def _op_kwargs(s: dict, ragged: bool) -> dict:
     return kw
 
 
+QKVG = ("q", "k", "v", "gates")
+
+
+def _pass_fn(pass_: str, sets: list[dict], call: Callable[[int], torch.Tensor],
+             grads: tuple[str, ...]) -> Callable[[int], object]:
+    """The timed function of one method: ``call(i)`` (the output for input set i) under no_grad
+    for the forward; for fwd+bwd, the gradients w.r.t. ``sets[i][n]`` for n in ``grads`` of that
+    output against ``sets[i]["dout"]``."""
+    if pass_ == "fwd":
+        def fwd(i):
+            with torch.no_grad():
+                return call(i)
+        return fwd
+
+    def fwd_bwd(i):
+        s = sets[i]
+        return torch.autograd.grad(call(i), tuple(s[n] for n in grads), s["dout"])
+    return fwd_bwd
+
+
 def build_blossomrec(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
     import blossomrec_cuda
 
     ragged = case.lengths is not None
-    if pass_ == "fwd":
-        def fwd(i):
-            s = sets[i]
-            with torch.no_grad():
-                return blossomrec_cuda.blossom_attention(s["q"], s["k"], s["v"], s["kc"], s["gates"],
-                                                         **_op_kwargs(s, ragged))
-        return fwd
-    gsets = _grad_leaves(sets, ("q", "k", "v", "gates"))
+    src = sets if pass_ == "fwd" else _grad_leaves(sets, QKVG)
 
-    def fwd_bwd(i):
-        s = gsets[i]
-        out = blossomrec_cuda.blossom_attention(s["q"], s["k"], s["v"], s["kc"], s["gates"],
-                                                **_op_kwargs(s, ragged))
-        return torch.autograd.grad(out, (s["q"], s["k"], s["v"], s["gates"]), s["dout"])
-    return fwd_bwd
+    def call(i):
+        s = src[i]
+        return blossomrec_cuda.blossom_attention(s["q"], s["k"], s["v"], s["kc"], s["gates"],
+                                                 **_op_kwargs(s, ragged))
+    return _pass_fn(pass_, src, call, QKVG)
 
 
 def _with_env(inner: Callable[[int], object], env: dict[str, str]) -> Callable[[int], object]:
@@ -388,21 +400,13 @@ def build_blossomrec_attn(sets: list[dict], case: Case, pass_: str) -> Callable[
         d = dict(s, sel_idx=idx, sel_cnt=cnt,
                  attn_kw={k: v for k, v in kw.items() if k in attn_names})
         prepared.append(d)
-    if pass_ == "fwd":
-        def fwd(i):
-            s = prepared[i]
-            with torch.no_grad():
-                return blossomrec_cuda.sparse_attention(s["q"], s["k"], s["v"], s["gates"],
-                                                        s["sel_idx"], s["sel_cnt"], **s["attn_kw"])
-        return fwd
-    gsets = _grad_leaves(prepared, ("q", "k", "v", "gates"))
+    src = prepared if pass_ == "fwd" else _grad_leaves(prepared, QKVG)
 
-    def fwd_bwd(i):
-        s = gsets[i]
-        out = blossomrec_cuda.sparse_attention(s["q"], s["k"], s["v"], s["gates"], s["sel_idx"],
-                                               s["sel_cnt"], **s["attn_kw"])
-        return torch.autograd.grad(out, (s["q"], s["k"], s["v"], s["gates"]), s["dout"])
-    return fwd_bwd
+    def call(i):
+        s = src[i]
+        return blossomrec_cuda.sparse_attention(s["q"], s["k"], s["v"], s["gates"], s["sel_idx"],
+                                                s["sel_cnt"], **s["attn_kw"])
+    return _pass_fn(pass_, src, call, QKVG)
 
 
 def _to_bhnd(sets: list[dict], pass_: str) -> list[dict]:
@@ -419,19 +423,12 @@ def _to_bhnd(sets: list[dict], pass_: str) -> list[dict]:
 
 def build_sdpa_dense(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
     tsets = _to_bhnd(sets, pass_)
-    if pass_ == "fwd":
-        def fwd(i):
-            s = tsets[i]
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(s["q"], s["k"], s["v"], is_causal=True,
-                                                      enable_gqa=True)
-        return fwd
 
-    def fwd_bwd(i):
+    def call(i):
         s = tsets[i]
-        out = F.scaled_dot_product_attention(s["q"], s["k"], s["v"], is_causal=True, enable_gqa=True)
-        return torch.autograd.grad(out, (s["q"], s["k"], s["v"]), s["dout"])
-    return fwd_bwd
+        return F.scaled_dot_product_attention(s["q"], s["k"], s["v"], is_causal=True,
+                                              enable_gqa=True)
+    return _pass_fn(pass_, tsets, call, ("q", "k", "v"))
 
 
 _FLEX_COMPILED = None
@@ -671,17 +668,7 @@ def build_flex_stis(sets: list[dict], case: Case, pass_: str) -> Callable[[int],
             block_mask = static_mask
         qf, kf, vf = (_pad_seq(s[n], Nf, dim=2) for n in ("q", "k", "v"))
         return flex(qf, kf, vf, block_mask=block_mask, enable_gqa=True)[:, :, :N]
-
-    if pass_ == "fwd":
-        def fwd(i):
-            with torch.no_grad():
-                return call(i)
-        return fwd
-
-    def fwd_bwd(i):
-        s = tsets[i]
-        return torch.autograd.grad(call(i), (s["q"], s["k"], s["v"]), s["dout"])
-    return fwd_bwd
+    return _pass_fn(pass_, tsets, call, ("q", "k", "v"))
 
 
 def build_flex_blossomrec(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
@@ -710,37 +697,20 @@ def build_flex_blossomrec(sets: list[dict], case: Case, pass_: str) -> Callable[
                       lengths=pinned[i].to(device, non_blocking=True))
         return flex_blossomrec(s["q"], s["k"], s["v"], s["kc"], s["gates"], stis_mask=static_mask,
                                **kw)
-
-    if pass_ == "fwd":
-        def fwd(i):
-            with torch.no_grad():
-                return call(i)
-        return fwd
-
-    def fwd_bwd(i):
-        s = tsets[i]
-        return torch.autograd.grad(call(i), (s["q"], s["k"], s["v"], s["gates"]), s["dout"])
-    return fwd_bwd
+    return _pass_fn(pass_, tsets, call, QKVG)
 
 
 def build_reference(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
     from blossomrec_cuda import reference
 
-    def run(s, grad):
-        seq_start = torch.zeros_like(s["lengths"])
-        r = reference.blossom_attention(s["q"], s["k"], s["v"], s["kc"], s["gates"], seq_start,
-                                        s["lengths"], **HPARAMS)
-        if not grad:
-            return r.out
-        return torch.autograd.grad(r.out, (s["q"], s["k"], s["v"], s["gates"]), s["dout"])
+    src = sets if pass_ == "fwd" else _grad_leaves(sets, QKVG)
 
-    if pass_ == "fwd":
-        def fwd(i):
-            with torch.no_grad():
-                return run(sets[i], False)
-        return fwd
-    gsets = _grad_leaves(sets, ("q", "k", "v", "gates"))
-    return lambda i: run(gsets[i], True)
+    def call(i):
+        s = src[i]
+        return reference.blossom_attention(s["q"], s["k"], s["v"], s["kc"], s["gates"],
+                                           torch.zeros_like(s["lengths"]), s["lengths"],
+                                           **HPARAMS).out
+    return _pass_fn(pass_, src, call, QKVG)
 
 
 def _graphed(build: Callable[[list[dict], Case, str], Callable[[int], object]]):
