@@ -158,16 +158,12 @@ def test_fused_qkv_views_match_contiguous_copies(layout, causal):
 def test_full_length_layout_of_an_inference_call_does_not_leak_into_training():
     """Full-length layouts are cached per (B, N, device, stream); one made under inference_mode must
     not be the one a later training call saves for its backward (inference tensors cannot be)."""
-    B, N, H, KVH, D = 2, 20, 2, 1, 16
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, N, H, D, generator=g)
-    k, v = torch.randn(B, N, KVH, D, generator=g), torch.randn(B, N, KVH, D, generator=g)
-    kc = torch.randn(B, N // 16, KVH, D, generator=g)
-    gates = torch.rand(B, N, H, 2, generator=g)
+    b = make_batch([20, 20], seed=0)
+    hp = dict(compress_stride=4, select_block=4)
     with torch.inference_mode():
-        expected = br.blossom_attention(q, k, v, kc, gates)
-    qg = q.clone().requires_grad_(True)
-    out = br.blossom_attention(qg, k, v, kc, gates)
+        expected = br.blossom_attention(b.q, b.k, b.v, b.kc, b.gates, **hp)
+    qg = b.q.clone().requires_grad_(True)
+    out = br.blossom_attention(qg, b.k, b.v, b.kc, b.gates, **hp)
     out.sum().backward()
     assert torch.equal(out.detach(), expected)
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
@@ -176,13 +172,9 @@ def test_full_length_layout_of_an_inference_call_does_not_leak_into_training():
 def test_blossom_attention_takes_a_layout_as_the_modules_pass_it():
     """``layout=`` (the modules' path: their own bounds) gives what ``lengths`` gives, and it is
     either one or the other."""
-    B, N, H, KVH, D = 3, 20, 4, 2, 16
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(B, N, H, D, generator=g)
-    k, v = torch.randn(B, N, KVH, D, generator=g), torch.randn(B, N, KVH, D, generator=g)
-    kc = torch.randn(B, N // 4, KVH, D, generator=g)
-    gates = torch.rand(B, N, H, 2, generator=g)
-    lengths = torch.tensor([20, 7, 0])
+    b = make_batch([20, 7, 0], H=4, KVH=2, layout="left", seed=1)
+    q, k, v, kc, gates = b.q, b.k, b.v, b.kc, b.gates
+    lengths = torch.tensor(b.lengths)
     hp = dict(compress_stride=4, select_block=4, num_select=2, padding_side="left")
     want = br.blossom_attention(q, k, v, kc, gates, lengths=lengths, **hp)
     layout = br.seq_layout(q, lengths=lengths, padding_side="left")
