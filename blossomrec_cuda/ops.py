@@ -159,9 +159,9 @@ def _full_bounds(q: Tensor, B: int, N: int) -> tuple[Tensor, Tensor]:
 def _bounds_to(device: torch.device, dtype: torch.dtype, start: Tensor,
                length: Tensor) -> tuple[Tensor, Tensor]:
     """Checked bounds as contiguous ``dtype`` tensors on ``device``. From the host to a GPU in one
-    pinned, asynchronous copy: a copy from pageable memory waits for the work already queued on
-    the stream, a device sync per call (R1's eager op was host-bound by it, docs/PERF_NOTES.md
-    v17)."""
+    pinned, asynchronous copy (written straight into the pinned buffer: each small host op costs
+    microseconds): a copy from pageable memory waits for the work already queued on the stream, a
+    device sync per call (R1's eager op was host-bound by it, docs/PERF_NOTES.md v17)."""
     if _host_to_gpu(start, device) and length.device.type == "cpu":
         both = torch.empty((2, start.shape[0]), dtype=dtype, pin_memory=True)
         both[0].copy_(start)
@@ -221,17 +221,6 @@ def _padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, paddin
     _check_host_readable(length, "lengths", device)
     length = length.to(torch.int64)
     max_len = _validate_lengths(length, N)
-    if _host_to_gpu(length, device):
-        # Straight into one pinned buffer: each small host op costs microseconds (R1,
-        # docs/PERF_NOTES.md v17).
-        both = torch.empty((2, B), dtype=dtype, pin_memory=True)
-        both[1].copy_(length)
-        if padding_side == "right":
-            both[0].zero_()
-        else:
-            both[0].fill_(N).sub_(both[1])
-        both = both.to(device, non_blocking=True)
-        return both[0], both[1], max_len
     start = torch.zeros_like(length) if padding_side == "right" else N - length
     start, length = _bounds_to(device, dtype, start, length)
     return start, length, max_len
