@@ -221,12 +221,11 @@ class BlossomAttention(_QKVAttention):
             raise ValueError(f"need 0 < compress_stride <= compress_block_size, got "
                              f"compress_stride={compress_stride}, "
                              f"compress_block_size={compress_block_size}")
-        if select_block < compress_stride or select_block % compress_stride != 0:
-            raise ValueError(f"select_block ({select_block}) must be a positive "
-                             f"multiple of compress_stride ({compress_stride})")
-        if window < 1 or power_block < 1 or num_select < 0:
-            raise ValueError(f"need window >= 1, power_block >= 1, num_select >= 0; "
-                             f"got {window}, {power_block}, {num_select}")
+        # The op's own checks of its hyper-parameters, said here rather than at the first forward.
+        _ops._check_int_args(select_block=select_block, num_select=num_select, window=window,
+                             power_block=power_block)
+        _ops._check_select_hparams(compress_stride, select_block, num_select)
+        _ops._check_attention_hparams(select_block, window, power_block)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "ops" and (dim_head not in OPS_HEAD_DIMS or heads // kv_heads > OPS_MAX_GROUP):
