@@ -65,7 +65,7 @@ struct FusedTraits {
   // 13.0, sm_90) spilled the forward and dq there from D = 64 on (300 bytes), dk/dv from D = 32.
   // At D = 16 three CTAs (80 registers) pay although the forward spills 44 bytes and dk/dv 12:
   // S1 fwd 175 -> 155 us, dq 223 -> 169, dk/dv 177 -> 142 on an H200 (docs/PERF_NOTES.md v16).
-  static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 32 ? 2 : 1);
+  static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
   static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : 1;
 };
 
@@ -232,15 +232,6 @@ __device__ __forceinline__ const uint64_t* tile_need(const FusedArgs& a, const U
   return a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + t) * 2;
 }
 
-// Row i's word of key tile 0 (word t at [t * mask_rows]); nullptr past L (rows that see nothing).
-__device__ __forceinline__ const uint32_t* row_words(const FusedArgs& a, const Unit& u, int64_t g,
-                                                     int i) {
-  return i < u.L ? a.words + g * a.tiles_cap * a.mask_rows + u.bq * a.p.seq.N + u.s + i : nullptr;
-}
-__device__ __forceinline__ uint32_t load_word(const uint32_t* w, int kt, int64_t mask_rows) {
-  return w != nullptr ? w[kt * mask_rows] : 0u;
-}
-
 // A C tile's element masks: a lane holds rows g and g + 8, columns c -> 8 (c / 2) + 2 t + c % 2 of
 // two n8 tiles. With the row's word shifted right by 2 t, column c's LTIS bit is col_bit(c) and its
 // STIS bit 16 + col_bit(c).
@@ -351,6 +342,74 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
   cp_async_commit();
 }
 
+// Shared memory of the query-outer kernels (forward, dq) after the K and V segment: for the chunk's
+// rows the mask words of every key tile up to key_end ([key tile][row], zeros past L), the needs
+// of its query tiles ([tile][branch]), and per (row, head of the group) the gates and, in dq, the
+// lse as float2. All of it is copied with the first segment in one batch of cp.async, so that the
+// prologue waits on global memory once: before (v17) the tile needs, the words they pointed at and
+// the gates each waited for a round trip of their own (docs/PERF_NOTES.md, v18).
+struct RowSmemLayout {
+  int64_t words, need, gates, lse, total;
+};
+__host__ __device__ __forceinline__ RowSmemLayout row_smem_layout(int64_t kv_bytes, int rows,
+                                                                  int key_tiles, int64_t G,
+                                                                  bool with_lse) {
+  RowSmemLayout l;
+  l.words = kv_bytes;                               // a multiple of 16 bytes
+  l.need = l.words + int64_t(rows) * key_tiles * 4;  // rows: a multiple of 16
+  l.gates = l.need + int64_t(rows / kTile) * 16;
+  l.lse = l.gates + int64_t(rows) * G * 8;
+  l.total = l.lse + (with_lse ? int64_t(rows) * G * 8 : 0);
+  return l;
+}
+
+struct RowSmem {
+  const uint32_t* words;  // [key tile][row]
+  const uint64_t* need;   // [query tile][branch]
+  const float2* gates;    // [row][head of the group]
+  const float2* lse;      // [row][head of the group] (dq)
+};
+
+// Issues (does not commit) the copies of the chunk's words, needs, gates and lse (lse: null for
+// the forward). blockDim.x is 2 G rows: every (row, head) has its thread.
+__device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_bytes,
+                                              const FusedArgs& a, const Unit& u, int64_t g,
+                                              int kend, const float* lse) {
+  const AttnParams& p = a.p;
+  const int rows = a.rows;
+  const RowSmemLayout l = row_smem_layout(kv_bytes, rows, a.tiles_cap, p.G, lse != nullptr);
+  uint32_t* words = reinterpret_cast<uint32_t*>(smem + l.words);
+  uint64_t* need = reinterpret_cast<uint64_t*>(smem + l.need);
+  float2* gates = reinterpret_cast<float2*>(smem + l.gates);
+  float2* lses = reinterpret_cast<float2*>(smem + l.lse);
+  {
+    const int t0 = int(threadIdx.x) / rows, r = int(threadIdx.x) - t0 * rows;
+    const int step = int(blockDim.x) / rows;
+    const int i = u.c0 + r;
+    const bool valid = i < u.L;
+    const uint32_t* src = a.words + g * a.tiles_cap * a.mask_rows + u.bq * p.seq.N + u.s +
+                          (valid ? i : u.c0);
+    for (int t = t0; t < kend / kTile; t += step) {
+      cp_async4(words + t * rows + r, src + t * a.mask_rows, valid);
+    }
+  }
+  if (int(threadIdx.x) < rows / kTile) {
+    const int t = int(threadIdx.x);
+    const bool valid = u.c0 + t * kTile < u.L;
+    cp_async16(need + 2 * t, tile_need(a, u, g, (u.c0 + (valid ? t * kTile : 0)) / kTile), valid);
+  }
+  const int G = int(p.G);
+  if (int(threadIdx.x) < rows * G) {
+    const int r = int(threadIdx.x) / G, hg = int(threadIdx.x) - r * G;
+    const int i = u.c0 + r;
+    const bool valid = i < u.L;
+    const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : u.c0)) * p.H + g * p.G + hg;
+    cp_async8(gates + threadIdx.x, p.gates + rh * 2, valid);
+    if (lse != nullptr) cp_async8(lses + threadIdx.x, lse + rh * 2, valid);
+  }
+  return RowSmem{words, need, gates, lses};
+}
+
 // Online softmax of one branch over one S tile (already scaled to base 2): masks it with vis(row,
 // col), rescales the running state and the accumulator, and returns P as an A fragment.
 template <typename T, int D, typename Vis>
@@ -432,8 +491,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const int tiles = a.rows / kTile;
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + a.seg * KS;
-  // The first segment, the warp's queries and the masks load together.
+  // The first segment, the chunk's masks and gates and the warp's queries load together.
   const int kend = key_end(a, u);
+  const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, nullptr);
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -444,40 +504,11 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const bool active = i0 < u.L;
   const int ia = i0 + gq, ib = ia + 8;
   uint32_t qf[D / 16][4];
-  float gate[2][2];  // [row][branch], loaded with the queries
   {
     const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
     load_a_rows<T, D>(qf, ia < u.L ? qb + (u.s + ia) * p.q_sn : nullptr,
                       ib < u.L ? qb + (u.s + ib) * p.q_sn : nullptr, tq);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = r == 0 ? ia : ib;
-      const int64_t rh = (u.bq * p.seq.N + u.s + i) * p.H + h;
-      gate[r][0] = i < u.L ? p.gates[rh * 2] : 0.f;
-      gate[r][1] = i < u.L ? p.gates[rh * 2 + 1] : 0.f;
-    }
   }
-  uint64_t all = 0, my_sel = 0, my_win = 0;
-  for (int t = 0; t < tiles && u.c0 + t * kTile < u.L; ++t) {
-    const uint64_t* nd = tile_need(a, u, g, u.c0 / kTile + t);
-    const uint64_t ns = nd[0], nw = nd[1];
-    all |= ns | nw;
-    if (t == tl) {
-      my_sel = ns;
-      my_win = nw;
-    }
-  }
-  // The warp's key tiles in increasing order; the first one's words load with the first segment.
-  const uint32_t* wrow[2] = {row_words(a, u, g, ia), row_words(a, u, g, ib)};
-  uint64_t pending = my_sel | my_win;
-  uint32_t wnext[2] = {0u, 0u};
-  if (pending != 0) {
-    const int kt0 = __ffsll(static_cast<long long>(pending)) - 1;
-    wnext[0] = load_word(wrow[0], kt0, a.mask_rows);
-    wnext[1] = load_word(wrow[1], kt0, a.mask_rows);
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the first segment is in shared memory
   float m[2][2], l[2][2], acc[2][D / 8][4];
 #pragma unroll
   for (int br = 0; br < 2; ++br) {
@@ -492,6 +523,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       for (int e = 0; e < 4; ++e) acc[br][n][e] = 0.f;
     }
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the first segment and the masks are in shared memory
+  uint64_t all = 0;  // zeros for the tiles past L
+  for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];
+  const uint64_t my_sel = rs.need[2 * tl], my_win = rs.need[2 * tl + 1];
+  // The warp's key tiles in increasing order; its rows' words of key tile kt at wq[kt * rows].
+  uint64_t pending = my_sel | my_win;
+  const uint32_t* wq = rs.words + tl * kTile + gq;
 
   for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
     const int seg1 = min(seg0 + a.seg, kend);
@@ -507,12 +546,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     while ((pending & seg_mask) != 0) {
       const int kt = __ffsll(static_cast<long long>(pending)) - 1;
       pending &= pending - 1;
-      const uint32_t w[2] = {wnext[0] >> (2 * tq), wnext[1] >> (2 * tq)};
-      if (pending != 0) {  // the next tile's words load while this one runs
-        const int kt1 = __ffsll(static_cast<long long>(pending)) - 1;
-        wnext[0] = load_word(wrow[0], kt1, a.mask_rows);
-        wnext[1] = load_word(wrow[1], kt1, a.mask_rows);
-      }
+      const uint32_t w[2] = {wq[kt * a.rows] >> (2 * tq), wq[kt * a.rows + 8] >> (2 * tq)};
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + (kt * kTile - seg0) * KS;
       const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -546,7 +580,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     if (i >= u.L) continue;
     const int64_t rr = u.bq * p.seq.N + u.s + i;
     const int64_t rh = rr * p.H + h;
-    const float g_sel = gate[r][0], g_win = gate[r][1];
+    const float2 gt = rs.gates[(tl * kTile + gq + 8 * r) * int(p.G) + hg];
+    const float g_sel = gt.x, g_win = gt.y;
     const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
     T* out = static_cast<T*>(o.out) + rh * D;
     T* osel = static_cast<T*>(o.o_sel) + rh * D;
@@ -603,6 +638,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + a.seg * KS;
   const int kend = key_end(a, u);
+  const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, in.lse);
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -613,13 +649,13 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const bool active = i0 < u.L;
   const int rows_i[2] = {i0 + gq, i0 + gq + 8};
   uint32_t qf[D / 16][4], df[D / 16][4];
-  // Per row r and branch br: gate, lse in base 2, delta.
-  float gate[2][2], lse2[2][2], delta[2][2];
+  // Per row r and branch br: <dout, o_branch>, then gate, lse in base 2, delta.
+  float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
+  int64_t rh[2];
   {
     const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
     const T* row_q[2];
     const T* row_d[2];
-    int64_t rh[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const bool valid = rows_i[r] < u.L;
@@ -632,7 +668,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     // <dout, o_branch> from the elements each lane holds of dout, then over the quad.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float dot[2] = {0.f, 0.f};
+      dot[r][0] = dot[r][1] = 0.f;
       if (row_d[r] != nullptr) {
 #pragma unroll
         for (int br = 0; br < 2; ++br) {
@@ -644,51 +680,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
               const int c = ks_ * 16 + half * 8 + 2 * tq;
               const float2 dv = Mma<T>::unpack(df[ks_][2 * half + r]);
               const float2 ov = Mma<T>::unpack(*reinterpret_cast<const uint32_t*>(o_row + c));
-              dot[br] = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, dot[br]));
+              dot[r][br] = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, dot[r][br]));
             }
           }
         }
       }
-      dot[0] = quad_sum(dot[0]);
-      dot[1] = quad_sum(dot[1]);
-      if (row_d[r] != nullptr) {
-#pragma unroll
-        for (int br = 0; br < 2; ++br) {
-          gate[r][br] = p.gates[rh[r] * 2 + br];
-          lse2[r][br] = in.lse[rh[r] * 2 + br] * kLog2e;
-          delta[r][br] = gate[r][br] * dot[br];
-        }
-        if (tq == 0) {
-          aux[rh[r] * 2] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[0]);
-          aux[rh[r] * 2 + 1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[1]);
-        }
-      } else {
-#pragma unroll
-        for (int br = 0; br < 2; ++br) {
-          gate[r][br] = 0.f;
-          lse2[r][br] = 0.f;
-          delta[r][br] = 0.f;
-        }
-      }
+      dot[r][0] = quad_sum(dot[r][0]);
+      dot[r][1] = quad_sum(dot[r][1]);
     }
-  }
-  uint64_t all = 0, my_sel = 0, my_win = 0;
-  for (int t = 0; t < tiles && u.c0 + t * kTile < u.L; ++t) {
-    const uint64_t* nd = tile_need(a, u, g, u.c0 / kTile + t);
-    const uint64_t ns = nd[0], nw = nd[1];
-    all |= ns | nw;
-    if (t == tl) {
-      my_sel = ns;
-      my_win = nw;
-    }
-  }
-  const uint32_t* wrow[2] = {row_words(a, u, g, rows_i[0]), row_words(a, u, g, rows_i[1])};
-  uint64_t pending = my_sel | my_win;  // as in the forward
-  uint32_t wnext[2] = {0u, 0u};
-  if (pending != 0) {
-    const int kt0 = __ffsll(static_cast<long long>(pending)) - 1;
-    wnext[0] = load_word(wrow[0], kt0, a.mask_rows);
-    wnext[1] = load_word(wrow[1], kt0, a.mask_rows);
   }
   float acc[D / 8][4];
 #pragma unroll
@@ -697,7 +696,27 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
   }
   cp_async_wait<0>();
-  __syncthreads();  // the first segment is in shared memory
+  __syncthreads();  // the first segment, the masks, gates and lse are in shared memory
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int x = (tl * kTile + gq + 8 * r) * int(p.G) + hg;
+    const float2 gt = rs.gates[x], ls = rs.lse[x];  // zeros past L
+    gate[r][0] = gt.x;
+    gate[r][1] = gt.y;
+    lse2[r][0] = ls.x * kLog2e;
+    lse2[r][1] = ls.y * kLog2e;
+#pragma unroll
+    for (int br = 0; br < 2; ++br) delta[r][br] = gate[r][br] * dot[r][br];
+    if (tq == 0 && rows_i[r] < u.L) {
+      aux[rh[r] * 2] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[r][0]);
+      aux[rh[r] * 2 + 1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[r][1]);
+    }
+  }
+  uint64_t all = 0;  // zeros for the tiles past L
+  for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];
+  const uint64_t my_sel = rs.need[2 * tl], my_win = rs.need[2 * tl + 1];
+  uint64_t pending = my_sel | my_win;  // as in the forward
+  const uint32_t* wq = rs.words + tl * kTile + gq;
 
   for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
     const int seg1 = min(seg0 + a.seg, kend);
@@ -713,12 +732,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     while ((pending & seg_mask) != 0) {
       const int kt = __ffsll(static_cast<long long>(pending)) - 1;
       pending &= pending - 1;
-      const uint32_t w[2] = {wnext[0] >> (2 * tq), wnext[1] >> (2 * tq)};
-      if (pending != 0) {  // the next tile's words load while this one runs
-        const int kt1 = __ffsll(static_cast<long long>(pending)) - 1;
-        wnext[0] = load_word(wrow[0], kt1, a.mask_rows);
-        wnext[1] = load_word(wrow[1], kt1, a.mask_rows);
-      }
+      const uint32_t w[2] = {wq[kt * a.rows] >> (2 * tq), wq[kt * a.rows + 8] >> (2 * tq)};
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + (kt * kTile - seg0) * KS;
       const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -731,13 +745,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, c = nt * 2 + (e & 1);
-          const float x = s[nt][e] * p.scale_log2;
           float v = 0.f;
           if (do_sel && word_bit(w[r], col_bit(c))) {
-            v += exp2f(x - lse2[r][0]) * (gate[r][0] * dp[nt][e] - delta[r][0]);
+            v += exp2f(fmaf(s[nt][e], p.scale_log2, -lse2[r][0])) *
+                 (gate[r][0] * dp[nt][e] - delta[r][0]);
           }
           if (do_win && word_bit(w[r], kTile + col_bit(c))) {
-            v += exp2f(x - lse2[r][1]) * (gate[r][1] * dp[nt][e] - delta[r][1]);
+            v += exp2f(fmaf(s[nt][e], p.scale_log2, -lse2[r][1])) *
+                 (gate[r][1] * dp[nt][e] - delta[r][1]);
           }
           ds[nt][e] = v;
         }
@@ -837,17 +852,6 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
-  // Which key tiles each query tile needs, in shared memory.
-  uint64_t* need = reinterpret_cast<uint64_t*>(smem);  // [2][kMaxTiles]
-  unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
-  const int q_tiles = (u.L + kTile - 1) / kTile;
-  for (int t = threadIdx.x; t < q_tiles; t += blockDim.x) {
-    const uint64_t* nd = tile_need(a, u, g, t);
-    need[t] = nd[0];
-    need[kMaxTiles + t] = nd[1];
-  }
-  __syncthreads();
-
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int G = int(p.G);
@@ -855,16 +859,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   const int64_t h = g * p.G + hg;
   const int kt = u.c0 / kTile + tl;  // the warp's key tile
   const bool active = kt * kTile < u.L;
-  unsigned char* buf = bufs + warp * kBuf;
-  // The mask words of key tile kt: wcol[i] is query position i's.
-  const uint32_t* wcol = a.words + (g * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
-
-  uint64_t tlist = 0;  // query tiles that need this key tile
-  if (active) {
-    for (int t = 0; t < q_tiles; ++t) {
-      if (((need[t] | need[kMaxTiles + t]) >> kt) & 1) tlist |= 1ull << t;
-    }
-  }
+  // The warp's keys and values load while the tile needs come to shared memory.
   const int ja = kt * kTile + gq, jb = ja + 8;
   uint32_t kf[D / 16][4], vf[D / 16][4];
   {
@@ -874,6 +869,26 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
                       jb < u.L ? kb + (u.s + jb) * p.k_sn : nullptr, tq);
     load_a_rows<T, D>(vf, ja < u.L ? vb + (u.s + ja) * p.v_sn : nullptr,
                       jb < u.L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
+  }
+  // Which key tiles each query tile needs ([tile][branch]), in shared memory.
+  uint64_t* need = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
+  const int q_tiles = (u.L + kTile - 1) / kTile;
+  for (int t = threadIdx.x; t < q_tiles; t += blockDim.x) {
+    cp_async16(need + 2 * t, tile_need(a, u, g, t), true);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  unsigned char* buf = bufs + warp * kBuf;
+  // The mask words of key tile kt: wcol[i] is query position i's.
+  const uint32_t* wcol = a.words + (g * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
+
+  uint64_t tlist = 0;  // query tiles that need this key tile
+  if (active) {
+    for (int t = 0; t < q_tiles; ++t) {
+      if (((need[2 * t] | need[2 * t + 1]) >> kt) & 1) tlist |= 1ull << t;
+    }
   }
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -899,7 +914,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     const T* qs = reinterpret_cast<const T*>(buf + stage * kStage);
     const T* dos = qs + kTile * KS;
     const Aux* as = reinterpret_cast<const Aux*>(dos + kTile * KS);
-    const bool do_sel = (need[qt] >> kt) & 1, do_win = (need[kMaxTiles + qt] >> kt) & 1;
+    const bool do_sel = (need[2 * qt] >> kt) & 1, do_win = (need[2 * qt + 1] >> kt) & 1;
 
     const uint32_t* ws = reinterpret_cast<const uint32_t*>(as + 2 * kTile);
     // The four query columns this lane holds: c = 2 nt + e2 -> query qt * 16 + 8 nt + 2 tq + e2,
@@ -925,15 +940,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 2 + (e & 1);
         const int kb = 8 * (e >> 1);  // key row gq + kb
-        const float x = s[nt][e] * p.scale_log2;
         float dsv = 0.f, pgv = 0.f;
         if (do_sel && word_bit(wq[c], kb)) {
-          const float pw = exp2f(x - cl[c][0]);
+          const float pw = exp2f(fmaf(s[nt][e], p.scale_log2, -cl[c][0]));
           dsv += pw * (cg[c][0] * dpt[nt][e] - cd[c][0]);
           pgv += pw * cg[c][0];
         }
         if (do_win && word_bit(wq[c], kTile + kb)) {
-          const float pw = exp2f(x - cl[c][1]);
+          const float pw = exp2f(fmaf(s[nt][e], p.scale_log2, -cl[c][1]));
           dsv += pw * (cg[c][1] * dpt[nt][e] - cd[c][1]);
           pgv += pw * cg[c][1];
         }
@@ -1083,7 +1097,8 @@ Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t
 
 template <typename T, int D>
 Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
-                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks) {
+                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
+                        bool with_lse) {
   constexpr int KS = FusedTraits<D>::kStride;
   const int64_t n_max = longest(d, max_len);
   const int64_t tpc = tiles_per_cta(d, n_max);
@@ -1092,7 +1107,9 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   const int64_t keys = ceil_div(n_max, kTile) * kTile;
   l.args.seg = int(keys < seg_cap ? keys : seg_cap);
   l.threads = int(32 * d.G * tpc);
-  l.smem = 2 * int64_t(l.args.seg) * KS * int64_t(sizeof(T));
+  l.smem = row_smem_layout(2 * int64_t(l.args.seg) * KS * int64_t(sizeof(T)), l.args.rows,
+                           l.args.tiles_cap, d.G, with_lse)
+               .total;
   return l;
 }
 
@@ -1100,7 +1117,7 @@ template <typename T, int D>
 void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max_len,
                 const at::Tensor& seq_len, cudaStream_t stream) {
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
-  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks);
+  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false);
   auto kernel = fused_fwd_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, o);
@@ -1113,7 +1130,7 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
   constexpr int KS = FusedTraits<D>::kStride;
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
   {
-    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks);
+    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, true);
     auto kernel = fused_dq_kernel<T, D>;
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
