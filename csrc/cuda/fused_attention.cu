@@ -52,7 +52,6 @@ constexpr int kMaxTiles = 64;      // key tiles of a sequence: one 64-bit mask
 constexpr int kMaxLen = kTile * kMaxTiles;
 constexpr int kMaxWarps = 8;
 constexpr int kThreads = 32 * kMaxWarps;
-constexpr int64_t kSegmentBudget = 96 * 1024;  // K + V of one segment: two CTAs per SM
 
 template <int D>
 struct FusedTraits {
@@ -66,7 +65,9 @@ struct FusedTraits {
   // At D = 16 three CTAs (80 registers) pay although the forward spills 44 bytes and dk/dv 12:
   // S1 fwd 175 -> 155 us, dq 223 -> 169, dk/dv 177 -> 142 on an H200 (docs/PERF_NOTES.md v16).
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
-  static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : 1;
+  static constexpr int kDkdvMinBlocks = D <= 64 ? (D <= 16 ? 3 : 2) : 1;
+  // K + V of one forward / dq segment: three CTAs per SM at D = 16, two above.
+  static constexpr int64_t kSegmentBudget = (D <= 16 ? 64 : 96) * 1024;
 };
 
 struct FusedArgs {
@@ -1103,7 +1104,7 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   const int64_t n_max = longest(d, max_len);
   const int64_t tpc = tiles_per_cta(d, n_max);
   Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream, &masks);
-  const int64_t seg_cap = kSegmentBudget / (2 * KS * int64_t(sizeof(T))) / kTile * kTile;
+  const int64_t seg_cap = FusedTraits<D>::kSegmentBudget / (2 * KS * int64_t(sizeof(T))) / kTile * kTile;
   const int64_t keys = ceil_div(n_max, kTile) * kTile;
   l.args.seg = int(keys < seg_cap ? keys : seg_cap);
   l.threads = int(32 * d.G * tpc);
@@ -1156,7 +1157,7 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
   // Measured (docs/PERF_NOTES.md, v15, v16): at D = 16 the row kernels are faster from ~1024 tokens
   // on (S3 kernels 1.26 ms per fwd+bwd against the fused kernels' 1.34 ms on an H200 at v16); at S2
   // (N = 200) the fused kernels are faster. Above D = 16 the fused kernels win at every length.
-  const int64_t by_dim = head_dim == 16 ? 256 : kMaxLen;
+  const int64_t by_dim = kMaxLen;
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;
   return by_blocks < by_dim ? by_blocks : by_dim;
