@@ -592,7 +592,8 @@ FUSED_KERNELS = ("fused_fwd_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
 @pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,fused,rows", [
     (torch.bfloat16, 16, "right", [200, 37], 200, 16, True, False),
     (torch.bfloat16, 16, "right", [256, 37], 256, 16, True, False),
-    (torch.bfloat16, 16, "right", [257], 257, 16, False, True),  # D = 16: rows past 256 tokens
+    (torch.bfloat16, 16, "right", [257], 257, 16, True, False),
+    (torch.bfloat16, 16, "right", [1025], 1025, 16, False, True),  # past 1024 tokens
     (torch.float16, 32, "left", [1024, 1], 1024, 16, True, False),
     (torch.bfloat16, 64, "right", [1025], 1025, 16, False, True),  # past 1024 tokens
     (torch.bfloat16, 64, "right", [300], 300, 4, False, True),     # past 64 selection blocks

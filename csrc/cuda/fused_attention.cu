@@ -23,7 +23,7 @@
 // a query tile needs is never touched.
 //
 // - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
-//   segments (all of them at once up to ~1024 keys at D = 16); each warp keeps its 16 x D
+//   segments (all of them at once up to 672 keys at D = 16, 336 at D = 64); each warp keeps its 16 x D
 //   accumulators of both branches in registers.
 // - dq (query-outer, the forward's layout): the gate gradients and each branch's
 //   delta = gate * <dout, o_branch> first (written to aux for the dk/dv kernel), then per key tile
@@ -60,12 +60,15 @@ struct FusedTraits {
   static constexpr int kStride = D + 8;
   // Registers: the forward holds two 16 x D float32 accumulators per warp (D / 2 registers per lane
   // each), dq Q and dout fragments and one accumulator, dk/dv two accumulators plus K and V
-  // fragments. Two CTAs of 256 threads per SM cap a thread at 128 registers: local ptxas (nvcc
-  // 13.0, sm_90) spilled the forward and dq there from D = 64 on (300 bytes), dk/dv from D = 32.
-  // At D = 16 three CTAs (80 registers) pay although the forward spills 44 bytes and dk/dv 12:
-  // S1 fwd 175 -> 155 us, dq 223 -> 169, dk/dv 177 -> 142 on an H200 (docs/PERF_NOTES.md v16).
+  // fragments. Two CTAs of 256 threads per SM cap a thread at 128 registers, three at 80 (local
+  // ptxas, nvcc 13.0, sm_90; H200 timings in docs/PERF_NOTES.md):
+  // - D = 16, three CTAs: forward 16 bytes of spill, dk/dv 20; pays (v16: S1 fwd 175 -> 155 us,
+  //   dq 223 -> 169, dk/dv 177 -> 142).
+  // - D = 64, two CTAs for the forward and dq (108 and 56 bytes of spill since v18 staged the
+  //   chunk's masks and gates in shared memory): S1 fwd 486 -> 355 us, dq 543 -> 310 (v18).
+  //   dk/dv at D = 64 stays at one CTA: two spilled 276 bytes and were slower (S2 655 -> 800 us).
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
-  static constexpr int kDkdvMinBlocks = D <= 64 ? (D <= 16 ? 3 : 2) : 1;
+  static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : 1;
   // K + V of one forward / dq segment: three CTAs per SM at D = 16, two above.
   static constexpr int64_t kSegmentBudget = (D <= 16 ? 64 : 96) * 1024;
 };
@@ -1152,15 +1155,15 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 }  // namespace
 
 int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block) {
+  static_cast<void>(head_dim);  // every head dim alike since v18 (below)
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
-  // Measured (docs/PERF_NOTES.md, v15, v16): at D = 16 the row kernels are faster from ~1024 tokens
-  // on (S3 kernels 1.26 ms per fwd+bwd against the fused kernels' 1.34 ms on an H200 at v16); at S2
-  // (N = 200) the fused kernels are faster. Above D = 16 the fused kernels win at every length.
-  const int64_t by_dim = kMaxLen;
+  // Measured (docs/PERF_NOTES.md, v15, v16, v18): the fused kernels win at every length up to
+  // kMaxLen at every D since v18 (S3, D = 16, fwd+bwd on an H200: 1.11 ms against the row
+  // kernels' 1.25; at v16 the row kernels won there, 1.26 against 1.34 ms).
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;
-  return by_blocks < by_dim ? by_blocks : by_dim;
+  return by_blocks < kMaxLen ? by_blocks : kMaxLen;
 }
 
 FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block) {
