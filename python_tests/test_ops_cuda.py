@@ -584,27 +584,34 @@ def _has(names, kernel):
     return any(kernel in n for n in names)
 
 
-ROW_KERNELS = ("sparse_attention_fwd_kernel", "sparse_attention_fwd_staged_kernel", "bwd_dq_kernel",
-               "bwd_dq_staged_kernel", "bwd_dkdv_kernel", "bwd_dkdv_staged_kernel")
-FUSED_KERNELS = ("fused_fwd_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
+ROW_FWD = ("sparse_attention_fwd_kernel", "sparse_attention_fwd_staged_kernel")
+ROW_BWD = ("bwd_dq_kernel", "bwd_dq_staged_kernel", "bwd_dkdv_kernel", "bwd_dkdv_staged_kernel")
+FUSED_FWD = ("fused_fwd_kernel",)
+FUSED_BWD = ("fused_dq_kernel", "fused_dkdv_kernel")
 
 
-@pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,fused,rows", [
-    (torch.bfloat16, 16, "right", [200, 37], 200, 16, True, False),
-    (torch.bfloat16, 16, "right", [256, 37], 256, 16, True, False),
-    (torch.bfloat16, 16, "right", [257], 257, 16, True, False),
-    (torch.bfloat16, 16, "right", [1025], 1025, 16, False, True),  # past 1024 tokens
-    (torch.float16, 32, "left", [1024, 1], 1024, 16, True, False),
-    (torch.bfloat16, 64, "right", [1025], 1025, 16, False, True),  # past 1024 tokens
-    (torch.bfloat16, 64, "right", [300], 300, 4, False, True),     # past 64 selection blocks
-    (torch.float32, 16, "right", [200, 37], 200, 16, False, True),  # float32: the row kernels
-    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, True, True),  # rows: the padding only
-    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, True, True),  # rows: the long one
+# expect: which kernel families run, as four letters: fused forward, fused backward, row forward,
+# row backward ("F" / "B" / "f" / "b" present, "-" absent).
+@pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect", [
+    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB--"),
+    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB--"),
+    # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
+    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-"),
+    # D = 16 backward over two K/V segments (672 keys each), left padding
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-"),
+    (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fb"),   # past 1024 tokens
+    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB--"),
+    (torch.bfloat16, 64, "right", [1025], 1025, 16, "--fb"),   # past 1024 tokens
+    (torch.bfloat16, 64, "right", [300], 300, 4, "--fb"),      # past 64 selection blocks
+    (torch.float32, 16, "right", [200, 37], 200, 16, "--fb"),  # float32: the row kernels
+    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfb"),  # rows: the padding only
+    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfb"),  # rows: 300 forward, padding
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FBfb"),  # rows: the long one
 ])
-def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, fused, rows):
-    """Dispatch: the fused kernels run exactly where claimed (a fallback to the row kernels, or the
-    fused kernels running where they cannot, fails here), forward and backward; results are the
-    reference's (the packed buffers mix both kernel families)."""
+def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect):
+    """Dispatch: each kernel family runs exactly where claimed (a fallback to the row kernels, or
+    the fused kernels running where they cannot, fails here), forward and backward separately;
+    results are the reference's (the packed buffers mix both kernel families)."""
     N = N or max(lengths)
     H, KVH = 8, 2
     hp = _hp(dict(compress_stride=4, select_block=select_block, num_select=4), STIS[0], True)
@@ -613,17 +620,31 @@ def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, fused, 
                                                   select_block, 4, True, D ** -0.5)
     args = (select_block, 8, 1, True, False, True, D ** -0.5)
     dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
+    saved = {}
 
-    def run():
-        o = torch.ops.blossomrec.sparse_attention_fwd(t["q"], t["k"], t["v"], t["gates"], idx, cnt,
-                                                      seq_start, seq_len, *args)
+    def fwd():
+        saved["o"] = torch.ops.blossomrec.sparse_attention_fwd(
+            t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, *args)
+
+    def bwd():
+        o = saved["o"]
         torch.ops.blossomrec.sparse_attention_bwd(dout, t["q"], t["k"], t["v"], t["gates"], o[1],
                                                   o[2], o[3], idx, cnt, seq_start, seq_len, *args)
 
-    names = cuda_kernel_names(run)
-    for k_ in FUSED_KERNELS:
-        assert _has(names, k_) == fused, f"{k_}: expected {'a' if fused else 'no'} launch in {names}"
-    assert any(_has(names, k_) for k_ in ROW_KERNELS) == rows, f"row kernels: {names}"
+    fwd_names = cuda_kernel_names(fwd)
+    bwd_names = cuda_kernel_names(bwd)
+    checks = (("fused forward", fwd_names, FUSED_FWD, expect[0]),
+              ("fused backward", bwd_names, FUSED_BWD, expect[1]),
+              ("row forward", fwd_names, ROW_FWD, expect[2]),
+              ("row backward", bwd_names, ROW_BWD, expect[3]))
+    for what, names, kernels, letter in checks:
+        want = letter != "-"
+        if what.startswith("fused"):  # every kernel of the pass
+            for k_ in kernels:
+                assert _has(names, k_) == want, f"{what}: {k_} {'missing' if want else 'ran'}: {names}"
+        else:  # one of the family (staged or gather twins)
+            got = any(_has(names, k_) for k_ in kernels)
+            assert got == want, f"{what}: expected {'a' if want else 'no'} launch in {names}"
     check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=21)
 
 
@@ -646,8 +667,6 @@ FUSED_GRID = [(x, causal) for x in range(len(FUSED_N)) for causal in (True, Fals
 def test_fused_matches_reference(x, causal):
     N = FUSED_N[x]
     G, D = FUSED_G[x % len(FUSED_G)], FUSED_D[x % len(FUSED_D)]
-    if D == 16 and N > 256:
-        D = 32  # the fused kernels take D = 16 up to 256 tokens
     s, b, n, w, p, power = FUSED_HP[x % len(FUSED_HP)]
     if N > 65 * b - 1:
         b, s = 16, 16  # the fused kernels' 64 selection blocks

@@ -1154,21 +1154,23 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 
 }  // namespace
 
-int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block) {
-  static_cast<void>(head_dim);  // every head dim alike since v18 (below)
+int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block,
+                      bool backward) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
-  // Measured (docs/PERF_NOTES.md, v15, v16, v18): the fused kernels win at every length up to
-  // kMaxLen at every D since v18 (S3, D = 16, fwd+bwd on an H200: 1.11 ms against the row
-  // kernels' 1.25; at v16 the row kernels won there, 1.26 against 1.34 ms).
+  // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18): the fused backward wins at every
+  // length up to kMaxLen and every D (S3, D = 16, v18: fwd+bwd 1.11 ms on the fused kernels
+  // against 1.25 on the row kernels); the fused forward everywhere but at D = 16 past 256 tokens
+  // (S3: the row forward 0.34 ms with the selection, the fused one 0.37 with its mask kernel).
+  const int64_t by_dim = head_dim == 16 && !backward ? 256 : kMaxLen;
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;
-  return by_blocks < kMaxLen ? by_blocks : kMaxLen;
+  return by_blocks < by_dim ? by_blocks : by_dim;
 }
 
-FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block) {
+FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block, bool backward) {
   FusedPlan plan;
-  const int64_t max_len = fused_max_len(dtype, d.D, select_block);
+  const int64_t max_len = fused_max_len(dtype, d.D, select_block, backward);
   // No sequences (a packed buffer of padding only): the row kernels zero it.
   if (max_len <= 0 || d.B == 0) return plan;
   if (d.Bq == d.B) {

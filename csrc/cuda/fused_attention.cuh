@@ -11,11 +11,12 @@
 namespace blossomrec {
 namespace cuda {
 
-// The longest sequence the fused kernels take for these inputs, 0 when they take none (float32,
-// a GPU older than sm_80). Sequences up to 1024 tokens (a 64-bit mask of 16-key tiles per query
-// tile; 256 at D = 16, where the row kernels are faster beyond) with at most 64 selection blocks
-// (a 64-bit mask of blocks per row).
-int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block);
+// The longest sequence the fused kernels take for these inputs in the forward or the backward, 0
+// when they take none (float32, a GPU older than sm_80). Sequences up to 1024 tokens (a 64-bit
+// mask of 16-key tiles per query tile; the forward at D = 16 up to 256, where the row forward is
+// faster beyond) with at most 64 selection blocks (a 64-bit mask of blocks per row). The two
+// passes may take different kernels: both write and read the same saved tensors.
+int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block, bool backward);
 
 // Which kernels a call takes. Padded batches (Bq == B) go wholly to the fused kernels when
 // N <= max_len, else wholly to the row kernels. Packed batches take the fused kernels for their
@@ -26,7 +27,7 @@ struct FusedPlan {
   bool row_kernels = true;
 };
 
-FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block);
+FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block, bool backward);
 
 void fused_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
                    int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream);

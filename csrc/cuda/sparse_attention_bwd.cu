@@ -482,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
-  const FusedPlan fused = plan_fused(d, q.scalar_type(), select_block);
+  const FusedPlan fused = plan_fused(d, q.scalar_type(), select_block, /*backward=*/true);
   if (fused.max_len > 0) {
     fused_backward(p, in, aux_p, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), d, q.scalar_type(),
                    fused.max_len, ln, stream);

@@ -245,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
   if (d.Bq * d.N == 0) return {out, o_sel, o_win, lse};
   const FwdOut o{out.data_ptr(), o_sel.data_ptr(), o_win.data_ptr(), lse.data_ptr<float>()};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const FusedPlan plan = plan_fused(d, q.scalar_type(), select_block);
+  const FusedPlan plan = plan_fused(d, q.scalar_type(), select_block, /*backward=*/false);
   if (plan.max_len > 0) fused_forward(p, o, d, q.scalar_type(), plan.max_len, ln, stream);
   if (plan.row_kernels) {
     AttnParams pr = p;
