@@ -1,4 +1,5 @@
-"""Shared test helpers: random batches in the row-buffer layout, FlashAttention's error criterion.
+"""Shared test harness: random batches in the row-buffer layout, FlashAttention's error criterion,
+the op-against-reference check and the case table that the CPU and CUDA op tests share.
 
 The row-buffer layout (docs/DESIGN.md): ``q [Bq, N, H, D]``, ``k, v [Bq, N, KVH, D]``,
 ``gates [Bq, N, H, 2]``, per-sequence ``kc [B, C, KVH, D]`` and int32 ``seq_start``/``seq_len [B]``,
@@ -12,6 +13,7 @@ kernel that reads them shows up.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -157,27 +159,249 @@ def make_batch(lengths: Sequence[int], *, H: int = 2, KVH: int = 1, D: int = 16,
     return Batch(q, k, v, kc, gates, seq_start, seq_len, layout, lengths, fused)
 
 
-def assert_close_fa(out: Tensor, ref: Tensor, lowprec_ref: Tensor, atol: float,
-                    name: str = "out") -> None:
-    """FlashAttention's criterion, elementwise: ``|out - ref| <= 2 * |lowprec_ref - ref| + atol``.
+# --------------------------------------------------------------------------------------------------
+# The op against the reference: one criterion, one check (CPU and CUDA alike)
+# --------------------------------------------------------------------------------------------------
+# atol of the criterion per test dtype (the kernels accumulate in float32, float64 for float64, in
+# another order than the reference's matmuls); gradients get 4x.
+ATOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
-    ``ref`` is the reference in high precision (float64 or upcast), ``lowprec_ref`` the reference
-    run in the test dtype. NaN anywhere in ``out`` fails. The message names the worst element.
+
+def assert_fa_close(out: Tensor, ref: Tensor, lowprec_ref: Tensor, atol: float,
+                    name: str = "out") -> None:
+    """FlashAttention's criterion: ``max|out - ref| <= 2 * max|lowprec_ref - ref| + atol``.
+
+    ``ref`` is the reference in high precision (float64), ``lowprec_ref`` the reference run in the
+    test dtype (``upcast=False``); for float64 inputs the two coincide and this is ``<= atol``.
+    Over the tensor, not elementwise (elementwise fails wherever the low-precision reference
+    happens to round exactly). NaN in ``out`` fails. The message names the worst element.
     """
     assert out.shape == ref.shape == lowprec_ref.shape, (
         f"{name}: shapes differ: out {tuple(out.shape)}, ref {tuple(ref.shape)}, "
         f"lowprec_ref {tuple(lowprec_ref.shape)}")
     o, r, lp = (t.detach().to(device="cpu", dtype=torch.float64) for t in (out, ref, lowprec_ref))
-    err = (o - r).abs()
-    allowed = 2 * (lp - r).abs() + atol
-    bad = ~(err <= allowed)  # NaN compares False, so NaN counts as bad
-    if not bool(bad.any()):
+    nan = int(o.isnan().sum())
+    assert nan == 0, f"{name}: {nan} NaN elements"
+    if o.numel() == 0:
         return
-    max_err = err.nan_to_num(nan=float("inf")).max()
-    excess = torch.where(bad, (err - allowed).nan_to_num(nan=float("inf")), torch.zeros_like(err))
-    worst = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+    err = (o - r).abs()
+    low = (lp - r).abs().max().item()
+    if err.max().item() <= 2 * low + atol:
+        return
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
     raise AssertionError(
-        f"{name}: {int(bad.sum())} of {bad.numel()} elements exceed |out-ref| <= "
-        f"2*|lowprec_ref-ref| + {atol:g}; max |out-ref| = {max_err:.3e}, "
-        f"max |lowprec_ref-ref| = {(lp - r).abs().max():.3e}, NaN in out: {int(o.isnan().sum())}; "
-        f"worst at {worst}: out {o[worst]:.6e}, ref {r[worst]:.6e}, lowprec_ref {lp[worst]:.6e}")
+        f"{name}: max |out-ref| = {err.max().item():.3e} exceeds 2 x max |lowprec_ref-ref| "
+        f"({low:.3e}) + {atol:g}; worst at {worst}: out {o[worst]:.6e}, ref {r[worst]:.6e}, "
+        f"lowprec_ref {lp[worst]:.6e}")
+
+
+def sequences(seq_start: Tensor, seq_len: Tensor, Bq: int):
+    """(b, row-buffer batch index, first row, length) of every sequence of a row buffer with ``Bq``
+    batch entries (1: packed)."""
+    for b, (st, L) in enumerate(zip(seq_start.tolist(), seq_len.tolist())):
+        yield b, (b if Bq > 1 else 0), st, L
+
+
+def padding_rows(seq_start: Tensor, seq_len: Tensor, Bq: int, N: int) -> Tensor:
+    """``[Bq, N]`` bool (on the CPU), True on rows that belong to no sequence."""
+    covered = torch.zeros(Bq, N, dtype=torch.bool)
+    for _, bq, st, L in sequences(seq_start, seq_len, Bq):
+        covered[bq, st:st + L] = True
+    return ~covered
+
+
+def leaves_like(batch: Batch, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+    """Detached copies of q, k, v, gates (leaves that need grad) and kc, optionally cast."""
+    t = {n: getattr(batch, n).detach() for n in ("q", "k", "v", "gates", "kc")}
+    t = {n: (x.to(dtype) if dtype is not None else x.clone()) for n, x in t.items()}
+    for n in ("q", "k", "v", "gates"):
+        t[n].requires_grad_(True)
+    return t
+
+
+def reference_given_selection(t: dict[str, Tensor], seq_start: Tensor, seq_len: Tensor,
+                              idx: Tensor, cnt: Tensor, hp: dict,
+                              upcast: bool = True) -> dict[str, Tensor]:
+    """The reference's out, o_sel, o_win ``[Bq, Nbuf, H, D]`` and lse ``[Bq, Nbuf, H, 2]`` in the
+    row buffer, for the given selection (so that the attention is checked apart from the scoring);
+    differentiable w.r.t. ``t``'s q, k, v, gates. Padding rows are 0."""
+    from blossomrec_cuda import reference as ref
+    q = t["q"]
+    Bq, N, H, D = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    res = {n: [] for n in ("out", "o_sel", "o_win", "lse")}
+    index = []
+    attn_hp = {k_: v_ for k_, v_ in hp.items() if k_ not in ("compress_stride", "num_select")}
+    for b, bq, st, L in sequences(seq_start, seq_len, Bq):
+        if L == 0:
+            continue
+        sl = slice(st, st + L)
+        r = ref.blossom_attention_seq(q[bq, sl], t["k"][bq, sl], t["v"][bq, sl], t["kc"][b],
+                                      t["gates"][bq, sl], sel=(idx[bq, sl].to(q.device),
+                                                               cnt[bq, sl].to(q.device)),
+                                      upcast=upcast, **attn_hp)
+        for n in res:
+            res[n].append(r.lse.to(lse_dtype) if n == "lse" else getattr(r, n).to(q.dtype))
+        index.append((torch.full((L,), bq, device=q.device), torch.arange(st, st + L,
+                                                                           device=q.device)))
+    out = {}
+    for n, parts in res.items():
+        shape = (Bq, N, H, 2) if n == "lse" else (Bq, N, H, D)
+        z = torch.zeros(shape, dtype=lse_dtype if n == "lse" else q.dtype, device=q.device)
+        if parts:
+            rows = (torch.cat([i for i, _ in index]), torch.cat([j for _, j in index]))
+            z = z.index_put(rows, torch.cat(parts))
+        out[n] = z
+    return out
+
+
+def near_tie_rows(t64: dict[str, Tensor], seq_start: Tensor, seq_len: Tensor, hp: dict,
+                  tol: float = 1e-4) -> Tensor:
+    """``[Bq, Nbuf, KVH]`` bool: rows where the reference's choice is fragile (scores within ``tol``
+    at the top-n cut, or a probability within a factor 1.01 of the 1e-10 threshold)."""
+    from blossomrec_cuda import reference as ref
+    q, kc = t64["q"].detach().cpu(), t64["kc"].detach().cpu()
+    Bq, N = q.shape[:2]
+    KVH = kc.shape[2]
+    fragile = torch.zeros(Bq, N, KVH, dtype=torch.bool)
+    n = hp["num_select"]
+    scale = hp.get("scale") or q.shape[-1] ** -0.5
+    for b, bq, st, L in sequences(seq_start, seq_len, Bq):
+        if L == 0 or n == 0:
+            continue
+        rows = torch.arange(L)
+        sc = ref.block_scores(q[bq, st:st + L], kc[b], L, rows, hp["compress_stride"],
+                              hp["select_block"], scale)  # [KVH, L, NB]
+        NB = sc.shape[-1]
+        if NB == 0:
+            continue
+        vis = ref.block_visible(rows, NB, hp["select_block"], hp["causal"])
+        masked = sc.masked_fill(~vis[None], float("-inf"))
+        srt = masked.sort(dim=-1, descending=True).values
+        if NB > n:
+            a, c = srt[..., n - 1], srt[..., n]
+            close = torch.isfinite(c) & ((a - c).abs() < tol)
+            fragile[bq, st:st + L] |= close.permute(1, 0)
+        logp = torch.log_softmax(torch.cat([torch.full_like(masked[..., :1], ref.NULL_LOGIT),
+                                            masked], dim=-1), dim=-1)[..., 1:]
+        near_thr = (logp - math.log(ref.MIN_PROB)).abs() < 0.01
+        fragile[bq, st:st + L] |= near_thr.any(dim=-1).permute(1, 0)
+    return fragile
+
+
+def check_selection(idx: Tensor, cnt: Tensor, t64: dict[str, Tensor], seq_start: Tensor,
+                    seq_len: Tensor, hp: dict) -> int:
+    """The op's selection equals the reference's (as sets, counts equal) on every row without a
+    near-tie, and padding rows select nothing. Returns the number of fragile rows."""
+    from blossomrec_cuda import reference as ref
+    idx, cnt = idx.cpu(), cnt.cpu()
+    ref_idx = torch.full_like(idx, -1)
+    ref_cnt = torch.zeros_like(cnt)
+    Bq, N = idx.shape[:2]
+    for b, bq, st, L in sequences(seq_start, seq_len, Bq):
+        if L == 0:
+            continue
+        i_, c_ = ref.select_blocks(t64["q"].detach()[bq, st:st + L].cpu(),
+                                   t64["kc"].detach()[b].cpu(), L,
+                                   compress_stride=hp["compress_stride"],
+                                   select_block=hp["select_block"], num_select=hp["num_select"],
+                                   causal=hp["causal"])
+        ref_idx[bq, st:st + L] = i_
+        ref_cnt[bq, st:st + L] = c_
+    fragile = near_tie_rows(t64, seq_start, seq_len, hp)
+    got = idx.sort(dim=-1).values
+    want = ref_idx.sort(dim=-1).values
+    same = (got == want).all(dim=-1) & (cnt == ref_cnt)
+    bad = ~same & ~fragile
+    assert not bad.any(), (f"{int(bad.sum())} rows select differently from the reference, e.g. "
+                           f"{bad.nonzero()[:3].tolist()}: got {got[bad][:3].tolist()} want "
+                           f"{want[bad][:3].tolist()}")
+    pad = padding_rows(seq_start, seq_len, Bq, N)
+    assert bool((cnt[pad] == 0).all() and (idx[pad] == -1).all()), "padding rows select blocks"
+    return int(fragile.sum())
+
+
+def stis_hp(case_hp: dict, stis: dict, causal: bool) -> dict:
+    """A case's selection hyper-parameters with an STIS switch set and the causality (the sink
+    exists for non-causal attention only)."""
+    hp = dict(case_hp)
+    hp.update(stis)
+    hp["causal"] = causal
+    hp["use_sink"] = hp["use_sink"] and not causal
+    return hp
+
+
+def check_against_reference(lengths: Sequence[int], N: Optional[int], H: int, KVH: int, D: int,
+                            hp: dict, layout: str, dtype: torch.dtype, *, device: str = "cpu",
+                            seed: int = 0, sel_fn=None) -> None:
+    """The op on ``device`` against the reference: its selection against the reference's (sets,
+    outside near-ties), then, given that selection, out, o_sel, o_win and lse (forward, padding
+    rows exactly 0) and the gradients of out w.r.t. q, k, v and gates (FlashAttention's criterion:
+    :func:`assert_fa_close` with ``ATOL[dtype]``, 4x for gradients). ``sel_fn(idx, cnt)`` may edit
+    the selection first (hand-made input)."""
+    import blossomrec_cuda as br
+    batch = make_batch(lengths, H=H, KVH=KVH, D=D, N=N, layout=layout, dtype=dtype, device=device,
+                       compress_stride=hp["compress_stride"], fused_qkv=True, seed=seed)
+    t = leaves_like(batch)
+    t64 = leaves_like(batch, torch.float64)
+    tlow = leaves_like(batch)
+    scale = D ** -0.5
+    ops = torch.ops.blossomrec
+    idx, cnt = ops.select_blocks(batch.q.detach(), batch.kc, batch.seq_start, batch.seq_len,
+                                 hp["compress_stride"], hp["select_block"], hp["num_select"],
+                                 hp["causal"], scale)
+    st, ln = batch.seq_start, batch.seq_len
+    check_selection(idx, cnt, t64, st, ln, hp)
+    if sel_fn is not None:
+        idx, cnt = sel_fn(idx, cnt)
+    attn = (hp["select_block"], hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"],
+            hp["causal"], scale)
+    with torch.no_grad():
+        saved = ops.sparse_attention_fwd(batch.q, batch.k, batch.v, batch.gates, idx, cnt,
+                                         batch.seq_start, batch.seq_len, *attn)
+    out = br.ops._sparse_attention(br.SeqLayout(batch.seq_start, batch.seq_len, packed=False),
+                                   t["q"], t["k"], t["v"], t["gates"], idx, cnt, *attn[:-1], scale)
+    ref64 = reference_given_selection(t64, st, ln, idx, cnt, hp)
+    low = reference_given_selection(tlow, st, ln, idx, cnt, hp, upcast=False)
+    atol = ATOL[dtype]
+    assert_fa_close(out, ref64["out"], low["out"], atol, "out")
+    pad = ~batch.valid_rows()
+    for name, got in zip(("out", "o_sel", "o_win", "lse"), saved):
+        lowprec, tol = low[name], atol
+        if name == "lse":
+            # lse is float32 for every input dtype (docs/DESIGN.md): its low-precision reference is
+            # at most float32, and float32 accumulation in another order costs a few ulps of it.
+            lowprec = lowprec.to(got.dtype)
+            tol = max(atol, 8 * torch.finfo(torch.float32).eps * max(1.0, ref64[name].abs().max()))
+        assert_fa_close(got, ref64[name], lowprec, tol, name)
+        assert bool((got[pad] == 0).all()), f"{name}: padding rows are not 0"
+
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 2),
+                       dtype=torch.float64).to(device=device, dtype=out.dtype)
+    names = ("q", "k", "v", "gates")
+    grads = torch.autograd.grad(out, [t[n] for n in names], dout)
+    g64 = torch.autograd.grad(ref64["out"], [t64[n] for n in names], dout.double())
+    glow = torch.autograd.grad(low["out"], [tlow[n] for n in names], dout)
+    for name, a, b_, c in zip(names, grads, g64, glow):
+        assert_fa_close(a, b_, c, 4 * atol, "d" + name)
+        assert bool((a[pad] == 0).all()), f"d{name}: padding rows are not 0"
+
+
+# The shared case table of the op tests (test_ops.py runs it on every device; the CUDA tests add
+# their kernel-specific grids): lengths, N (None: packed only), H, KVH, D, selection parameters.
+CASES = [
+    ([17], 17, 2, 1, 16, dict(compress_stride=2, select_block=4, num_select=2)),
+    ([1, 15, 0, 9], 15, 4, 2, 32, dict(compress_stride=2, select_block=4, num_select=3)),
+    ([97, 40], 97, 8, 1, 64, dict(compress_stride=4, select_block=8, num_select=4)),
+    ([200, 3, 150], 200, 8, 2, 16, dict(compress_stride=4, select_block=4, num_select=8)),
+    ([64, 33], 64, 3, 3, 128, dict(compress_stride=2, select_block=6, num_select=20)),
+    ([1025], 1025, 8, 2, 16, dict(compress_stride=16, select_block=16, num_select=4)),
+    ([17, 16], 17, 2, 1, 16, dict(compress_stride=2, select_block=4, num_select=16)),  # n > blocks
+    ([15, 12], 15, 4, 1, 16, dict(compress_stride=2, select_block=4, num_select=0)),   # n = 0
+    ([1, 0, 1], 1, 2, 1, 16, dict(compress_stride=2, select_block=4, num_select=3)),   # N = 1
+]
+STIS = [
+    dict(window=8, power_block=1, use_power=True, use_sink=True),
+    dict(window=1, power_block=2, use_power=True, use_sink=False),
+    dict(window=3, power_block=1, use_power=False, use_sink=True),
+]

@@ -13,7 +13,7 @@ import torch
 
 import blossomrec_cuda as br
 from blossomrec_cuda import reference
-from helpers import LAYOUTS, assert_close_fa, make_batch
+from helpers import LAYOUTS, assert_fa_close, make_batch
 
 H, KVH, D = 4, 2, 32
 HPARAMS = dict(compress_stride=4, select_block=8, num_select=2, window=3, power_block=2,
@@ -96,7 +96,7 @@ def test_rows_match_the_reference(layout):
     ref = reference.blossom_attention(*(t.double() for t in args[:5]), *args[5:], causal=causal,
                                       **HPARAMS).out
     lowprec = reference.blossom_attention(*args, causal=causal, upcast=False, **HPARAMS).out
-    assert_close_fa(out, ref, lowprec, atol=1e-5)
+    assert_fa_close(out, ref, lowprec, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -1,20 +1,24 @@
-"""CUDA ops against the reference (docs/ALGORITHM.md via blossomrec_cuda/reference.py), forward and backward.
+"""What only the CUDA kernels are checked for, beyond test_ops.py's shared case table (which runs the
+op against the reference on every device, this one included): the fused tensor-core kernels' grid
+of lengths, group sizes and head dims and which kernel family each pass takes, the staged path
+against the gather path, padding invariance, determinism, hand-made and empty selections,
+misaligned views, long selections, N = 65536, opcheck, torch.compile and CUDA graphs.
 
-Every test here needs a GPU and is marked ``cuda``; it skips with a reason elsewhere. Error criterion
-(FlashAttention, STYLE.md): ``|out - ref| <= 2 * |out_lowprec_ref - ref| + atol`` where ``ref`` is
-the reference in float64 and ``out_lowprec_ref`` the reference run in the test dtype (``upcast=False``).
-The attention is checked given the kernel's own selection, after the selection itself was checked
-against the reference's wherever the reference has no near-tie at the cut.
+Every test here needs a GPU and is marked ``cuda``; it skips with a reason elsewhere. The harness is
+``helpers.py``'s (one ``make_batch``, one criterion: ``assert_fa_close``, FlashAttention's
+``max|out - ref| <= 2 max|out_lowprec_ref - ref| + atol``, and ``check_against_reference``).
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 import blossomrec_cuda
 from blossomrec_cuda import reference as ref
+from helpers import (ATOL, STIS, assert_fa_close, check_against_reference, check_selection,
+                     make_batch, padding_rows, reference_given_selection)
+from helpers import sequences as per_sequence
+from helpers import stis_hp as _hp
 
 pytestmark = [
     pytest.mark.cuda,
@@ -22,164 +26,15 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-# --------------------------------------------------------------------------------------------------
-# inputs
-# --------------------------------------------------------------------------------------------------
-def make_batch(lengths, N, H, KVH, D, dtype, layout, C=None, s=4, device=DEV, seed=0):
-    """Random q, k, v, kc, gates for sequences of ``lengths`` in the row-buffer layout.
-
-    Returns (tensors dict in the row buffer, seq_start, seq_len, per-sequence row slices)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    B = len(lengths)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    if layout == "packed":
-        starts, pos = [], 0
-        for L in lengths:
-            starts.append(pos)
-            pos += L
-        rows_total = max(pos + 3, 1)  # trailing padding rows on purpose
-        Bq, Nbuf = 1, rows_total
-    else:
-        Bq, Nbuf = B, N
-        starts = [0 if layout == "right" else N - L for L in lengths]
-    qkv = rnd(Bq, Nbuf, H + 2 * KVH, D)  # one fused buffer: q, k, v are strided views
-    q, k, v = qkv.split([H, KVH, KVH], dim=2)
-    C = C if C is not None else max(max(lengths) // s, 1)
-    kc = rnd(B, C, KVH, D)
-    gates = torch.sigmoid(torch.randn(Bq, Nbuf, H, 2, generator=g)).to(device=device, dtype=dtype)
-    seq_start = torch.tensor(starts, dtype=torch.int32, device=device)
-    seq_len = torch.tensor(lengths, dtype=torch.int32, device=device)
-    return dict(q=q, k=k, v=v, kc=kc, gates=gates), seq_start, seq_len
-
-
-def per_sequence(seq_start, seq_len, Bq):
-    for b, (st, L) in enumerate(zip(seq_start.tolist(), seq_len.tolist())):
-        yield b, (b if Bq > 1 else 0), st, L
-
-
-# --------------------------------------------------------------------------------------------------
-# the reference given a selection, and near-tie detection
-# --------------------------------------------------------------------------------------------------
-def reference_given_selection(t, idx, cnt, seq_start, seq_len, hp, upcast=True):
-    """out [Bq, N, H, D] (differentiable w.r.t. t's q, k, v, gates) for the given selection."""
-    q = t["q"]
-    Bq, N, H, D = q.shape
-    out = q.new_zeros(Bq, N, H, D)
-    lse = torch.zeros(Bq, N, H, 2, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                      device=q.device)
-    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
-        if L == 0:
-            continue
-        sl = slice(st, st + L)
-        r = ref.blossom_attention_seq(
-            q[bq, sl], t["k"][bq, sl], t["v"][bq, sl], t["kc"][b], t["gates"][bq, sl],
-            sel=(idx[bq, sl].to(q.device), cnt[bq, sl].to(q.device)), upcast=upcast,
-            **{k_: v_ for k_, v_ in hp.items() if k_ not in ("compress_stride", "num_select")})
-        index = torch.arange(st, st + L, device=q.device)
-        out = out.index_put((torch.full_like(index, bq), index), r.out.to(out.dtype))
-        lse[bq, sl] = r.lse.to(lse.dtype).detach()
-    return out, lse
-
-
-def near_tie_rows(t64, seq_start, seq_len, hp, tol=1e-4):
-    """[Bq, N, KVH] bool: rows where the reference's choice is fragile (scores within ``tol`` at the
-    top-n cut, or a probability within a factor 1.01 of the 1e-10 threshold)."""
-    q, kc = t64["q"], t64["kc"]
-    Bq, N, H, D = q.shape
-    KVH = kc.shape[2]
-    fragile = torch.zeros(Bq, N, KVH, dtype=torch.bool)
-    n = hp["num_select"]
-    scale = hp.get("scale") or D ** -0.5
-    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
-        if L == 0 or n == 0:
-            continue
-        rows = torch.arange(L)
-        sc = ref.block_scores(q[bq, st:st + L].cpu(), kc[b].cpu(), L, rows, hp["compress_stride"],
-                              hp["select_block"], scale)  # [KVH, L, NB]
-        NB = sc.shape[-1]
-        if NB == 0:
-            continue
-        vis = ref.block_visible(rows, NB, hp["select_block"], hp["causal"])
-        masked = sc.masked_fill(~vis[None], float("-inf"))
-        srt = masked.sort(dim=-1, descending=True).values
-        if NB > n:
-            a, c = srt[..., n - 1], srt[..., n]
-            close = torch.isfinite(c) & ((a - c).abs() < tol)
-            fragile[bq, st:st + L] |= close.permute(1, 0)
-        logp = torch.log_softmax(torch.cat([torch.full_like(masked[..., :1], ref.NULL_LOGIT), masked],
-                                           dim=-1), dim=-1)[..., 1:]
-        near_thr = (logp - math.log(ref.MIN_PROB)).abs() < 0.01
-        fragile[bq, st:st + L] |= near_thr.any(dim=-1).permute(1, 0)
-    return fragile
-
-
-def check_selection(idx, cnt, t64, seq_start, seq_len, hp):
-    """CUDA selection == reference selection (as sets) on every row without a near-tie."""
-    Bq, N = idx.shape[:2]
-    ref_idx = torch.full_like(idx.cpu(), -1)
-    ref_cnt = torch.zeros_like(cnt.cpu())
-    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
-        if L == 0:
-            continue
-        i_, c_ = ref.select_blocks(t64["q"][bq, st:st + L].cpu(), t64["kc"][b].cpu(), L,
-                                   compress_stride=hp["compress_stride"],
-                                   select_block=hp["select_block"], num_select=hp["num_select"],
-                                   causal=hp["causal"])
-        ref_idx[bq, st:st + L] = i_
-        ref_cnt[bq, st:st + L] = c_
-    fragile = near_tie_rows(t64, seq_start, seq_len, hp)
-    got = idx.cpu().sort(dim=-1).values
-    want = ref_idx.sort(dim=-1).values
-    same = (got == want).all(dim=-1) & (cnt.cpu() == ref_cnt)
-    bad = ~same & ~fragile
-    assert not bad.any(), (f"{int(bad.sum())} rows select differently from the reference, e.g. "
-                           f"{bad.nonzero()[:3].tolist()}: got {got[bad][:3].tolist()} want "
-                           f"{want[bad][:3].tolist()}")
-    # Padding rows: no selection.
-    return int(fragile.sum())
-
-
-def assert_fa_close(out, ref64, lowprec, atol, what):
-    """FlashAttention's test criterion, over the tensor: max |out - ref| <= 2 max |lowprec - ref| +
-    atol (elementwise would fail wherever the low-precision reference happens to round exactly)."""
-    out, ref64, lowprec = out.double().cpu(), ref64.double().cpu(), lowprec.double().cpu()
-    assert not torch.isnan(out).any(), f"{what}: NaN"
-    err = (out - ref64).abs().max().item()
-    low = (lowprec - ref64).abs().max().item()
-    assert err <= 2 * low + atol, f"{what}: max |out-ref| = {err:.3e}, max |lowprec-ref| = {low:.3e}"
-
-
-# --------------------------------------------------------------------------------------------------
-# the cases
-# --------------------------------------------------------------------------------------------------
-CASES = [
-    # lengths, N, H, KVH, D, hyper-parameters
-    ([17], 17, 2, 1, 16, dict(compress_stride=2, select_block=4, num_select=2)),
-    ([1, 15, 0, 9], 15, 4, 2, 32, dict(compress_stride=2, select_block=4, num_select=3)),
-    ([97, 40], 97, 8, 1, 64, dict(compress_stride=4, select_block=8, num_select=4)),
-    ([200, 3, 150], 200, 8, 2, 16, dict(compress_stride=4, select_block=4, num_select=8)),
-    ([64, 33], 64, 3, 3, 128, dict(compress_stride=2, select_block=6, num_select=20)),
-    ([1025], 1025, 8, 2, 16, dict(compress_stride=16, select_block=16, num_select=4)),
-]
-STIS = [
-    dict(window=8, power_block=1, use_power=True, use_sink=True),
-    dict(window=1, power_block=2, use_power=True, use_sink=False),
-    dict(window=3, power_block=1, use_power=False, use_sink=True),
-]
-
-
-def _hp(case_hp, stis, causal):
-    hp = dict(case_hp)
-    hp.update(stis)
-    hp["causal"] = causal
-    hp["use_sink"] = hp["use_sink"] and not causal
-    return hp
+def gpu_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=0):
+    """``helpers.make_batch`` on the GPU, q, k, v strided views of one buffer, as the tests below
+    take it: (dict of q, k, v, kc, gates in the row buffer, seq_start, seq_len)."""
+    batch = make_batch(lengths, H=H, KVH=KVH, D=D, N=N, layout=layout, dtype=dtype, device=DEV,
+                       compress_stride=s, fused_qkv=True, seed=seed)
+    t = dict(q=batch.q, k=batch.k, v=batch.v, kc=batch.kc, gates=batch.gates)
+    return t, batch.seq_start, batch.seq_len
 
 
 def run_op(t, seq_start, seq_len, hp, grad=True):
@@ -193,66 +48,6 @@ def run_op(t, seq_start, seq_len, hp, grad=True):
     return idx, cnt, out, lse
 
 
-# Every case x STIS switch x causality x dtype in the right-padded layout; the left-padded and packed
-# layouts with the default STIS switches in bf16 and float32.
-GRID = [(case, stis, causal, "right", dtype)
-        for case in range(len(CASES)) for stis in range(len(STIS)) for causal in (True, False)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32)]
-GRID += [(case, 0, causal, layout, dtype)
-         for case in range(len(CASES)) for causal in (True, False) for layout in ("left", "packed")
-         for dtype in (torch.bfloat16, torch.float32)]
-
-
-@pytest.mark.parametrize("case,stis,causal,layout,dtype", GRID)
-def test_forward_backward_matches_reference(case, stis, causal, layout, dtype):
-    lengths, N, H, KVH, D, case_hp = CASES[case]
-    hp = _hp(case_hp, STIS[stis], causal)
-    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=case * 7 + stis)
-
-
-def check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed, sel_fn=None):
-    """The op's selection against the reference's, then its forward and every gradient against the
-    reference given that selection (FlashAttention's criterion). ``sel_fn(idx, cnt)`` may edit the
-    selection first (hand-made input)."""
-    causal = hp["causal"]
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
-                                       s=hp["compress_stride"], seed=seed)
-    t = {k_: v_.detach().requires_grad_(k_ in ("q", "k", "v", "gates")) for k_, v_ in t.items()}
-    t64 = {k_: v_.detach().double().requires_grad_(k_ in ("q", "k", "v", "gates"))
-           for k_, v_ in t.items()}
-    tlow = {k_: v_.detach().clone().requires_grad_(k_ in ("q", "k", "v", "gates"))
-            for k_, v_ in t.items()}
-
-    idx, cnt = torch.ops.blossomrec.select_blocks(
-        t["q"].detach(), t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
-        hp["num_select"], causal, D ** -0.5)
-    check_selection(idx, cnt, t64, seq_start, seq_len, hp)
-    if sel_fn is not None:
-        idx, cnt = sel_fn(idx, cnt)
-
-    out = blossomrec_cuda.ops._sparse_attention(
-        blossomrec_cuda.SeqLayout(seq_start, seq_len, packed=False), t["q"], t["k"], t["v"],
-        t["gates"], idx, cnt, hp["select_block"], hp["window"], hp["power_block"],
-        hp["use_power"], hp["use_sink"], causal, D ** -0.5)
-    ref64, _ = reference_given_selection(t64, idx, cnt, seq_start, seq_len, hp)
-    low, _ = reference_given_selection(tlow, idx, cnt, seq_start, seq_len, hp, upcast=False)
-    assert_fa_close(out.detach(), ref64.detach(), low.detach(), ATOL[dtype], "out")
-
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [t[n] for n in ("q", "k", "v", "gates")], dout)
-    g64 = torch.autograd.grad(ref64, [t64[n] for n in ("q", "k", "v", "gates")], dout.double())
-    glow = torch.autograd.grad(low, [tlow[n] for n in ("q", "k", "v", "gates")], dout)
-    for name, a, b_, c in zip(("dq", "dk", "dv", "dgates"), grads, g64, glow):
-        assert_fa_close(a, b_, c, 4 * ATOL[dtype], name)
-
-
-def _padding_rows(seq_start, seq_len, Bq, N):
-    covered = torch.zeros(Bq, N, dtype=torch.bool)
-    for b, bq, st, L in per_sequence(seq_start, seq_len, Bq):
-        covered[bq, st:st + L] = True
-    return ~covered
-
-
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 16), (torch.float16, 64), (torch.float32, 16)])
 def test_padding_invariance_and_zero_padding(dtype, D):
     """One set of sequences, right-padded, left-padded and packed: identical rows, forward and
@@ -261,10 +56,10 @@ def test_padding_invariance_and_zero_padding(dtype, D):
     lengths = [37, 0, 1, 64, 20]
     N, H, KVH = 64, 4, 2
     results = {}
-    base, _, _ = make_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=3)
+    base, _, _ = gpu_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=3)
     base_dout = torch.randn(len(lengths), N, H, D, device=DEV, dtype=dtype)
     for layout in ("right", "left", "packed"):
-        t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=3)
+        t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=3)
         # Same sequence contents in every layout: copy them over from the right-padded batch.
         for b, bq, st, L in per_sequence(seq_start, seq_len, t["q"].shape[0]):
             for name in ("q", "k", "v", "gates"):
@@ -285,7 +80,7 @@ def test_padding_invariance_and_zero_padding(dtype, D):
         dout = torch.randn(out.shape, device=DEV, dtype=dtype)
         for b, bq, st, L in per_sequence(seq_start, seq_len, out.shape[0]):
             dout[bq, st:st + L] = base_dout[b, :L]
-        pad = _padding_rows(seq_start, seq_len, out.shape[0], out.shape[1]).to(DEV)
+        pad = padding_rows(seq_start, seq_len, out.shape[0], out.shape[1]).to(DEV)
         grads = torch.autograd.grad(out, [t[n] for n in ("q", "k", "v", "gates")], dout)
         assert (out.detach()[pad] == 0).all(), "padding rows of out must be exactly 0"
         for name, gr in zip(("q", "k", "v", "gates"), grads):
@@ -308,7 +103,7 @@ def test_backward_is_deterministic(select_block, layout):
     lengths, N, H, KVH, D = [300, 250], 300, 8, 2, 16
     b = select_block
     hp = _hp(dict(compress_stride=4, select_block=b, num_select=4), STIS[0], True)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, torch.bfloat16, layout, s=4)
+    t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, torch.bfloat16, layout, s=4)
     idx, cnt, out, lse = run_op(t, seq_start, seq_len, hp)
     _, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(
         t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, b, 8, 1, True, False,
@@ -330,7 +125,7 @@ def test_duplicate_and_empty_selections(mode, dtype):
     key set says), or nothing at all. bfloat16 takes the fused kernels, float32 the row kernels."""
     lengths, N, H, KVH, D = [128, 77], 128, 4, 2, 32
     hp = _hp(dict(compress_stride=4, select_block=8, num_select=3), STIS[0], True)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=11)
+    t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, "right", s=4, seed=11)
     pos = torch.arange(N, device=DEV)
     idx = torch.full((2, N, KVH, 3), -1, dtype=torch.int32, device=DEV)
     cnt = torch.zeros((2, N, KVH), dtype=torch.int32, device=DEV)
@@ -351,8 +146,8 @@ def test_duplicate_and_empty_selections(mode, dtype):
             for k_, v_ in t.items()}
     out = blossomrec_cuda.sparse_attention(t["q"], t["k"], t["v"], t["gates"], idx, cnt,
                                            lengths=seq_len, select_block=8)
-    ref64, _ = reference_given_selection(t64, idx, cnt, seq_start, seq_len, hp)
-    low, _ = reference_given_selection(tlow, idx, cnt, seq_start, seq_len, hp, upcast=False)
+    ref64 = reference_given_selection(t64, seq_start, seq_len, idx, cnt, hp)["out"]
+    low = reference_given_selection(tlow, seq_start, seq_len, idx, cnt, hp, upcast=False)["out"]
     assert_fa_close(out.detach(), ref64.detach(), low.detach(), ATOL[dtype], "out")
     dout = torch.randn_like(out)
     names = ("q", "k", "v", "gates")
@@ -402,7 +197,7 @@ def test_long_sequence_65536_sampled_rows():
 
 def _small_inputs(dtype=torch.float32, packed=False):
     lengths = [12, 7]
-    t, seq_start, seq_len = make_batch(lengths, 12, 4, 2, 16, dtype, "packed" if packed else "right",
+    t, seq_start, seq_len = gpu_batch(lengths, 12, 4, 2, 16, dtype, "packed" if packed else "right",
                                        s=2, seed=2)
     return t, seq_start, seq_len
 
@@ -425,7 +220,7 @@ def test_opcheck(packed):
 
 
 def test_torch_compile_fullgraph_and_cuda_graph():
-    t, seq_start, seq_len = make_batch([40, 33], 40, 4, 2, 16, torch.bfloat16, "right", s=4, seed=4)
+    t, seq_start, seq_len = gpu_batch([40, 33], 40, 4, 2, 16, torch.bfloat16, "right", s=4, seed=4)
     lengths = seq_len.clone()
 
     def step(q, k, v, kc, gates):
@@ -543,7 +338,7 @@ def test_staged_path_matches_gather_path_bitwise(case, layout, causal, monkeypat
     paths attend it once."""
     lengths, N, H, KVH, D, dtype, case_hp = STAGED_CASES[case]
     hp = _hp(case_hp, STIS[0], causal)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
+    t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, layout,
                                        s=hp["compress_stride"], seed=40 + case)
     idx, cnt = torch.ops.blossomrec.select_blocks(
         t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
@@ -597,7 +392,7 @@ FUSED_BWD = ("fused_dq_kernel", "fused_dkdv_kernel")
     (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB--"),
     # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
     (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-"),
-    # D = 16 backward over two K/V segments (672 keys each), left padding
+    # D = 16 backward over two K/V segments (672 and 336 keys), left padding
     (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-"),
     (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fb"),   # past 1024 tokens
     (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB--"),
@@ -615,7 +410,7 @@ def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect)
     N = N or max(lengths)
     H, KVH = 8, 2
     hp = _hp(dict(compress_stride=4, select_block=select_block, num_select=4), STIS[0], True)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=21)
+    t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=21)
     idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 4,
                                                   select_block, 4, True, D ** -0.5)
     args = (select_block, 8, 1, True, False, True, D ** -0.5)
@@ -645,14 +440,14 @@ def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect)
         else:  # one of the family (staged or gather twins)
             got = any(_has(names, k_) for k_ in kernels)
             assert got == want, f"{what}: expected {'a' if want else 'no'} launch in {names}"
-    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=21)
+    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=DEV, seed=21)
 
 
 # Sequence lengths around every tile, block and limit edge, each with its own choice of group size,
 # head dim, block size, window, power block, selection width and dtype, so that every value of each
 # appears several times without the full product.
 FUSED_N = [1, 15, 17, 47, 48, 49, 97, 255, 256, 257, 1023, 1024]
-FUSED_G = [1, 2, 4, 8, 3, 4]
+FUSED_G = [1, 2, 4, 8, 3, 5, 6, 4]
 FUSED_D = [16, 32, 64, 128]
 FUSED_HP = [  # compress stride, select block, num_select, window, power block, use_power
     (16, 16, 4, 8, 1, True), (4, 8, 3, 1, 2, True), (8, 32, 2, 17, 1, True),
@@ -677,7 +472,18 @@ def test_fused_matches_reference(x, causal):
     lengths = [N, max(N // 3, 1), 0] if layout != "left" else [N, 1]
     hp = dict(compress_stride=s, select_block=b, num_select=n, window=w, power_block=p,
               use_power=power, use_sink=not causal, causal=causal)
-    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, seed=200 + x)
+    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=DEV, seed=200 + x)
+
+
+@pytest.mark.parametrize("G,lengths,layout", [(1, [1023, 341], "right"),
+                                            (2, [700, 233, 1], "packed")])
+def test_fused_backward_d16_past_one_segment(G, lengths, layout):
+    """D = 16 past 256 tokens: the row forward feeds the fused backward, whose dq walks two K/V
+    segments (672 keys each at most), at group sizes 1 and 2 (more rows per CTA)."""
+    hp = _hp(dict(compress_stride=16, select_block=16, num_select=4), STIS[0], True)
+    KVH = 2
+    check_against_reference(lengths, max(lengths), G * KVH, KVH, 16, hp, layout, torch.bfloat16,
+                            device=DEV, seed=300 + G)
 
 
 def test_fused_hand_made_selection_matches_reference():
@@ -691,8 +497,8 @@ def test_fused_hand_made_selection_matches_reference():
         return idx, cnt
 
     hp = _hp(dict(compress_stride=4, select_block=8, num_select=4), STIS[0], True)
-    check_against_reference([300, 120], 300, 8, 2, 16, hp, "right", torch.bfloat16, seed=7,
-                            sel_fn=edit)
+    check_against_reference([300, 120], 300, 8, 2, 16, hp, "right", torch.bfloat16, device=DEV,
+                            seed=7, sel_fn=edit)
 
 
 def _odd_view(x):
@@ -765,7 +571,7 @@ SELECT_LONG = [
 def test_selection_long_sequences_matches_reference(case, causal, layout, dtype):
     lengths, N, H, KVH, D, hp = SELECT_LONG[case]
     hp = dict(hp, causal=causal)
-    t, seq_start, seq_len = make_batch(lengths, N, H, KVH, D, dtype, layout,
+    t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, layout,
                                        s=hp["compress_stride"], seed=100 + case)
     t64 = {k_: v_.detach().double() for k_, v_ in t.items()}
     idx, cnt = torch.ops.blossomrec.select_blocks(

@@ -23,8 +23,9 @@
 // a query tile needs is never touched.
 //
 // - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
-//   segments (all of them at once up to 672 keys at D = 16, 336 at D = 64); each warp keeps its 16 x D
-//   accumulators of both branches in registers.
+//   segments (all of them at once up to 672 keys at D = 16, in dq: the D = 16 forward stops at
+//   256 tokens; 336 at D = 64); each warp keeps its 16 x D accumulators of both branches in
+//   registers.
 // - dq (query-outer, the forward's layout): the gate gradients and each branch's
 //   delta = gate * <dout, o_branch> first (written to aux for the dk/dv kernel), then per key tile
 //   S, both P from the saved lse, dP = dout V^T once for both branches (the gates scale it per
