@@ -19,7 +19,8 @@
 # the same value. Each run's log goes to $OUT/logs (or benchmarks/results/logs-accuracy).
 # GPU memory bounds JOBS too: a MovieLens-200 run on the reference ops holds about 39 GiB
 # (reference.py's dense masks), the others 0.5-4 GiB; 18 runs with three such runs on one H200
-# ran out of memory at start-up (logs-accuracy-h200-20261130/oom-first-attempt/), two fit.
+# ran out of memory at start-up (benchmarks/results/logs-accuracy-h200-20261130/oom-first-attempt/,
+# git history at 2b6f2c9), two fit.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

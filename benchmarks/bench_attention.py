@@ -29,7 +29,7 @@ Examples::
     python benchmarks/bench_attention.py --quick --shapes S1,S4 --pass fwd+bwd --dims 16
     python benchmarks/bench_attention.py --custom L1=8x8192 --methods blossomrec,sdpa_dense
     python benchmarks/bench_attention.py --cpu-smoke              # tiny CPU run, no GPU needed
-    python benchmarks/bench_attention.py --print-table benchmarks/results/bench-h200-20261128-staged-quick.jsonl
+    python benchmarks/bench_attention.py --print-table benchmarks/results/bench-h200-20261201.jsonl
 """
 from __future__ import annotations
 

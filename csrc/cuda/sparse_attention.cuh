@@ -145,7 +145,7 @@ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 // Dynamic shared memory of the forward / dq kernels (k and v of one sequence and kv head, in the
 // input dtype), or 0 when the batch does not take the staged path. (Staging as float32 to save the
 // per-key conversions was measured slower: twice the shared-memory traffic and fewer CTAs per SM,
-// benchmarks/results/dev/bench-h200-20261128-staged-f32-quick.jsonl.)
+// benchmarks/results/dev/bench-h200-20261128-staged-f32-quick.jsonl, git history at 2b6f2c9.)
 inline int64_t staged_kv_bytes(const Dims& d, int64_t elem) {
   if (!staging_enabled() || d.Bq <= 1 || d.N > kStagedMaxN) return 0;
   const int64_t bytes = 2 * align16(d.N * d.D * elem);
