@@ -16,7 +16,7 @@
 # JOBS (runs at the same time on the one device, default 1). With JOBS > 1 the three methods of a
 # (dataset, seed) are queued next to each other so that they share the device with the same
 # neighbours, and every row records concurrent_runs: compare per-epoch times only between rows with
-# the same value. Each run's log goes to $OUT/logs (or benchmarks/results/logs-accuracy).
+# the same value. Each run's log goes to $OUT/logs (or runs/logs-accuracy, git-ignored).
 # GPU memory bounds JOBS too: a MovieLens-200 run on the reference ops holds about 39 GiB
 # (reference.py's dense masks), the others 0.5-4 GiB; 18 runs with three such runs on one H200
 # ran out of memory at start-up (benchmarks/results/logs-accuracy-h200-20261130/oom-first-attempt/,
@@ -36,7 +36,7 @@ RESULTS=${RESULTS:-benchmarks/results/accuracy-${CARD}-$(date -u +%Y%m%d).jsonl}
 mkdir -p "$(dirname "$RESULTS")"
 
 LOGDIR=${OUT:+$OUT/logs}
-LOGDIR=${LOGDIR:-benchmarks/results/logs-accuracy}
+LOGDIR=${LOGDIR:-runs/logs-accuracy}
 mkdir -p "$LOGDIR"
 JOBS=${JOBS:-1}
 export BLOSSOMREC_CONCURRENT_RUNS=$JOBS
