@@ -1,9 +1,10 @@
 """Plot benchmark results: time and peak memory against N, one line per method.
 
 Reads a results file of bench_attention.py (JSON lines) and writes one PNG per (head dim, pass, dtype)
-with two log-log panels, median time and peak extra memory against the sequence length N. Only
-full-length shapes are drawn (the standard S1..S6 and --custom ones); ragged shapes (R1) share N with
-S1 and are left to the tables. Rows whose status is not "ok" are skipped and listed.
+with two log-log panels, median time and peak extra memory against the sequence length N, for the
+full-length shapes (the standard S1..S6 and --custom ones). Ragged shapes (R1) share N with S1, so
+they get a figure of their own per (head dim, pass, dtype): bars of time and peak memory per method
+and shape (``...-ragged.png``). Rows whose status is not "ok" are skipped and listed.
 
     python benchmarks/plot.py benchmarks/results/bench-h100-80gb-hbm3-20260101.jsonl --out-dir plots/
 """
@@ -59,6 +60,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     usable = [r for r in rows if r.get("method") != "copy_bandwidth"
               and not str(r.get("shape", "")).startswith(RAGGED_PREFIX)]
+    ragged = [r for r in rows if str(r.get("shape", "")).startswith(RAGGED_PREFIX)
+              and r.get("status") == "ok"]
     skipped = [r for r in usable if r.get("status") != "ok"]
     for r in skipped:
         print(f"skipped {r['method']} {r['shape']} D={r['D']} {r['pass']}: {r['status'][:100]}")
@@ -98,6 +101,50 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                      f"(run {group[0]['run']})", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        print(f"wrote {path}")
+    written += plot_ragged(ragged, out_dir)
+    return written
+
+
+def plot_ragged(rows: list[dict], out_dir: Path) -> list[Path]:
+    """One figure per (head dim, pass, dtype) of the ragged shapes: time and peak memory per method
+    (bars), one group of bars per shape; the memory panel only for methods that record it."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["D"], r["pass"], r["dtype"])].append(r)
+    written = []
+    for (D, pass_, dtype), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        latest = {(r["shape"], r["method"]): r for r in group}  # later rows replace earlier ones
+        shapes = sorted({s for s, _ in latest})
+        methods = sorted({m for _, m in latest}, key=lambda m: (m not in METHOD_STYLE, m))
+        with_mem = [m for m in methods if any(latest.get((s, m), {}).get("peak_mib")
+                                              for s in shapes)]
+        panels = [("median time (ms)", "ms", methods)] + (
+            [("peak extra memory (MiB)", "peak_mib", with_mem)] if with_mem else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+        for ax, (ylabel, key, ms) in zip(axes[0], panels):
+            width = 0.8 / max(len(ms), 1)
+            for i, method in enumerate(ms):
+                color, _, style = METHOD_STYLE.get(method, (None, ".", "-"))
+                xs = [j + i * width for j in range(len(shapes))]
+                ys = [latest.get((s, method), {}).get(key) or 0 for s in shapes]
+                ax.bar(xs, ys, width=width, color=color, label=method,
+                       hatch=None if style == "-" else "//", edgecolor="white")
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+            ax.set_xticklabels([f"{s} (B={latest[next(k for k in latest if k[0] == s)]['B']}, "
+                                f"N={latest[next(k for k in latest if k[0] == s)]['N']})"
+                                for s in shapes], fontsize=8)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+        first = group[0]
+        fig.suptitle(f"ragged batches, {pass_}, D={D}, H={first['H']}, KVH={first['KVH']}, {dtype} "
+                     f"on {first.get('device', '')} (run {first['run']})", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}-ragged.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
