@@ -99,14 +99,17 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         H, KVH = group[0]["H"], group[0]["KVH"]
         fig.suptitle(f"{pass_}, D={D}, H={H}, KVH={KVH}, {dtype} on {device} "
                      f"(run {group[0]['run']})", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-        print(f"wrote {path}")
+        written.append(_save(fig, out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}.png"))
     written += plot_ragged(ragged, out_dir)
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
 
 
 def plot_ragged(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -118,7 +121,8 @@ def plot_ragged(rows: list[dict], out_dir: Path) -> list[Path]:
     written = []
     for (D, pass_, dtype), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         latest = {(r["shape"], r["method"]): r for r in group}  # later rows replace earlier ones
-        shapes = sorted({s for s, _ in latest})
+        shape_row = {s: r for (s, _), r in latest.items()}
+        shapes = sorted(shape_row)
         methods = sorted({m for _, m in latest}, key=lambda m: (m not in METHOD_STYLE, m))
         with_mem = [m for m in methods if any(latest.get((s, m), {}).get("peak_mib")
                                               for s in shapes)]
@@ -134,8 +138,7 @@ def plot_ragged(rows: list[dict], out_dir: Path) -> list[Path]:
                 ax.bar(xs, ys, width=width, color=color, label=method,
                        hatch=None if style == "-" else "//", edgecolor="white")
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-            ax.set_xticklabels([f"{s} (B={latest[next(k for k in latest if k[0] == s)]['B']}, "
-                                f"N={latest[next(k for k in latest if k[0] == s)]['N']})"
+            ax.set_xticklabels([f"{s} (B={shape_row[s]['B']}, N={shape_row[s]['N']})"
                                 for s in shapes], fontsize=8)
             ax.set_ylabel(ylabel)
             ax.grid(True, axis="y", alpha=0.3)
@@ -143,12 +146,7 @@ def plot_ragged(rows: list[dict], out_dir: Path) -> list[Path]:
         first = group[0]
         fig.suptitle(f"ragged batches, {pass_}, D={D}, H={first['H']}, KVH={first['KVH']}, {dtype} "
                      f"on {first.get('device', '')} (run {first['run']})", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}-ragged.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-        print(f"wrote {path}")
+        written.append(_save(fig, out_dir / f"{_slug(pass_)}-d{D}-{_slug(dtype)}-ragged.png"))
     return written
 
 
