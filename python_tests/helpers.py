@@ -85,7 +85,8 @@ def make_batch(lengths: Sequence[int], *, H: int = 2, KVH: int = 1, D: int = 16,
                N: Optional[int] = None, layout: str = "right", dtype: torch.dtype = torch.float32,
                device: str = "cpu", compress_stride: int = 4, extra_kc_rows: int = 1,
                packed_extra_rows: int = 3, fused_qkv: bool = False, requires_grad: bool = False,
-               pad_fill: str = "garbage", seed: Optional[int] = None) -> Batch:
+               pad_fill: str = "garbage", seed: Optional[int] = None,
+               gates_dtype: Optional[torch.dtype] = None) -> Batch:
     """Random inputs for sequences of ``lengths`` in one of ``LAYOUTS``.
 
     ``N`` (padded layouts) defaults to ``max(lengths)``; the packed buffer holds ``sum(lengths)``
@@ -93,7 +94,8 @@ def make_batch(lengths: Sequence[int], *, H: int = 2, KVH: int = 1, D: int = 16,
     extra_kc_rows`` rows per sequence (rows past a sequence's ``floor(L / s)`` must be ignored).
     ``gates`` lie in (0, 1) like the module's sigmoid gates. ``pad_fill``: ``"garbage"`` (finite
     values of order 1e3) or ``"nan"``. ``fused_qkv``: q, k, v are strided views of one
-    ``[Bq, Nbuf, (H + 2*KVH) * D]`` tensor (kept in ``Batch.qkv``). ``requires_grad`` makes q, k, v
+    ``[Bq, Nbuf, (H + 2*KVH) * D]`` tensor (kept in ``Batch.qkv``). ``gates_dtype`` (default
+    ``dtype``): the op takes gates in q's dtype or float32. ``requires_grad`` makes q, k, v
     (or qkv) and gates leaves that need grad. ``seed`` defaults to a draw from the global generator
     (which conftest seeds per test).
     """
@@ -138,7 +140,7 @@ def make_batch(lengths: Sequence[int], *, H: int = 2, KVH: int = 1, D: int = 16,
         gates[bq, st:st + L] = seq_gates[b]
 
     qkv = qkv.to(device=device, dtype=dtype)
-    gates = gates.to(device=device, dtype=dtype)
+    gates = gates.to(device=device, dtype=gates_dtype or dtype)
     kc = kc.to(device=device, dtype=dtype)
     fused = None
     if fused_qkv:
@@ -333,15 +335,18 @@ def stis_hp(case_hp: dict, stis: dict, causal: bool) -> dict:
 
 def check_against_reference(lengths: Sequence[int], N: Optional[int], H: int, KVH: int, D: int,
                             hp: dict, layout: str, dtype: torch.dtype, *, device: str = "cpu",
-                            seed: int = 0, sel_fn=None) -> None:
+                            seed: int = 0, sel_fn=None,
+                            gates_dtype: Optional[torch.dtype] = None) -> None:
     """The op on ``device`` against the reference: its selection against the reference's (sets,
     outside near-ties), then, given that selection, out, o_sel, o_win and lse (forward, padding
     rows exactly 0) and the gradients of out w.r.t. q, k, v and gates (FlashAttention's criterion:
     :func:`assert_fa_close` with ``ATOL[dtype]``, 4x for gradients). ``sel_fn(idx, cnt)`` may edit
-    the selection first (hand-made input)."""
+    the selection first (hand-made input). ``gates_dtype``: gates in float32 with low-precision q;
+    every gradient comes back in its input's dtype."""
     import blossomrec_cuda as br
     batch = make_batch(lengths, H=H, KVH=KVH, D=D, N=N, layout=layout, dtype=dtype, device=device,
-                       compress_stride=hp["compress_stride"], fused_qkv=True, seed=seed)
+                       compress_stride=hp["compress_stride"], fused_qkv=True, seed=seed,
+                       gates_dtype=gates_dtype)
     t = leaves_like(batch)
     t64 = leaves_like(batch, torch.float64)
     tlow = leaves_like(batch)
@@ -383,6 +388,7 @@ def check_against_reference(lengths: Sequence[int], N: Optional[int], H: int, KV
     g64 = torch.autograd.grad(ref64["out"], [t64[n] for n in names], dout.double())
     glow = torch.autograd.grad(low["out"], [tlow[n] for n in names], dout)
     for name, a, b_, c in zip(names, grads, g64, glow):
+        assert a.dtype == t[name].dtype, f"d{name} is {a.dtype}, {name} {t[name].dtype}"
         assert_fa_close(a, b_, c, 4 * atol, "d" + name)
         assert bool((a[pad] == 0).all()), f"d{name}: padding rows are not 0"
 

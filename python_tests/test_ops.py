@@ -43,3 +43,17 @@ def test_forward_backward_matches_reference(device, case, stis, causal, layout, 
     hp = stis_hp(case_hp, STIS[stis], causal)
     check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=device,
                             seed=case * 7 + stis)
+
+
+# Gates in float32 with bfloat16 q (the op takes gates in q's dtype or float32), and float16, on a
+# padded and a packed case.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,gates_dtype", [(torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)],
+                         ids=["bf16-gates-f32", "f16"])
+@pytest.mark.parametrize("case,layout", [(2, "right"), (3, "packed")], ids=["case2", "case3-packed"])
+def test_gate_dtypes_and_float16(device, case, layout, dtype, gates_dtype):
+    lengths, N, H, KVH, D, case_hp = CASES[case]
+    hp = stis_hp(case_hp, STIS[1], False)
+    check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=device, seed=90 + case,
+                            gates_dtype=gates_dtype)
