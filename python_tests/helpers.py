@@ -258,14 +258,16 @@ def reference_given_selection(t: dict[str, Tensor], seq_start: Tensor, seq_len: 
 
 
 def near_tie_rows(t64: dict[str, Tensor], seq_start: Tensor, seq_len: Tensor, hp: dict,
-                  tol: float = 1e-4) -> Tensor:
-    """``[Bq, Nbuf, KVH]`` bool: rows where the reference's choice is fragile (scores within ``tol``
-    at the top-n cut, or a probability within a factor 1.01 of the 1e-10 threshold)."""
+                  tol: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Two ``[Bq, Nbuf, KVH]`` bool masks: rows where the reference's choice is fragile (scores
+    within ``tol`` at the top-n cut, or a probability within a factor 1.01 of the 1e-10
+    threshold), and rows where its order is (two of the top n + 1 scores within ``tol``)."""
     from blossomrec_cuda import reference as ref
     q, kc = t64["q"].detach().cpu(), t64["kc"].detach().cpu()
     Bq, N = q.shape[:2]
     KVH = kc.shape[2]
     fragile = torch.zeros(Bq, N, KVH, dtype=torch.bool)
+    order = torch.zeros(Bq, N, KVH, dtype=torch.bool)
     n = hp["num_select"]
     scale = hp.get("scale") or q.shape[-1] ** -0.5
     for b, bq, st, L in sequences(seq_start, seq_len, Bq):
@@ -284,17 +286,22 @@ def near_tie_rows(t64: dict[str, Tensor], seq_start: Tensor, seq_len: Tensor, hp
             a, c = srt[..., n - 1], srt[..., n]
             close = torch.isfinite(c) & ((a - c).abs() < tol)
             fragile[bq, st:st + L] |= close.permute(1, 0)
+        top = srt[..., :n + 1]
+        gaps = (top[..., :-1] - top[..., 1:]).abs()
+        order[bq, st:st + L] |= (torch.isfinite(top[..., 1:]) & (gaps < tol)).any(-1).permute(1, 0)
         logp = torch.log_softmax(torch.cat([torch.full_like(masked[..., :1], ref.NULL_LOGIT),
                                             masked], dim=-1), dim=-1)[..., 1:]
         near_thr = (logp - math.log(ref.MIN_PROB)).abs() < 0.01
         fragile[bq, st:st + L] |= near_thr.any(dim=-1).permute(1, 0)
-    return fragile
+    return fragile, order | fragile
 
 
 def check_selection(idx: Tensor, cnt: Tensor, t64: dict[str, Tensor], seq_start: Tensor,
                     seq_len: Tensor, hp: dict) -> int:
-    """The op's selection equals the reference's (as sets, counts equal) on every row without a
-    near-tie, and padding rows select nothing. Returns the number of fragile rows."""
+    """The op's selection equals the reference's: as sets with equal counts on every row without a
+    near-tie at the cut, in the same order (decreasing probability, docs/DESIGN.md) where no two of
+    the top n + 1 scores are near-tied; padding rows select nothing. Returns the number of rows
+    fragile at the cut."""
     from blossomrec_cuda import reference as ref
     idx, cnt = idx.cpu(), cnt.cpu()
     ref_idx = torch.full_like(idx, -1)
@@ -310,7 +317,7 @@ def check_selection(idx: Tensor, cnt: Tensor, t64: dict[str, Tensor], seq_start:
                                    causal=hp["causal"])
         ref_idx[bq, st:st + L] = i_
         ref_cnt[bq, st:st + L] = c_
-    fragile = near_tie_rows(t64, seq_start, seq_len, hp)
+    fragile, order_fragile = near_tie_rows(t64, seq_start, seq_len, hp)
     got = idx.sort(dim=-1).values
     want = ref_idx.sort(dim=-1).values
     same = (got == want).all(dim=-1) & (cnt == ref_cnt)
@@ -318,6 +325,11 @@ def check_selection(idx: Tensor, cnt: Tensor, t64: dict[str, Tensor], seq_start:
     assert not bad.any(), (f"{int(bad.sum())} rows select differently from the reference, e.g. "
                            f"{bad.nonzero()[:3].tolist()}: got {got[bad][:3].tolist()} want "
                            f"{want[bad][:3].tolist()}")
+    misordered = ~(idx == ref_idx).all(dim=-1) & ~order_fragile
+    assert not misordered.any(), (
+        f"{int(misordered.sum())} rows list the right blocks in another order than decreasing "
+        f"probability, e.g. {misordered.nonzero()[:3].tolist()}: got "
+        f"{idx[misordered][:3].tolist()} want {ref_idx[misordered][:3].tolist()}")
     pad = padding_rows(seq_start, seq_len, Bq, N)
     assert bool((cnt[pad] == 0).all() and (idx[pad] == -1).all()), "padding rows select blocks"
     return int(fragile.sum())
