@@ -276,3 +276,108 @@ def test_command_line_errors_are_argparse_errors(argv, message, capsys):
     assert message in err and "Traceback" not in err
     assert sum(line.startswith("python -m blossomrec_cuda.rec.train: error:")
                for line in err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step without host synchronisation (issue 14)
+# --------------------------------------------------------------------------------------------------
+def test_check_inputs_false_skips_the_host_checks():
+    """check_inputs (default True) refuses ids that disagree with the lengths; False skips the
+    check (it reads device values on the host) and scores the batch as given."""
+    torch.manual_seed(0)
+    model = BlossomRec(num_items=30, hidden=32, heads=2, kv_heads=1, layers=1, dropout=0.0,
+                       compress_stride=4, select_block=8, num_select=2).eval()
+    items = torch.tensor([[0, 0, 3, 4, 5]])  # left-padded
+    lengths = torch.tensor([3])
+    with pytest.raises(ValueError, match="left-padded"):
+        model(items, lengths)  # padding_side defaults to right
+    model.check_inputs = False
+    assert model(items, lengths).shape == (1, 30)
+    with pytest.raises(ValueError, match="padding_side"):
+        model(items, lengths, padding_side="middle")  # argument checks stay
+
+
+def _tiny_model(device):
+    torch.manual_seed(0)
+    return BlossomRec(num_items=40, hidden=32, heads=2, kv_heads=1, layers=2, dropout=0.0,
+                      compress_stride=4, select_block=8, num_select=2).to(device)
+
+
+def _tiny_batch(device, lengths_device):
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([24, 9, 1, 17])
+    items = torch.zeros(4, 24, dtype=torch.long)
+    for b, L in enumerate(lengths.tolist()):
+        items[b, :L] = torch.randint(1, 41, (L,), generator=g)
+    targets = torch.randint(1, 41, (4,), generator=g)
+    return items.to(device), lengths.to(lengths_device), targets.to(device)
+
+
+@pytest.mark.cuda
+def test_eager_training_step_does_not_synchronise():
+    """One eager training step (forward, backward, Adam) of the model with host lengths and
+    check_inputs off makes no host synchronisation (torch.cuda.set_sync_debug_mode raises on
+    one), as the training command runs it."""
+    model = _tiny_model("cuda")
+    model.check_inputs = False
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    items, lengths, targets = _tiny_batch("cuda", "cpu")
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(items, lengths).float(), targets - 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(2):  # warm-up: first calls allocate, build caches, load kernels
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach()).item()
+
+
+@pytest.mark.cuda
+def test_training_step_captured_in_a_cuda_graph_equals_eager():
+    """The whole training step (forward, backward, Adam with capturable=True) captured in one CUDA
+    graph and replayed on new data gives the parameters one eager step gives from the same state
+    (capture fails if anything in the step synchronises with the host)."""
+    model = _tiny_model("cuda")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    items, lengths, targets = _tiny_batch("cuda", "cuda")
+
+    def step(m, o, x, n, t):
+        o.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x, n).float(), t - 1)
+        loss.backward()
+        o.step()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step(model, opt, items, lengths, targets)
+    torch.cuda.current_stream().wait_stream(s)
+    twin = _tiny_model("cuda")
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
+    twin_opt.load_state_dict(opt.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt, items, lengths, targets)
+    # New data into the static inputs (same lengths: the graph's shapes), then one replay.
+    new_items, _, new_targets = _tiny_batch("cuda", "cuda")
+    new_items = torch.where(new_items > 0, (new_items % 40) + 1, new_items)
+    items.copy_(new_items)
+    targets.copy_((new_targets % 40) + 1)
+    graph.replay()
+    step(twin, twin_opt, items.clone(), lengths.clone(), targets.clone())
+    torch.cuda.synchronize()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -61,6 +61,9 @@ class BlossomRec(nn.Module):
     right-padded by default or left-padded with ``padding_side="left"``; the ids and the lengths must
     agree (every valid position holds an item, every other one the padding id), which is checked in
     eager mode (a left-padded batch passed as right-padded is refused, not scored wrongly).
+    ``check_inputs = False`` skips those checks (and the targets' range check of :meth:`loss`): they
+    read device values on the host, a synchronisation per call; the training command turns them off
+    for its own batches, which it builds from its own id map.
     """
 
     def __init__(self, num_items: int, hidden: int = 128, heads: int = 8, kv_heads: int = 2,
@@ -89,6 +92,7 @@ class BlossomRec(nn.Module):
         self.item_ids: Optional[list[str]] = None
         self._index_of: dict[str, int] = {}
         self.max_len: Optional[int] = None
+        self.check_inputs = True  # see the class docstring
         dim_head = hidden // heads
 
         def make_attention() -> nn.Module:
@@ -327,7 +331,7 @@ class BlossomRec(nn.Module):
         # the attention's own statement of the padding rule (and its check of the lengths' range)
         seq_start, seq_len = sequence_bounds(items[:, :, None], lengths=lengths,
                                              padding_side=padding_side)
-        if not _ops._is_tracing():  # compiling or capturing a CUDA graph: no host reads
+        if self.check_inputs and not _ops._is_tracing():  # compiling or capturing: no host reads
             self._check_items(items, seq_start, seq_len, padding_side)
         x = self.emb_dropout(self.emb_norm(self.item_embedding(items)))
         for block in self.blocks:
@@ -348,7 +352,7 @@ class BlossomRec(nn.Module):
     def loss(self, items: Tensor, lengths: Tensor, targets: Tensor,
              padding_side: str = "right") -> Tensor:
         """Cross-entropy over all items of the next item ``targets [B]`` (ids ``1..num_items``)."""
-        if not _ops._is_tracing() and targets.numel() \
+        if self.check_inputs and not _ops._is_tracing() and targets.numel() \
                 and bool(((targets < 1) | (targets > self.num_items)).any()):
             raise ValueError(f"targets must be item ids in 1..{self.num_items}, got values from "
                              f"{int(targets.min())} to {int(targets.max())}")
