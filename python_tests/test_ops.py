@@ -14,15 +14,15 @@ from helpers import CASES, STIS, check_against_reference, stis_hp
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = {"cpu": (torch.float64, torch.float32, torch.bfloat16),
-          "cuda": (torch.bfloat16, torch.float16, torch.float32)}
+          "cuda": (torch.bfloat16, torch.float32, torch.float16)}
 # Every case x STIS switch x causality x dtype in the right-padded layout; the left-padded and packed
-# layouts with the default STIS switches in two dtypes.
+# layouts with two STIS switches in every dtype.
 GRID = [(case, stis, causal, "right", d)
         for case in range(len(CASES)) for stis in range(len(STIS)) for causal in (True, False)
         for d in range(3)]
-GRID += [(case, 0, causal, layout, d)
-         for case in range(len(CASES)) for causal in (True, False) for layout in ("left", "packed")
-         for d in range(2)]
+GRID += [(case, stis, causal, layout, d)
+         for case in range(len(CASES)) for stis in (0, 1) for causal in (True, False)
+         for layout in ("left", "packed") for d in range(3)]
 # The CPU kernels are slow on the 1025-token case (CI has 2 cores): float32 only, right-padded.
 SLOW_ON_CPU = {5}
 
@@ -51,9 +51,11 @@ def test_forward_backward_matches_reference(device, case, stis, causal, layout, 
 @pytest.mark.parametrize("dtype,gates_dtype", [(torch.bfloat16, torch.float32),
                                                (torch.float16, torch.float16)],
                          ids=["bf16-gates-f32", "f16"])
-@pytest.mark.parametrize("case,layout", [(2, "right"), (3, "packed")], ids=["case2", "case3-packed"])
-def test_gate_dtypes_and_float16(device, case, layout, dtype, gates_dtype):
+@pytest.mark.parametrize("case,layout,stis,causal", [(2, "right", 0, True), (3, "packed", 1, False),
+                                                     (1, "left", 0, False)],
+                         ids=["case2-causal", "case3-packed", "case1-left-sink"])
+def test_gate_dtypes_and_float16(device, case, layout, stis, causal, dtype, gates_dtype):
     lengths, N, H, KVH, D, case_hp = CASES[case]
-    hp = stis_hp(case_hp, STIS[1], False)
+    hp = stis_hp(case_hp, STIS[stis], causal)
     check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=device, seed=90 + case,
                             gates_dtype=gates_dtype)

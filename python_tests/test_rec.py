@@ -2,6 +2,7 @@
 (checkpoint/resume, DistributedDataParallel) and a short run on real data."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -335,6 +336,8 @@ def test_eager_training_step_does_not_synchronise():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        with pytest.raises(RuntimeError):  # the mode does catch a synchronisation
+            torch.ones(1, device="cuda").item()
         loss = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -367,7 +370,7 @@ def test_training_step_captured_in_a_cuda_graph_equals_eager():
     twin = _tiny_model("cuda")
     twin.load_state_dict(model.state_dict())
     twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
-    twin_opt.load_state_dict(opt.state_dict())
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(model, opt, items, lengths, targets)
