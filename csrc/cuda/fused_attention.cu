@@ -1108,7 +1108,19 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   const int64_t n_max = longest(d, max_len);
   const int64_t tpc = tiles_per_cta(d, n_max);
   Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream, &masks);
-  const int64_t seg_cap = FusedTraits<D>::kSegmentBudget / (2 * KS * int64_t(sizeof(T))) / kTile * kTile;
+  // K + V of a segment within the budget, and with the chunk's row state (words, needs, gates,
+  // lse) within what kFwdMinBlocks CTAs per SM can each have: at G <= 2 a chunk has 64-128 rows
+  // and up to 32 KiB of words, which on top of a full segment left one CTA per SM at D = 32, 64
+  // (found in review, docs/PERF_NOTES.md v18d; not yet measured).
+  const int64_t kv_row = 2 * KS * int64_t(sizeof(T));
+  const int64_t row_state = row_smem_layout(0, l.args.rows, l.args.tiles_cap, d.G, with_lse).total;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t per_cta = int64_t(prop->sharedMemPerMultiprocessor) / FusedTraits<D>::kFwdMinBlocks -
+                          int64_t(prop->reservedSharedMemPerBlock);
+  int64_t kv_budget = FusedTraits<D>::kSegmentBudget;
+  if (per_cta - row_state < kv_budget) kv_budget = per_cta - row_state;
+  int64_t seg_cap = kv_budget / kv_row / kTile * kTile;
+  if (seg_cap < kTile) seg_cap = kTile;
   const int64_t keys = ceil_div(n_max, kTile) * kTile;
   l.args.seg = int(keys < seg_cap ? keys : seg_cap);
   l.threads = int(32 * d.G * tpc);
