@@ -14,8 +14,8 @@ from torch import Tensor
 
 import blossomrec_cuda as br
 from blossomrec_cuda.ops import SeqLayout
-from helpers import (CASES, check_selection, leaves_like, make_batch, reference_given_selection,
-                     stis_hp, STIS)
+from helpers import (CASES, STIS, check_selection, leaves_like, make_batch, padding_rows,
+                     reference_given_selection, stis_hp)
 
 OPS = torch.ops.blossomrec
 
@@ -33,11 +33,7 @@ def _attention_args(hp, D) -> tuple:
 
 def _assert_padding_zero(name: str, x: Tensor, layout: SeqLayout) -> None:
     """Rows of the row buffer ``x [Bq, N, ...]`` that belong to no sequence must be exactly 0."""
-    valid = torch.zeros(x.shape[:2], dtype=torch.bool)
-    Bq = x.shape[0]
-    for b, (st, L) in enumerate(zip(layout.seq_start.tolist(), layout.seq_len.tolist())):
-        valid[b if Bq > 1 else 0, st:st + L] = True
-    pad = x[~valid]
+    pad = x[padding_rows(layout.seq_start, layout.seq_len, *x.shape[:2])]
     assert bool((pad == 0).all()), f"{name}: padding rows are not 0 (max |x| {pad.abs().max()})"
 
 

@@ -37,15 +37,16 @@ def gpu_batch(lengths, N, H, KVH, D, dtype, layout, s=4, seed=0):
     return t, batch.seq_start, batch.seq_len
 
 
-def run_op(t, seq_start, seq_len, hp, grad=True):
+def run_op(t, seq_start, seq_len, hp):
+    """The selection and every forward output: (idx, cnt, out, o_sel, o_win, lse)."""
     idx, cnt = torch.ops.blossomrec.select_blocks(
         t["q"], t["kc"], seq_start, seq_len, hp["compress_stride"], hp["select_block"],
         hp["num_select"], hp["causal"], t["q"].shape[-1] ** -0.5)
-    out, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(
+    fwd = torch.ops.blossomrec.sparse_attention_fwd(
         t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, hp["select_block"],
         hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"], hp["causal"],
         t["q"].shape[-1] ** -0.5)
-    return idx, cnt, out, lse
+    return (idx, cnt, *fwd)
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 16), (torch.float16, 64), (torch.float32, 16)])
@@ -104,10 +105,7 @@ def test_backward_is_deterministic(select_block, layout):
     b = select_block
     hp = _hp(dict(compress_stride=4, select_block=b, num_select=4), STIS[0], True)
     t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, torch.bfloat16, layout, s=4)
-    idx, cnt, out, lse = run_op(t, seq_start, seq_len, hp)
-    _, o_sel, o_win, lse = torch.ops.blossomrec.sparse_attention_fwd(
-        t["q"], t["k"], t["v"], t["gates"], idx, cnt, seq_start, seq_len, b, 8, 1, True, False,
-        True, D ** -0.5)
+    idx, cnt, out, o_sel, o_win, lse = run_op(t, seq_start, seq_len, hp)
     dout = torch.randn_like(out)
     runs = [torch.ops.blossomrec.sparse_attention_bwd(
         dout, t["q"], t["k"], t["v"], t["gates"], o_sel, o_win, lse, idx, cnt, seq_start, seq_len,
