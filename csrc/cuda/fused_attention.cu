@@ -1124,9 +1124,7 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   const int64_t keys = ceil_div(n_max, kTile) * kTile;
   l.args.seg = int(keys < seg_cap ? keys : seg_cap);
   l.threads = int(32 * d.G * tpc);
-  l.smem = row_smem_layout(2 * int64_t(l.args.seg) * KS * int64_t(sizeof(T)), l.args.rows,
-                           l.args.tiles_cap, d.G, with_lse)
-               .total;
+  l.smem = l.args.seg * kv_row + row_state;  // row_smem_layout(kv bytes, ...).total
   return l;
 }
 
