@@ -54,12 +54,13 @@ def make_module(method: str, device: torch.device) -> torch.nn.Module:
 
 
 def build_module(method: str, B: int, N: int, device: torch.device, autocast: Optional[torch.dtype],
-                 seed: int) -> Callable[[int], object]:
+                 seed: int, host_lengths: bool = False) -> Callable[[int], object]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     module = make_module(method, device)
     fn = torch.compile(module) if method.endswith("_compiled") else module
     x = torch.randn(B, N, DIM, generator=g).to(device).requires_grad_()
-    lengths = torch.randint(max(N // 4, 1), N + 1, (B,), generator=g).to(device)
+    lengths = torch.randint(max(N // 4, 1), N + 1, (B,), generator=g)
+    lengths = lengths if host_lengths else lengths.to(device)
     dout = torch.randn(B, N, DIM, generator=g).to(device)
 
     def run(_i: int) -> object:
