@@ -11,7 +11,9 @@ Methods (PERF.md names; one JSON line each, keys of PERF.md plus ``dim``):
   ``torch.compile``;
 - ``module_dense_fair`` / ``module_dense_fair_compiled``: DenseAttention, the same;
 - ``train_step_blossom`` / ``train_step_sasrec``: forward, cross-entropy over all items, backward and
-  an Adam step of the default model (hidden 128, 2 layers, 8 heads, 2 kv heads), eager.
+  an Adam step of the default model (hidden 128, 2 layers, 8 heads, 2 kv heads), eager;
+- ``*_graph``: the same eager call captured once in a CUDA graph and replayed (no host work per
+  call: what the GPU takes; the training step with ``Adam(capturable=True)``).
 
 Inputs: ``x [B, N, dim]`` with right-padded lengths drawn uniformly from N/4..N (the training path),
 bf16 autocast over float32 parameters. B x N = 102400 tokens up to N = 4096, then B = 4.
@@ -33,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import (RunInfo, _free, device_name, emit, git_commit,  # noqa: E402
                              import_package, peak_extra_mib, time_ms)
 
-MODULE_METHODS = ("module_blossom", "module_blossom_compiled", "module_dense_fair",
-                  "module_dense_fair_compiled")
-STEP_METHODS = ("train_step_blossom", "train_step_sasrec")
+MODULE_METHODS = ("module_blossom", "module_blossom_compiled", "module_blossom_graph",
+                  "module_dense_fair", "module_dense_fair_compiled", "module_dense_fair_graph")
+STEP_METHODS = ("train_step_blossom", "train_step_sasrec", "train_step_blossom_graph",
+                "train_step_sasrec_graph")
 ALL_METHODS = MODULE_METHODS + STEP_METHODS
 TOKENS = 102400
 DIM, HEADS, KV_HEADS = 128, 8, 2
@@ -69,7 +72,27 @@ def build_module(method: str, B: int, N: int, device: torch.device, autocast: Op
         y.backward(dout.to(y.dtype))
         return y
 
-    return run
+    return graphed(run) if method.endswith("_graph") else run
+
+
+def graphed(run: Callable[[int], object]) -> Callable[[int], object]:
+    """``run`` captured in a CUDA graph after three warm-up calls on a side stream; the returned
+    function replays it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            run(i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(0)
+
+    def replay(_i: int) -> None:
+        graph.replay()
+
+    replay.graph = graph  # keep it alive with the function
+    return replay
 
 
 def build_step(method: str, B: int, N: int, device: torch.device, autocast: Optional[torch.dtype],
@@ -77,12 +100,15 @@ def build_step(method: str, B: int, N: int, device: torch.device, autocast: Opti
     from blossomrec_cuda.rec.model import build_model
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    attention = "blossom" if method == "train_step_blossom" else "dense"
+    attention = "blossom" if method.startswith("train_step_blossom") else "dense"
+    graph = method.endswith("_graph")
     model = build_model(NUM_ITEMS, attention=attention, hidden=DIM, heads=HEADS,
                         kv_heads=KV_HEADS).to(device)
+    model.check_inputs = False  # as the training command runs it: no host reads of the batch
     for p in model.no_grad_parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                           capturable=graph)
     lengths = torch.randint(max(N // 4, 1), N + 1, (B,), generator=g)
     items = torch.randint(1, NUM_ITEMS + 1, (B, N), generator=g)
     items[torch.arange(N)[None, :] >= lengths[:, None]] = 0
@@ -90,14 +116,14 @@ def build_step(method: str, B: int, N: int, device: torch.device, autocast: Opti
     items, lengths, targets = items.to(device), lengths.to(device), targets.to(device)
 
     def run(_i: int) -> object:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graph)  # a graph keeps its gradient buffers
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss = model.loss(items, lengths, targets)
         loss.backward()
         opt.step()
         return loss
 
-    return run
+    return graphed(run) if graph else run
 
 
 def row(info: RunInfo, method: str, B: int, N: int, ms: Optional[float], peak: Optional[float],
@@ -127,7 +153,7 @@ def main(argv=None) -> int:
         p.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
     if a.cpu_smoke:
         device, autocast, dtype, sizes = torch.device("cpu"), None, "fp32", [(4, 40)]
-        methods = [m for m in methods if not m.endswith("_compiled")]
+        methods = [m for m in methods if not m.endswith(("_compiled", "_graph"))]
         a.warmup_ms, a.rep_ms = 1.0, 5.0
     else:
         if not torch.cuda.is_available():

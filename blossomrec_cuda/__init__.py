@@ -33,6 +33,7 @@ from . import reference  # noqa: E402
 from .ops import (  # noqa: E402
     SeqLayout,
     blossom_attention,
+    rope,
     select_blocks,
     seq_layout,
     sparse_attention,
@@ -50,6 +51,7 @@ __all__ = [
     "WITH_CUDA",
     "blossom_attention",
     "reference",
+    "rope",
     "select_blocks",
     "seq_layout",
     "sparse_attention",

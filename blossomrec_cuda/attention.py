@@ -157,12 +157,23 @@ class _QKVAttention(nn.Module):
             raise ValueError(f"x must be [B, N, dim] with dim = {self.dim}, got shape "
                              f"{list(x.shape)}")
 
+    # RoPE through blossomrec::rope (one kernel forward, one backward, for q and k together);
+    # BlossomAttention(backend="reference") keeps the PyTorch statement, reference.apply_rope.
+    _rope_op = True
+
     def _qkv(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x [B, N, dim]`` -> RoPE'd ``q [B, N, H, D]``, ``k [B, N, KVH, D]`` and ``v``, a view of
-        the projection (the ops accept any strides with a contiguous last dimension)."""
+        """``x [B, N, dim]`` -> RoPE'd ``q [B, N, H, D]``, ``k [B, N, KVH, D]`` and ``v``, views
+        (the ops accept any strides with a contiguous last dimension). ``seq_start [B]``: each
+        sequence's first valid row, where its positions start at 0."""
         B, N, _ = x.shape
         H, KVH, D = self.heads, self.kv_heads, self.dim_head
         qkv = self.to_qkv(x).view(B, N, H + 2 * KVH, D)
+        if self._rope_op:
+            # split, not slicing: the backward of a split is one cat of the gradients, that of
+            # two slices two zero-filled copies and an add
+            qk, v = qkv.split([H + KVH, KVH], dim=2)
+            q, k = _ops.rope(qk, seq_start.to(torch.int32), self.rope_theta).split([H, KVH], dim=2)
+            return q, k, v
         q, k, v = qkv.split([H, KVH, KVH], dim=2)
         pos = relative_positions(seq_start, N)
         q = reference.apply_rope(q, pos, self.rope_theta)
@@ -242,6 +253,7 @@ class BlossomAttention(_QKVAttention):
         self.use_power = use_power
         self.use_sink = use_sink
         self.backend = backend
+        self._rope_op = backend == "ops"
         flat = compress_block_size * dim_head
         self.compress_pos = nn.Parameter(torch.zeros(kv_heads, compress_block_size, dim_head))
         self.compress_mlp = nn.Sequential(nn.Linear(flat, flat), nn.ReLU(), nn.Linear(flat, dim_head))
@@ -289,13 +301,14 @@ class BlossomAttention(_QKVAttention):
         """
         self._check_input(x)
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
+        seq_start, seq_len = seq_start.int(), seq_len.int()  # the ops' dtype, converted once
         q, k, v = self._qkv(x, seq_start)
         with torch.no_grad():
             # detached: the selection is discrete, so the compressor gets no gradient (class doc)
             kc = self.compress_keys(k.detach(), seq_start).to(q.dtype)
         B, N = x.shape[0], x.shape[1]
         gates = torch.sigmoid(self.to_gates(x)).view(B, N, self.heads, 2).to(q.dtype)
-        o = self._attend(q, k, v, kc, gates, seq_start.int(), seq_len.int())
+        o = self._attend(q, k, v, kc, gates, seq_start, seq_len)
         return self._project_out(o)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,

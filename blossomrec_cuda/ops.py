@@ -545,8 +545,32 @@ def _sparse_attention_bwd_fake(dout, q, k, v, gates, o_sel, o_win, lse, sel_idx,
     return dq, dk, dv, dgates
 
 
-# The autograd of sparse_attention_fwd (its backward is sparse_attention_bwd) is registered in C++,
-# csrc/autograd.cpp: a Python wrapper cost more host time than S1's kernels take.
+def _check_rope(x: Tensor, seq_start: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must have rank 4 [B, N, heads, D], got rank {x.dim()}")
+    _check_dtype(x, "x", _FLOAT_DTYPES, "be float32, float16, bfloat16 or float64")
+    if x.shape[3] <= 0 or x.shape[3] % 2:
+        raise ValueError(f"the rotary head dim must be positive and even, got {x.shape[3]}")
+    if x.numel() and x.shape[3] > 1 and x.stride(3) != 1:
+        raise ValueError(f"x must have a contiguous last dimension, got stride {x.stride(3)}")
+    if seq_start.device != x.device:
+        raise ValueError(f"seq_start must be on x's device ({x.device}), got {seq_start.device}")
+    if seq_start.dim() != 1 or seq_start.shape[0] != x.shape[0]:
+        raise ValueError(f"seq_start must have shape [B] = [{x.shape[0]}], got "
+                         f"{list(seq_start.shape)}")
+    if seq_start.dtype != torch.int32:
+        raise TypeError(f"seq_start must be int32, got {_dtype_name(seq_start.dtype)}")
+
+
+@torch.library.register_fake("blossomrec::rope")
+def _rope_fake(x, seq_start, theta, inverse):
+    _check_rope(x, seq_start)
+    return x.new_empty(x.shape)
+
+
+# The autograd of sparse_attention_fwd (its backward is sparse_attention_bwd) and of rope (rope the
+# other way) is registered in C++, csrc/autograd.cpp: a Python wrapper cost more host time than S1's
+# kernels take.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -673,3 +697,27 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
             compress_stride, select_block, num_select, causal, sc)
     return _sparse_attention(layout, q, k, v, gates, layout.from_rows(idx), layout.from_rows(cnt),
                              select_block, window, power_block, use_power, use_sink, causal, sc)
+
+
+def rope(x: Tensor, seq_start: Optional[Tensor] = None, theta: float = 10000.0) -> Tensor:
+    """Rotary position embedding, one kernel forward and one backward (the modules' RoPE).
+
+    ``x [B, N, heads, D]`` (any strides with a contiguous last dim, ``D`` even; float32, float16,
+    bfloat16 or float64) is turned pairwise: dims ``(2m, 2m+1)`` of row ``n`` of sequence ``b`` by
+    the angle ``pos * theta ** (-2m / D)`` with ``pos = max(n - seq_start[b], 0)``, the position
+    relative to the sequence's first valid row (``seq_start [B]``, integer, on x's device; default
+    all 0). Returns a new contiguous tensor of x's shape and dtype; differentiable w.r.t. ``x``.
+
+    The same function as :func:`blossomrec_cuda.reference.apply_rope` at those positions, computed
+    in the same precision (float32 for float32 / float16 / bfloat16, float64 for float64) except
+    that cos and sin are evaluated in float64: results agree to a few units in the last place of
+    the compute type. Errors: ValueError for values and shapes, TypeError for types."""
+    if seq_start is None:
+        seq_start = torch.zeros(x.shape[0] if x.dim() else 0, dtype=torch.int32, device=x.device)
+    elif isinstance(seq_start, Tensor) and seq_start.dtype in (torch.int64, torch.int16,
+                                                                torch.int8, torch.uint8):
+        seq_start = seq_start.to(torch.int32)
+    if not isinstance(seq_start, Tensor):
+        raise TypeError(f"seq_start must be an integer tensor, got {type(seq_start).__name__}")
+    _check_rope(x, seq_start)
+    return torch.ops.blossomrec.rope(x, seq_start, float(theta), False)

@@ -1,5 +1,5 @@
-// Autograd of blossomrec::sparse_attention_fwd, in C++ (one kernel for every backend, at the
-// Autograd dispatch key).
+// Autograd of blossomrec::sparse_attention_fwd and blossomrec::rope, in C++ (one kernel for
+// every backend, at the Autograd dispatch key).
 //
 // The backward is the sparse_attention_bwd op: dq, dk, dv and dgates from the saved inputs, both
 // branch outputs and their log-sum-exps. Selection indices, counts and the sequence bounds get no
@@ -104,9 +104,43 @@ FwdOut sparse_attention_fwd_autograd(const Tensor& q, const Tensor& k, const Ten
   return {r[0], r[1], r[2], r[3]};
 }
 
+Tensor call_rope(const Tensor& x, const Tensor& seq_start, double theta, bool inverse) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blossomrec::rope", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, double, bool)>();
+  return op.call(x, seq_start, theta, inverse);
+}
+
+// A rotation's backward is the rotation the other way: one more rope call on the gradient.
+class Rope : public torch::autograd::Function<Rope> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& seq_start,
+                               double theta, bool inverse) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({seq_start});
+    ctx->saved_data["theta"] = theta;
+    ctx->saved_data["inverse"] = inverse;
+    return {call_rope(x, seq_start, theta, inverse)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    Tensor g = grads[0];
+    if (g.dim() == 4 && g.size(3) > 1 && g.stride(3) != 1) g = g.contiguous();
+    const Tensor dx = call_rope(g, s[0], ctx->saved_data["theta"].toDouble(),
+                                !ctx->saved_data["inverse"].toBool());
+    return {dx, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor rope_autograd(const Tensor& x, const Tensor& seq_start, double theta, bool inverse) {
+  return Rope::apply(x, seq_start, theta, inverse)[0];
+}
+
 }  // namespace
 }  // namespace blossomrec
 
 TORCH_LIBRARY_IMPL(blossomrec, Autograd, m) {
   m.impl("sparse_attention_fwd", &blossomrec::sparse_attention_fwd_autograd);
+  m.impl("rope", &blossomrec::rope_autograd);
 }

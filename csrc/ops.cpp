@@ -26,4 +26,7 @@ TORCH_LIBRARY(blossomrec, m) {
       "Tensor o_win, Tensor lse, Tensor sel_idx, Tensor sel_cnt, Tensor seq_start, Tensor seq_len, "
       "int select_block, int window, int power_block, bool use_power, bool use_sink, bool causal, "
       "float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgates)");
+  // Rotary embedding of x [B, N, heads, D] at pos = max(n - seq_start[b], 0); `inverse` turns the
+  // other way (its own backward). Returns a contiguous tensor.
+  m.def("rope(Tensor x, Tensor seq_start, float theta, bool inverse) -> Tensor");
 }

@@ -238,3 +238,23 @@ inline void check_lse(const at::Tensor& lse, const at::Tensor& q, const Dims& d)
 }
 
 }  // namespace blossomrec
+
+namespace blossomrec {
+
+// blossomrec::rope: x [B, N, heads, D] (D even, last dimension contiguous), seq_start [B] int32 on
+// x's device. Returns nothing; the kernels read any other strides.
+inline void check_rope_inputs(const at::Tensor& x, const at::Tensor& seq_start) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must have rank 4 [B, N, heads, D], got rank ", x.dim());
+  check_float_dtype(x, "x");
+  check_last_dim_contiguous(x, "x");
+  TORCH_CHECK_VALUE(x.size(3) % 2 == 0 && x.size(3) > 0,
+                    "the rotary head dim must be positive and even, got ", x.size(3));
+  TORCH_CHECK_VALUE(x.device() == seq_start.device(), "seq_start must be on x's device (",
+                    x.device(), "), got ", seq_start.device());
+  TORCH_CHECK_VALUE(seq_start.dim() == 1 && seq_start.size(0) == x.size(0),
+                    "seq_start must have shape [B] = [", x.size(0), "], got ", seq_start.sizes());
+  check_int32(seq_start, "seq_start");
+  TORCH_CHECK_VALUE(x.size(1) < (int64_t(1) << 31), "x has too many rows (", x.size(1), ")");
+}
+
+}  // namespace blossomrec

@@ -1,0 +1,137 @@
+"""blossomrec::rope (the modules' RoPE, one kernel forward and one backward) against the PyTorch
+statement, reference.apply_rope at positions relative to each sequence's first valid row, on every
+device: values, gradients, strided views, clamped positions, long positions, errors, opcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blossomrec_cuda
+from blossomrec_cuda import reference
+from blossomrec_cuda.attention import relative_positions
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# Units in the last place of the compute type's result that the op may differ by from the
+# reference (its cos / sin are evaluated in float64, the reference's in the compute type), and the
+# largest fraction of elements allowed to differ at all in the 16-bit types (the float32 results
+# round to the same 16-bit value unless they straddle a rounding boundary).
+ULP = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7,
+       torch.float16: 2.0 ** -10}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, ulps: float) -> None:
+    diff = (got.double() - want.double()).abs()
+    bound = ulps * ULP[got.dtype] * want.double().abs().clamp(min=1.0)
+    assert bool((diff <= bound).all()), (
+        f"max |op - reference| = {diff.max().item():.3g} over {ulps} ulps of {got.dtype}")
+    if got.dtype in (torch.bfloat16, torch.float16):
+        assert (got != want).double().mean().item() < 0.01
+
+
+def _case(device: str, dtype: torch.dtype, B: int, N: int, heads: int, D: int, extra_heads: int,
+          seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    # a view of a wider projection, as the modules pass it: strided over rows and heads
+    base = torch.randn(B, N, heads + extra_heads, D, generator=g, dtype=torch.float64)
+    x = base.to(device=device, dtype=dtype)[:, :, :heads]
+    seq_start = torch.randint(0, max(N // 2, 1), (B,), generator=g)
+    seq_start[0] = 0
+    if B > 2:
+        seq_start[-1] = N + 3  # past the rows: every position clamps to 0
+    return x, seq_start.to(device=device, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,heads,D,extra", [(3, 37, 5, 16, 2), (2, 130, 10, 64, 2),
+                                               (1, 9, 1, 2, 0), (4, 64, 3, 128, 1)])
+def test_rope_matches_reference(device, dtype, B, N, heads, D, extra):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    x, st = _case(device, dtype, B, N, heads, D, extra)
+    pos = relative_positions(st.long(), N)
+    want = reference.apply_rope(x, pos)
+    xg = x.detach().clone().requires_grad_()
+    got = blossomrec_cuda.rope(xg, st)
+    assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
+    _close(got, want, ulps=4)
+    # the backward (one more rotation, the other way) against autograd through the reference
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64).to(device=device, dtype=dtype)
+    got.backward(dout)
+    xr = x.detach().clone().requires_grad_()
+    reference.apply_rope(xr, pos).backward(dout)
+    _close(xg.grad, xr.grad, ulps=4)
+    # rows whose position clamps to 0 are returned unchanged
+    if B > 2:
+        assert torch.equal(got[-1].detach(), x[-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_long_positions(device):
+    """Angles of tens of thousands of radians: the op's float64 cos / sin stay within a few float32
+    ulps of the float64 reference (single-precision sin / cos under --use_fast_math would not)."""
+    N = 70000
+    x = torch.randn(1, N, 1, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    st = torch.zeros(1, dtype=torch.int32)
+    want = reference.apply_rope(x, relative_positions(st.long(), N))
+    got = blossomrec_cuda.rope(x.float().to(device), st.to(device)).cpu()
+    # float32 inputs: the angle pos * inv_freq is rounded to float32 as in the reference, so the
+    # difference to the float64 statement is the float32 reference's own (compare with it)
+    want32 = reference.apply_rope(x.float(), relative_positions(st.long(), N))
+    assert (got.double() - want32.double()).abs().max().item() < 1e-5
+    assert (got.double() - want).abs().max().item() < 0.05  # the float32 angle's own rounding
+    got64 = blossomrec_cuda.rope(x.to(device), st.to(device)).cpu()
+    assert (got64 - want).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_inverse_undoes_the_rotation(device):
+    x, st = _case(device, torch.float64, 3, 50, 4, 32, 0)
+    y = torch.ops.blossomrec.rope(x, st, 500.0, False)
+    back = torch.ops.blossomrec.rope(y, st, 500.0, True)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-12)
+    assert not torch.allclose(y, x)
+
+
+def test_rope_gradcheck():
+    x, st = _case("cpu", torch.float64, 2, 11, 2, 8, 1)
+    x = x.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: blossomrec_cuda.rope(t, st, 77.0), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_opcheck(device):
+    x, st = _case(device, torch.float32, 2, 20, 3, 16, 1)
+    x = x.detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.blossomrec.rope.default, (x, st, 10000.0, False))
+
+
+def test_rope_default_positions_and_int64_start():
+    x, _ = _case("cpu", torch.float32, 2, 12, 2, 16, 0)
+    pos = torch.arange(12)[None, :].expand(2, 12)
+    _close(blossomrec_cuda.rope(x), reference.apply_rope(x, pos), ulps=4)
+    st = torch.tensor([1, 5])
+    _close(blossomrec_cuda.rope(x, st), reference.apply_rope(x, relative_positions(st, 12)),
+           ulps=4)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda x, st: (x[..., :15], st), ValueError, "positive and even"),
+    (lambda x, st: (x[0], st), ValueError, "rank 4"),
+    (lambda x, st: (x.int(), st), TypeError, "float32"),
+    (lambda x, st: (x, st.float()), TypeError, "int32"),
+    (lambda x, st: (x, st[:1]), ValueError, r"shape \[B\]"),
+    (lambda x, st: (x.transpose(2, 3), st), ValueError, "contiguous last"),
+    (lambda x, st: (x, st.to("meta")), ValueError, "device"),
+])
+def test_rope_errors(bad, exc, match):
+    x = torch.randn(2, 5, 4, 16)
+    st = torch.zeros(2, dtype=torch.int32)
+    args = bad(x, st)
+    with pytest.raises(exc, match=match):
+        blossomrec_cuda.rope(*args)
+    if exc is ValueError and match != "device":  # the raw op refuses it too (its C++ check)
+        with pytest.raises(exc, match=match):
+            torch.ops.blossomrec.rope(*args, 10000.0, False)
