@@ -409,7 +409,12 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
     const int i = u.c0 + r;
     const bool valid = i < u.L;
     const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : u.c0)) * p.H + g * p.G + hg;
-    cp_async8(gates + threadIdx.x, p.gates + rh * 2, valid);
+    // A float32 pair fills the slot; a 16-bit one its first half (gate_pair<T> reads it back).
+    if (p.gates_f32) {
+      cp_async8(gates + threadIdx.x, static_cast<const float*>(p.gates) + rh * 2, valid);
+    } else {
+      cp_async4(gates + threadIdx.x, static_cast<const uint32_t*>(p.gates) + rh, valid);
+    }
     if (lse != nullptr) cp_async8(lses + threadIdx.x, lse + rh * 2, valid);
   }
   return RowSmem{words, need, gates, lses};
@@ -585,7 +590,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     if (i >= u.L) continue;
     const int64_t rr = u.bq * p.seq.N + u.s + i;
     const int64_t rh = rr * p.H + h;
-    const float2 gt = rs.gates[(tl * kTile + gq + 8 * r) * int(p.G) + hg];
+    const float2 gt =
+        gate_pair<T>(rs.gates + (tl * kTile + gq + 8 * r) * int(p.G) + hg, p.gates_f32, 0);
     const float g_sel = gt.x, g_win = gt.y;
     const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
     T* out = static_cast<T*>(o.out) + rh * D;
@@ -612,8 +618,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 // Backward, query-outer: dgates, aux, dq
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
-__device__ __forceinline__ void dq_zero_padding(const AttnParams& p, Aux* aux, T* dq,
-                                                const Unit& u, int rows, int64_t g) {
+__device__ __forceinline__ void dq_zero_padding(const AttnParams& p, const BwdIn& in, Aux* aux,
+                                                T* dq, const Unit& u, int rows, int64_t g) {
   constexpr int kChunks = D / 8;
   const int per = int(p.G) * kChunks;
   for (int e = threadIdx.x; e < rows * per; e += blockDim.x) {
@@ -623,7 +629,10 @@ __device__ __forceinline__ void dq_zero_padding(const AttnParams& p, Aux* aux, T
     const int hg = (e - r * per) / kChunks, c = e % kChunks;
     const int64_t rh = (u.bq * p.seq.N + (u.s + i) % p.seq.N) * p.H + g * p.G + hg;
     *reinterpret_cast<uint4*>(dq + rh * D + c * 8) = make_uint4(0, 0, 0, 0);
-    if (c == 0) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (c == 0) {
+      aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
+    }
   }
 }
 
@@ -636,7 +645,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   Unit u;
   if (!find_unit(a, p.stis.causal, &u)) return;
   const int64_t g = blockIdx.y;
-  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dq_zero_padding<T, D>(p, aux, dq_out, u, a.rows, g);
+  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dq_zero_padding<T, D>(p, in, aux, dq_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
   const int tiles = a.rows / kTile;
@@ -705,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int x = (tl * kTile + gq + 8 * r) * int(p.G) + hg;
-    const float2 gt = rs.gates[x], ls = rs.lse[x];  // zeros past L
+    const float2 gt = gate_pair<T>(rs.gates + x, p.gates_f32, 0), ls = rs.lse[x];  // zeros past L
     gate[r][0] = gt.x;
     gate[r][1] = gt.y;
     lse2[r][0] = ls.x * kLog2e;
@@ -715,6 +724,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     if (tq == 0 && rows_i[r] < u.L) {
       aux[rh[r] * 2] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[r][0]);
       aux[rh[r] * 2 + 1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[r][1]);
+      store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
     }
   }
   uint64_t all = 0;  // zeros for the tiles past L

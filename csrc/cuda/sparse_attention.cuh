@@ -33,7 +33,8 @@ struct AttnParams {
   int64_t q_sb, q_sn, q_sh;
   int64_t k_sb, k_sn, k_sh;
   int64_t v_sb, v_sn, v_sh;
-  const float* gates;      // [rows, H, 2] contiguous float32
+  const void* gates;       // [rows, H, 2] contiguous, float32 or the kernels' T (gate_pair)
+  bool gates_f32;
   const int32_t* sel_idx;  // [rows, KVH, width]
   const int32_t* sel_cnt;  // [rows, KVH]
   int64_t sel_sb, sel_sn, sel_sh;  // sel_idx strides (last dim contiguous)
@@ -235,12 +236,54 @@ struct BwdIn {
   const void* o_sel;  // [rows, H, D] contiguous
   const void* o_win;  // [rows, H, D] contiguous
   const float* lse;   // [rows, H, 2] contiguous
+  void* dgates;       // [rows, H, 2] contiguous, the gates' dtype: float32 or the kernels' T
+  bool dgates_f32;
 };
 
 // Per (row, head, branch) what the dk/dv pass needs of a query, in one 16-byte load, written by the
 // dq pass: {gate, lse in base 2, delta = gate * <dout, o_branch>, <dout, o_branch>}. The last is
 // the gate gradient.
 using Aux = float4;
+
+// The (LTIS, STIS) pair of (row, head) rh in a [rows, H, 2] contiguous tensor of float32 (f32) or
+// of the kernels' T: the gates are read, and their gradient written, in their own dtype (a cast of
+// each per call cost two launches and a strided copy, docs/PERF_NOTES.md v19).
+template <typename T>
+__device__ __forceinline__ float2 gate_pair(const void* base, bool f32, int64_t rh) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (!f32) {
+      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+      return Vec16<T>::to_float2(static_cast<const T2*>(base)[rh]);
+    }
+  }
+  return static_cast<const float2*>(base)[rh];
+}
+
+template <typename T>
+__device__ __forceinline__ void store_gate_pair(void* base, bool f32, int64_t rh, float a,
+                                                float b) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (!f32) {
+      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+      static_cast<T2*>(base)[rh] = Vec16<T>::from_float2(a, b);
+      return;
+    }
+  }
+  static_cast<float2*>(base)[rh] = make_float2(a, b);
+}
+
+inline at::Tensor aligned_f32(const at::Tensor& t);
+
+// The gates as the kernels read them: the tensor itself when it has q's 16-bit dtype, is contiguous
+// and 4-byte aligned; else a contiguous float32 copy (aligned_f32).
+inline at::Tensor kernel_gates(const at::Tensor& gates, const at::Tensor& q) {
+  const bool half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  if (half && gates.scalar_type() == q.scalar_type() && gates.is_contiguous() &&
+      reinterpret_cast<uintptr_t>(gates.data_ptr()) % 4 == 0) {
+    return gates;
+  }
+  return aligned_f32(gates);
+}
 
 // A float32 tensor the kernels read with 8- or 16-byte loads: contiguous, and copied when its data
 // pointer is not 16-byte aligned (a contiguous view at an odd element offset stays one after
@@ -251,10 +294,10 @@ inline at::Tensor aligned_f32(const at::Tensor& t) {
   return c;
 }
 
-// Fills AttnParams from checked inputs (defined in sparse_attention_fwd.cu). gates_f32 is the gates
-// tensor as contiguous float32.
+// Fills AttnParams from checked inputs (defined in sparse_attention_fwd.cu). gates_k is the gates
+// tensor as kernel_gates returns it.
 AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& gates_f32, const at::Tensor& sel_idx,
+                            const at::Tensor& gates_k, const at::Tensor& sel_idx,
                             const at::Tensor& sel_cnt, const at::Tensor& seq_start,
                             const at::Tensor& seq_len, const Dims& d, int64_t select_block,
                             int64_t window, int64_t power_block, bool use_power, bool use_sink,

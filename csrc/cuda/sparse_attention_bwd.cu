@@ -34,12 +34,15 @@ namespace {
 // Pass 1: dgates and dq
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
-__device__ __forceinline__ void dq_padding_row(const AttnParams& p, Aux* aux, T* dq_out,
-                                               const RowThread& t) {
+__device__ __forceinline__ void dq_padding_row(const AttnParams& p, const BwdIn& in, Aux* aux,
+                                               T* dq_out, const RowThread& t) {
   const int64_t rh = t.r * p.H + t.h;
   float zero[kDimsPerLane] = {};
   Vec16<T>::store(dq_out + rh * D + t.lane * kDimsPerLane, zero);
-  if (t.lane == 0) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (t.lane == 0) {
+    aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
+  }
 }
 
 // One (valid row, head) segment of pass 1. Key j of the row's sequence is read at kbase + j * ks
@@ -61,11 +64,12 @@ __device__ __forceinline__ void dq_row(const AttnParams& p, const BwdIn& in, Aux
   const float dot_sel = segment_sum<kLanes>(dot16(dout, tmp));
   Vec16<T>::load(static_cast<const T*>(in.o_win) + off, tmp);
   const float dot_win = segment_sum<kLanes>(dot16(dout, tmp));
-  const float2 gate = *reinterpret_cast<const float2*>(p.gates + rh * 2);
+  const float2 gate = gate_pair<T>(p.gates, p.gates_f32, rh);
   const float2 lse = *reinterpret_cast<const float2*>(in.lse + rh * 2);
   if (t.lane == 0) {
     aux[rh * 2] = make_float4(gate.x, lse.x * kLog2e, gate.x * dot_sel, dot_sel);
     aux[rh * 2 + 1] = make_float4(gate.y, lse.y * kLog2e, gate.y * dot_win, dot_win);
+    store_gate_pair<T>(in.dgates, in.dgates_f32, rh, dot_sel, dot_win);
   }
 
   float acc[kDimsPerLane];
@@ -115,7 +119,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
   const RowThread t = row_thread<kLanes>(p);
   if (!t.active) return;
   const RowInfo row = row_info(p.seq, t.r);
-  if (row.b < 0) return dq_padding_row<T, D>(p, aux, dq_out, t);
+  if (row.b < 0) return dq_padding_row<T, D>(p, in, aux, dq_out, t);
   if (row.L <= p.skip_len) return;  // the fused kernels' row
   const int64_t n0 = row.base - t.bq * p.seq.N;
   const T* kbase = static_cast<const T*>(p.k) + t.bq * p.k_sb + n0 * p.k_sn + t.g * p.k_sh +
@@ -147,7 +151,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     if (!t.active) continue;
     const RowInfo row = staged_row_info(p, t, s, L);
     if (row.b < 0) {
-      dq_padding_row<T, D>(p, aux, dq_out, t);
+      dq_padding_row<T, D>(p, in, aux, dq_out, t);
       continue;
     }
     const int64_t lane_off = t.lane * kDimsPerLane;
@@ -463,21 +467,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const at::Tensor q = vec_aligned(q_in), k = vec_aligned(k_in), v = vec_aligned(v_in);
   check_lse(lse, q_in, d);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gates_f = aligned_f32(gates);
+  const at::Tensor gates_k = kernel_gates(gates, q);
   const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
-  const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,
+  const AttnParams p = make_attn_params(q, k, v, gates_k, sel_idx, sel_cnt, st, ln, d,
                                         select_block, window, power_block, use_power, use_sink,
                                         causal, scale);
   const at::Tensor dout_c = vec_aligned(dout.contiguous()),
                    o_sel_c = vec_aligned(o_sel.contiguous()),
                    o_win_c = vec_aligned(o_win.contiguous()), lse_c = aligned_f32(lse);
-  const BwdIn in{dout_c.data_ptr(), o_sel_c.data_ptr(), o_win_c.data_ptr(), lse_c.data_ptr<float>()};
+  // The gate gradient in the gates' dtype (float32 or q's), written by the dq kernels.
+  at::Tensor dgates = alloc_output(gates.sizes(), gates.options().memory_format(at::MemoryFormat::Contiguous));
+  const BwdIn in{dout_c.data_ptr(), o_sel_c.data_ptr(), o_win_c.data_ptr(), lse_c.data_ptr<float>(),
+                 dgates.data_ptr(), dgates.scalar_type() == at::kFloat};
 
   at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
   at::Tensor dk = alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options());
   at::Tensor dv = alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options());
   const int64_t rows = d.Bq * d.N;
-  if (rows == 0) return {dq, dk, dv, alloc_output(gates.sizes(), gates.options())};
+  if (rows == 0) return {dq, dk, dv, dgates};
   at::Tensor aux = at::empty({d.Bq, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -515,7 +522,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
       });
     });
   }
-  at::Tensor dgates = aux.select(-1, 3).to(gates.scalar_type()).contiguous();
   return {dq, dk, dv, dgates};
 }
 

@@ -102,7 +102,7 @@ __device__ __forceinline__ void fwd_row(const AttnParams& p, const FwdOut& o, co
   const float lse_win = (m + log2f(l)) * kLn2;
 
   // Gated combine.
-  const float2 gate = *reinterpret_cast<const float2*>(p.gates + (t.r * p.H + t.h) * 2);
+  const float2 gate = gate_pair<T>(p.gates, p.gates_f32, t.r * p.H + t.h);
   float comb[kDimsPerLane];
 #pragma unroll
   for (int e = 0; e < kDimsPerLane; ++e) comb[e] = gate.x * sel[e] + gate.y * win[e];
@@ -184,7 +184,7 @@ void launch_fwd_typed(const AttnParams& p, const FwdOut& o, const Dims& d, cudaS
 
 // Shared with the backward (sparse_attention_bwd.cu): fills AttnParams from checked inputs.
 AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& gates_f32, const at::Tensor& sel_idx,
+                            const at::Tensor& gates_k, const at::Tensor& sel_idx,
                             const at::Tensor& sel_cnt, const at::Tensor& seq_start,
                             const at::Tensor& seq_len, const Dims& d, int64_t select_block,
                             int64_t window, int64_t power_block, bool use_power, bool use_sink,
@@ -194,8 +194,9 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(sel_idx.stride(-1) == 1, "sel_idx must have a contiguous last dimension");
   TORCH_CHECK(seq_start.is_contiguous() && seq_len.is_contiguous(),
               "seq_start and seq_len must be contiguous");
-  TORCH_CHECK(gates_f32.is_contiguous() && gates_f32.scalar_type() == at::kFloat,
-              "internal: gates must be converted to contiguous float32");
+  TORCH_CHECK(gates_k.is_contiguous() && (gates_k.scalar_type() == at::kFloat ||
+                                           gates_k.scalar_type() == q.scalar_type()),
+              "internal: gates must be contiguous float32 or q's dtype (kernel_gates)");
   AttnParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -203,7 +204,8 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.q_sb = q.stride(0); p.q_sn = q.stride(1); p.q_sh = q.stride(2);
   p.k_sb = k.stride(0); p.k_sn = k.stride(1); p.k_sh = k.stride(2);
   p.v_sb = v.stride(0); p.v_sn = v.stride(1); p.v_sh = v.stride(2);
-  p.gates = gates_f32.data_ptr<float>();
+  p.gates = gates_k.data_ptr();
+  p.gates_f32 = gates_k.scalar_type() == at::kFloat;
   p.sel_idx = sel_idx.data_ptr<int32_t>();
   p.sel_cnt = sel_cnt.data_ptr<int32_t>();
   p.sel_sb = sel_idx.stride(0); p.sel_sn = sel_idx.stride(1); p.sel_sh = sel_idx.stride(2);
@@ -233,9 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
                                         causal);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vec_aligned(q_in), k = vec_aligned(k_in), v = vec_aligned(v_in);
-  const at::Tensor gates_f = aligned_f32(gates);
+  const at::Tensor gates_k = kernel_gates(gates, q);
   const at::Tensor st = seq_start.contiguous(), ln = seq_len.contiguous();
-  const AttnParams p = make_attn_params(q, k, v, gates_f, sel_idx, sel_cnt, st, ln, d,
+  const AttnParams p = make_attn_params(q, k, v, gates_k, sel_idx, sel_cnt, st, ln, d,
                                         select_block, window, power_block, use_power, use_sink,
                                         causal, scale);
   at::Tensor out = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
