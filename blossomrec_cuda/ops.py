@@ -568,6 +568,48 @@ def _rope_fake(x, seq_start, theta, inverse):
     return x.new_empty(x.shape)
 
 
+def _check_compress_windows(k: Tensor, seq_start: Tensor, pos: Tensor, l: int, s: int) -> None:
+    """compress_windows' inputs as checks.h takes them (check_compress_windows_inputs)."""
+    if k.dim() != 4:
+        raise ValueError(f"k must have rank 4 [B, N, KVH, D], got rank {k.dim()}")
+    _check_dtype(k, "k", _FLOAT_DTYPES, "be float32, float16, bfloat16 or float64")
+    if k.numel() and k.shape[3] > 1 and k.stride(3) != 1:
+        raise ValueError(f"k must have a contiguous last dimension, got stride {k.stride(3)}")
+    if not (s >= 1 and l >= s):
+        raise ValueError(f"need 0 < compress_stride <= compress_block_size, got "
+                         f"compress_stride={s}, compress_block_size={l}")
+    _check_hparam_max(compress_block_size=l)
+    if seq_start.device != k.device:
+        raise ValueError(f"seq_start must be on k's device ({k.device}), got {seq_start.device}")
+    if seq_start.dim() != 1 or seq_start.shape[0] != k.shape[0]:
+        raise ValueError(f"seq_start must have shape [B] = [{k.shape[0]}], got "
+                         f"{list(seq_start.shape)}")
+    _check_dtype(seq_start, "seq_start", (torch.int32,), "be int32")
+    if pos.device != k.device:
+        raise ValueError(f"pos must be on k's device ({k.device}), got {pos.device}")
+    _check_shape(pos, "pos", (k.shape[2], l, k.shape[3]))
+    _check_dtype(pos, "pos", (k.dtype,), f"have k's dtype ({_dtype_name(k.dtype)})")
+
+
+@torch.library.register_fake("blossomrec::compress_windows")
+def _compress_windows_fake(k, seq_start, pos, l, s):
+    _check_compress_windows(k, seq_start, pos, l, s)
+    B, N, KVH, D = k.shape
+    return k.new_empty((B, N // s, KVH, l * D))
+
+
+def _compress_windows(k: Tensor, seq_start: Tensor, pos: Tensor, l: int, s: int) -> Tensor:
+    """BlossomAttention.compress_keys' windows in one op: ``k [B, N, KVH, D]`` (any strides with a
+    contiguous last dim), ``seq_start [B]`` int32 on k's device, ``pos [KVH, l, D]`` in k's dtype
+    -> ``[B, N // s, KVH, l * D]`` contiguous, window ``c`` at position ``t`` holding row
+    ``clamp(seq_start[b] + c*s - (l - s) + t, 0, N - 1)`` of k (zeros where ``c*s - (l - s) + t <
+    0``) plus ``pos[:, t]``: bitwise the module's PyTorch statement (shift_to_start, a cat with
+    zeros, unfold, + pos). No autograd (the module calls it on detached keys under no_grad)."""
+    _check_int_args(compress_block_size=l, compress_stride=s)
+    _check_compress_windows(k, seq_start, pos, l, s)
+    return torch.ops.blossomrec.compress_windows(k, seq_start, pos, l, s)
+
+
 # The autograd of sparse_attention_fwd (its backward is sparse_attention_bwd) and of rope (rope the
 # other way) is registered in C++, csrc/autograd.cpp: a Python wrapper cost more host time than S1's
 # kernels take.

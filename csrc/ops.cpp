@@ -29,4 +29,9 @@ TORCH_LIBRARY(blossomrec, m) {
   // Rotary embedding of x [B, N, heads, D] at pos = max(n - seq_start[b], 0); `inverse` turns the
   // other way (its own backward). Returns a contiguous tensor.
   m.def("rope(Tensor x, Tensor seq_start, float theta, bool inverse) -> Tensor");
+  // The compressor's input windows of k [B, N, KVH, D]: [B, N // s, KVH, l * D], window c at
+  // position t holding row c*s - (l - s) + t of each sequence (relative to seq_start[b]; 0 below
+  // row 0, clamped to N - 1 past the end) plus pos [KVH, l, D] (k's dtype). Returns a contiguous
+  // tensor; no autograd.
+  m.def("compress_windows(Tensor k, Tensor seq_start, Tensor pos, int l, int s) -> Tensor");
 }

@@ -258,3 +258,29 @@ inline void check_rope_inputs(const at::Tensor& x, const at::Tensor& seq_start) 
 }
 
 }  // namespace blossomrec
+
+namespace blossomrec {
+
+// blossomrec::compress_windows: k [B, N, KVH, D] (float, last dimension contiguous), seq_start [B]
+// int32 on k's device, pos [KVH, l, D] in k's dtype on k's device (any strides), 0 < s <= l.
+inline void check_compress_windows_inputs(const at::Tensor& k, const at::Tensor& seq_start,
+                                          const at::Tensor& pos, int64_t l, int64_t s) {
+  TORCH_CHECK_VALUE(k.dim() == 4, "k must have rank 4 [B, N, KVH, D], got rank ", k.dim());
+  check_float_dtype(k, "k");
+  check_last_dim_contiguous(k, "k");
+  TORCH_CHECK_VALUE(s >= 1 && l >= s, "need 0 < compress_stride <= compress_block_size, got "
+                    "compress_stride=", s, ", compress_block_size=", l);
+  check_hparam_max(l, "compress_block_size");
+  TORCH_CHECK_VALUE(seq_start.device() == k.device(), "seq_start must be on k's device (",
+                    k.device(), "), got ", seq_start.device());
+  TORCH_CHECK_VALUE(seq_start.dim() == 1 && seq_start.size(0) == k.size(0),
+                    "seq_start must have shape [B] = [", k.size(0), "], got ", seq_start.sizes());
+  check_int32(seq_start, "seq_start");
+  TORCH_CHECK_VALUE(pos.device() == k.device(), "pos must be on k's device (", k.device(),
+                    "), got ", pos.device());
+  BR_CHECK_SHAPE(pos, k.size(2), l, k.size(3));
+  TORCH_CHECK_TYPE(pos.scalar_type() == k.scalar_type(), "pos must have k's dtype (",
+                   k.scalar_type(), "), got ", pos.scalar_type());
+}
+
+}  // namespace blossomrec
