@@ -52,9 +52,10 @@ def normalize_sparse_names(kwargs: dict) -> dict:
 # Padding: mask or lengths -> (seq_start, seq_len)
 # --------------------------------------------------------------------------------------------------
 def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
-                    lengths: Optional[Tensor] = None,
-                    padding_side: str = "right") -> tuple[Tensor, Tensor]:
-    """``seq_start [B]`` and ``seq_len [B]`` (int64, on ``x.device``) for ``x [B, N, ...]``.
+                    lengths: Optional[Tensor] = None, padding_side: str = "right",
+                    dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
+    """``seq_start [B]`` and ``seq_len [B]`` (``dtype``: int64, or int32 as the ops take them; on
+    ``x.device``) for ``x [B, N, ...]``.
 
     ``attention_mask [B, N]`` bool (True = valid) must hold one contiguous run of valid tokens per
     row; ``lengths [B]`` (each in ``0..N``) counts valid tokens placed at the ``padding_side`` end
@@ -79,13 +80,14 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
         seq_start = mask.to(torch.int8).argmax(dim=1)
         if not _ops._is_tracing():  # compiling or capturing: no host reads
             _check_contiguous(mask, seq_start, seq_len)
-        return seq_start, seq_len
+        return seq_start.to(dtype), seq_len.to(dtype)
     if lengths is None:
-        full = torch.full((B,), N, dtype=torch.long, device=x.device)
+        full = torch.full((B,), N, dtype=dtype, device=x.device)
         return torch.zeros_like(full), full
-    # The op wrappers' conversion and range check (eager only): out-of-range lengths would
-    # otherwise be clamped (CUDA kernels, dense masks) or wrap in the ops' int32, without an error.
-    seq_start, seq_len, _ = _ops.padded_bounds(lengths, B, N, padding_side, x.device)
+    # The op wrappers' conversion and range check (eager only, in int64 before any narrowing):
+    # out-of-range lengths would otherwise be clamped (CUDA kernels, dense masks) or wrap in the
+    # ops' int32, without an error. The bounds come in `dtype` (no cast kernels after the copy).
+    seq_start, seq_len, _ = _ops._padded_bounds(lengths, B, N, padding_side, x.device, dtype)
     return seq_start, seq_len
 
 
@@ -306,8 +308,7 @@ class BlossomAttention(_QKVAttention):
         with ``padding_side`` ("right" | "left"); neither means every token is valid.
         """
         self._check_input(x)
-        seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side)
-        seq_start, seq_len = seq_start.int(), seq_len.int()  # the ops' dtype, converted once
+        seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side, torch.int32)
         q, k, v = self._qkv(x, seq_start)
         with torch.no_grad():
             # detached: the selection is discrete, so the compressor gets no gradient (class doc)
