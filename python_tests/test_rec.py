@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,6 +221,9 @@ def test_distributed_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["epochs_run"] == 2
+    # every epoch ended with bitwise equal replicas (checked across ranks by the command)
+    assert [r["ranks_in_sync"] for r in result["history"]] == [True, True]
+    assert all(r["examples_per_s"] > 0 for r in result["history"]) and result["examples_per_s"] > 0
 
     cfg = replace(TINY, max_users=150, sparse=dict(compress_stride=4, compress_block_size=8,
                                                    select_block=4))
@@ -236,6 +240,64 @@ def test_distributed_two_processes_gloo(tmp_path):
     for protocol in ("sampled", "full"):
         for name, value in single[protocol].items():
             assert result["test"][protocol][name] == pytest.approx(value, abs=1e-6)
+
+
+def _torchrun(args: list, tmp_path, nproc: int, timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_diverged_replicas_are_reported(tmp_path):
+    """The per-epoch check of the training command raises, naming the rank, when one process's
+    parameters differ from rank 0's by one bit."""
+    script = tmp_path / "diverge.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from blossomrec_cuda.rec.model import build_model
+        from blossomrec_cuda.rec.train import Runtime, _check_ranks_in_sync
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(0)
+        model = build_model(50, hidden=32, heads=2, kv_heads=1, layers=1, inner=32)
+        rt = Runtime(torch.device("cpu"), rank, world)
+        assert _check_ranks_in_sync(model, rt, 1)
+        if rank == 1:
+            with torch.no_grad():
+                w = model.item_embedding.weight.view(-1)
+                w[3] = torch.nextafter(w[3], torch.tensor(float("inf")))
+        try:
+            _check_ranks_in_sync(model, rt, 2)
+        except RuntimeError as e:
+            assert "ranks [1]" in str(e) and "epoch 2" in str(e), e
+            print("raised", rank)
+        dist.destroy_process_group()
+    """))
+    proc = _torchrun([str(script)], tmp_path, 2, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("raised") == 2
+
+
+def test_checkpoint_resumes_across_world_sizes(tmp_path):
+    """A checkpoint written by 2 processes resumes in 1 and the other way round (issue 16's check,
+    here with gloo on the CPU): the resumed run continues from the saved epoch."""
+    common = ["--max-users", "120", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+              "--layers", "1", "--inner", "64", "--max-len", "20", "--batch-size", "128",
+              "--device", "cpu", "--no-progress", "--compress-stride", "4",
+              "--compress-block-size", "8", "--select-block", "4"]
+    for first, second in ((2, 1), (1, 2)):
+        ckpt = tmp_path / f"ckpt-{first}-{second}"
+        out = tmp_path / f"r-{first}-{second}.json"
+        args = ["-m", "blossomrec_cuda.rec.train", *common, "--checkpoint-dir", str(ckpt)]
+        proc = _torchrun([*args, "--epochs", "1"], tmp_path, first)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = _torchrun([*args, "--epochs", "2", "--resume", "--out", str(out)], tmp_path, second)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stdout + proc.stderr
+        result = json.loads(out.read_text())
+        assert result["world_size"] == second and result["epochs_run"] == 2
+        assert [r["epoch"] for r in result["history"]] == [1, 2]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import inspect
 import json
 import math
@@ -383,7 +384,13 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
         loader = DataLoader(dataset, per_process, sampler=sampler, collate_fn=collate)
         t_epoch = time.time()
         loss = _train_epoch(net, loader, optimizer, scaler, amp, rt, epoch, cfg)  # ends synced
-        record = {"epoch": epoch, "train_loss": loss, "train_seconds": time.time() - t_epoch}
+        seconds = time.time() - t_epoch
+        # examples of all processes (DistributedSampler pads each rank to the same count)
+        record = {"epoch": epoch, "train_loss": loss, "train_seconds": seconds,
+                  "examples_per_s": len(loader.sampler) * rt.world / max(seconds, 1e-9)}
+        if rt.distributed:
+            # DDP keeps the replicas equal only if every gradient was all-reduced: check it, bitwise
+            record["ranks_in_sync"] = _check_ranks_in_sync(model, rt, epoch)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             # the plain model, not DDP: ranks may run different numbers of evaluation batches
             model.eval()
@@ -426,6 +433,9 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
         "test": test, "popularity": popularity, "seconds": time.time() - t_start,
         "train_seconds_per_epoch": (sum(r.get("train_seconds", 0.0) for r in state["history"])
                                     / max(len(state["history"]), 1)),
+        # training throughput over all processes, the first epoch (warm-up, compilation) left out
+        # when there are more
+        "examples_per_s": _steady_throughput(state["history"]),
         # Runs sharing the device at the same time (set by benchmarks/accuracy_sweep.sh), which
         # the per-epoch times depend on.
         "concurrent_runs": int(os.environ.get("BLOSSOMREC_CONCURRENT_RUNS", "1")),
@@ -474,6 +484,37 @@ def _train_epoch(net: nn.Module, loader: DataLoader,
 
 
 BAR_EVERY = 50  # steps between progress-bar readings of the running loss (a host sync each)
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in ``named_parameters`` order: equal digests on two
+    processes mean bitwise equal models."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_ranks_in_sync(model: nn.Module, rt: Runtime, epoch: int) -> bool:
+    """All processes' parameters are bitwise equal after ``epoch`` (DistributedDataParallel
+    all-reduces the gradients and the backward is deterministic, so every replica takes the same
+    step); raises RuntimeError naming the ranks that differ otherwise."""
+    digests: list = [None] * rt.world
+    dist.all_gather_object(digests, parameter_digest(model))
+    if len(set(digests)) != 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"after epoch {epoch} the parameters of ranks {differ} differ from rank "
+                           "0's: the replicas diverged (a gradient that DDP did not all-reduce?)")
+    return True
+
+
+def _steady_throughput(history: list) -> Optional[float]:
+    rates = [r["examples_per_s"] for r in history if "examples_per_s" in r]
+    if not rates:
+        return None
+    rates = rates[1:] if len(rates) > 1 else rates
+    return sum(rates) / len(rates)
 
 
 def _progress(rt: Runtime, cfg: TrainConfig, per_process: int, epoch: int):
@@ -534,7 +575,9 @@ def format_summary(result: dict) -> str:
         f"x{result['world_size']}: "
         f"{result['epochs_run']} epochs in {result['seconds']:.0f} s, best validation "
         f"NDCG@{K} ({cfg['valid_protocol']}) {result[f'valid_best_ndcg@{K}']:.4f} at epoch "
-        f"{result['best_epoch']}",
+        f"{result['best_epoch']}"
+        + (f", {result['examples_per_s']:.0f} training examples/s"
+           if result.get("examples_per_s") else ""),
         "",
         format_table(result),
         "",
