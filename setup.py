@@ -78,7 +78,9 @@ def _extension():
     _write_build_info(with_cuda)
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=off: products and sums rounded one by one, as the reference's eager ops round
+    # them (GCC fuses them into FMAs by default where the target has FMA, e.g. aarch64)
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     if not with_cuda:
         return CppExtension("blossomrec_cuda._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],

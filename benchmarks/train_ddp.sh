@@ -26,6 +26,7 @@ PY=${PYTHON:-python3}
 RUNS="$OUT/train-ddp-runs.jsonl"
 mkdir -p "$OUT"
 : > "$OUT/commands.txt"
+: > "$RUNS"  # this invocation's runs only (a rerun into the same OUT starts afresh)
 for cfg in $CONFIGS; do
   name=${cfg%%:*}; len=${cfg##*:}
   path="$DATA/$name"; [ -e "$path.txt" ] && path="$path.txt"
@@ -45,7 +46,10 @@ for cfg in $CONFIGS; do
 done
 "$PY" - "$RUNS" "$OUT/train-ddp.jsonl" "$OUT/commands.txt" <<'PYEOF'
 import json, sys
-runs = [json.loads(l) for l in open(sys.argv[1])] if open(sys.argv[1]).read().strip() else []
+import os
+runs = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
+if not runs:
+    sys.exit("no run finished: see the train-*.log files")
 commands = open(sys.argv[3]).read().splitlines()
 base = {}
 for r in runs:
@@ -57,6 +61,7 @@ for r in runs:
     one = base.get(key)
     w = r["world_size"]
     cmd = next((c for c in commands if f"--nproc_per_node {w} " in c and
+                f"--data {r['config']['data']} " in c and
                 f"--attention {r['attention']} " in c and f"--max-len {key[1]} " in c), None)
     rows.append(dict(method="train_ddp", model=r["model"], dataset=key[0], max_len=key[1],
                      world_size=w, examples_per_s=r["examples_per_s"],

@@ -159,9 +159,12 @@ class _QKVAttention(nn.Module):
             raise ValueError(f"x must be [B, N, dim] with dim = {self.dim}, got shape "
                              f"{list(x.shape)}")
 
-    # RoPE through blossomrec::rope (one kernel forward, one backward, for q and k together);
-    # BlossomAttention(backend="reference") keeps the PyTorch statement, reference.apply_rope.
-    _rope_op = True
+    @property
+    def _rope_op(self) -> bool:
+        """RoPE through blossomrec::rope (one kernel forward, one backward, for q and k together);
+        BlossomAttention(backend="reference") keeps the PyTorch statement, reference.apply_rope
+        (read at every call, so a changed ``backend`` takes effect)."""
+        return getattr(self, "backend", "ops") == "ops"
 
     def _qkv(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B, N, dim]`` -> RoPE'd ``q [B, N, H, D]``, ``k [B, N, KVH, D]`` and ``v``, views
@@ -255,7 +258,6 @@ class BlossomAttention(_QKVAttention):
         self.use_power = use_power
         self.use_sink = use_sink
         self.backend = backend
-        self._rope_op = backend == "ops"
         flat = compress_block_size * dim_head
         self.compress_pos = nn.Parameter(torch.zeros(kv_heads, compress_block_size, dim_head))
         self.compress_mlp = nn.Sequential(nn.Linear(flat, flat), nn.ReLU(), nn.Linear(flat, dim_head))
@@ -357,7 +359,8 @@ class DenseAttention(_QKVAttention):
     (left, or a valid run in the middle of the row) is moved to the right-padded form by an ``O(N)``
     row gather and moved back after the attention; when not causal, pad keys are masked by a
     ``[B, 1, 1, N]`` key mask. Costs ``O(N^2)`` per sequence; padding rows give exactly 0, like the
-    sparse module.
+    sparse module. RoPE is the compiled ``blossomrec::rope`` op (CPU and CUDA kernels), as in
+    BlossomAttention's default backend.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int, causal: bool = True,

@@ -752,12 +752,21 @@ def rope(x: Tensor, seq_start: Optional[Tensor] = None, theta: float = 10000.0) 
 
     The same function as :func:`blossomrec_cuda.reference.apply_rope` at those positions, computed
     in the same precision (float32 for float32 / float16 / bfloat16, float64 for float64) except
-    that cos and sin are evaluated in float64: results agree to a few units in the last place of
-    the compute type. Errors: ValueError for values and shapes, TypeError for types."""
+    that ``theta ** (-2m / D)``, cos and sin are evaluated in float64 and rounded once: as accurate
+    as the reference against the float64 statement, and equal to it up to a few units in the last
+    place where the reference's float32 frequencies are correctly rounded (the power-of-two head
+    dims); elsewhere the two differ by up to pos times one ulp of a frequency. An int64
+    ``seq_start`` is checked to fit in int32 (eager mode; a device sync for a GPU tensor).
+    Errors: ValueError for values and shapes, TypeError for types."""
     if seq_start is None:
         seq_start = torch.zeros(x.shape[0] if x.dim() else 0, dtype=torch.int32, device=x.device)
     elif isinstance(seq_start, Tensor) and seq_start.dtype in (torch.int64, torch.int16,
                                                                 torch.int8, torch.uint8):
+        if (seq_start.dtype == torch.int64 and seq_start.numel() and not _is_tracing()
+                and seq_start.device.type != "meta"):
+            lo, hi = (int(v) for v in torch.aminmax(seq_start))
+            if lo < -2 ** 31 or hi >= 2 ** 31:
+                raise ValueError(f"seq_start values must fit in int32, got {lo} .. {hi}")
         seq_start = seq_start.to(torch.int32)
     if not isinstance(seq_start, Tensor):
         raise TypeError(f"seq_start must be an integer tensor, got {type(seq_start).__name__}")

@@ -509,13 +509,16 @@ def _odd_view(x):
     return view
 
 
+@pytest.mark.parametrize("gate_kind", ["float32-odd", "q-dtype-odd", "q-dtype-strided"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_misaligned_inputs_are_copied(dtype):
+def test_misaligned_inputs_are_copied(dtype, gate_kind):
     """The kernels use 8- and 16-byte accesses: views at an odd element offset (and row strides
     that are not multiples of 16 bytes) are copied to an aligned buffer first, never read
     misaligned, for every input of the three ops (q, k, v, kc, gates; dout, o_sel, o_win, lse in
     the backward). Same results as on aligned copies. bfloat16: the fused kernels; float32: the row
-    kernels."""
+    kernels. The gates: float32 or q's dtype at an odd offset, or a strided view of q's dtype (the
+    kernels read 16-bit gates in place only when contiguous and 4-byte aligned, else a float32
+    copy, while dgates is written in the gates' dtype either way)."""
     N, H, KVH, D = 40, 2, 1, 16
     g = torch.Generator(device="cpu").manual_seed(9)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEV, dtype)  # noqa: E731
@@ -523,7 +526,16 @@ def test_misaligned_inputs_are_copied(dtype):
     k = rnd(1, N, KVH * D + 3)[..., 3:].view(1, N, KVH, D)
     v = rnd(1, N, KVH * D + 1)[..., 1:].view(1, N, KVH, D)
     kc = _odd_view(rnd(1, N // 4, KVH, D))
-    gates32 = _odd_view(torch.rand(1, N, H, 2, generator=g).to(DEV))  # float32 gates, odd offset
+    gates_values = torch.rand(1, N, H, 2, generator=g)
+    if gate_kind == "float32-odd":
+        gates32 = _odd_view(gates_values.to(DEV))
+    elif gate_kind == "q-dtype-odd":
+        gates32 = _odd_view(gates_values.to(DEV, dtype))
+    else:
+        wide = torch.rand(1, N, H + 1, 2, generator=g).to(DEV, dtype)
+        wide[:, :, :H] = gates_values.to(DEV, dtype)
+        gates32 = wide[:, :, :H]
+        assert not gates32.is_contiguous()
     st = torch.zeros(1, dtype=torch.int32, device=DEV)
     ln = torch.full((1,), N, dtype=torch.int32, device=DEV)
     args = (8, 8, 1, True, False, True, D ** -0.5)
@@ -542,7 +554,8 @@ def test_misaligned_inputs_are_copied(dtype):
     assert q.data_ptr() % 16 != 0 and k.data_ptr() % 16 != 0
     odd = run(q, k, v, kc, gates32, True)
     torch.cuda.synchronize()  # a misaligned access would surface here as a CUDA error
-    aligned = run(q.clone(), k.clone(), v.clone(), kc.clone(), gates32.clone(), False)
+    aligned = run(q.clone(), k.clone(), v.clone(), kc.clone(), gates32.contiguous().clone(), False)
+    assert odd[-1].dtype == gates32.dtype and odd[-1].is_contiguous()  # dgates
     for a, b_ in zip(odd, aligned):
         assert torch.equal(a, b_), "a misaligned view gives a different result from its copy"
 

@@ -298,6 +298,17 @@ def test_checkpoint_resumes_across_world_sizes(tmp_path):
         result = json.loads(out.read_text())
         assert result["world_size"] == second and result["epochs_run"] == 2
         assert [r["epoch"] for r in result["history"]] == [1, 2]
+        # the throughput is this run's (its one epoch), not the first run's
+        assert result["examples_per_s"] == result["history"][1]["examples_per_s"]
+
+
+def test_steady_throughput_leaves_out_the_first_epoch_of_this_run():
+    from blossomrec_cuda.rec.train import _steady_throughput
+    history = [{"epoch": e, "examples_per_s": 10.0 * e} for e in (1, 2, 3)]
+    assert _steady_throughput(history, 1) == 25.0  # epochs 2 and 3
+    assert _steady_throughput(history, 2) == 30.0  # resumed at 2: its first epoch left out
+    assert _steady_throughput(history, 3) == 30.0  # one epoch: that one
+    assert _steady_throughput(history, 4) is None
 
 
 # --------------------------------------------------------------------------------------------------

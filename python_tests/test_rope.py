@@ -92,6 +92,29 @@ def test_rope_long_positions(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [48, 6])
+def test_rope_long_positions_other_head_dims(device, D):
+    """Head dims that are not powers of two: -2m / D is inexact in float32 and the reference's float32
+    frequencies may sit an ulp off the op's (float64, rounded once), which moves the angle by pos
+    times that ulp. The op is as accurate as the reference against the float64 statement."""
+    N = 70000
+    x = torch.randn(1, N, 1, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    st = torch.zeros(1, dtype=torch.int32)
+    pos = relative_positions(st.long(), N)
+    truth = reference.apply_rope(x.float().double(), pos)  # float64 statement of the float32 input
+    want = reference.apply_rope(x.float(), pos)
+    got = blossomrec_cuda.rope(x.float().to(device), st.to(device)).cpu()
+    _close(got, want, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_int64_start_past_int32_is_refused(device):
+    x = torch.randn(1, 4, 1, 16, device=device)
+    with pytest.raises(ValueError, match="fit in int32"):
+        blossomrec_cuda.rope(x, torch.tensor([2 ** 32], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rope_inverse_undoes_the_rotation(device):
     x, st = _case(device, torch.float64, 3, 50, 4, 32, 0)
     y = torch.ops.blossomrec.rope(x, st, 500.0, False)

@@ -374,7 +374,8 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
     per_process = max(1, cfg.batch_size // rt.world)  # --batch-size is the global batch
     collate = _collate(cfg.max_len, fixed_len=cfg.compile)
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    first_epoch = state["epoch"] + 1  # of this run (a resumed one continues a history)
+    for epoch in range(first_epoch, cfg.epochs + 1):
         if rt.distributed:
             sampler = DistributedSampler(dataset, rt.world, rt.rank, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
@@ -433,9 +434,9 @@ def _run(cfg: TrainConfig, rt: Runtime) -> dict:
         "test": test, "popularity": popularity, "seconds": time.time() - t_start,
         "train_seconds_per_epoch": (sum(r.get("train_seconds", 0.0) for r in state["history"])
                                     / max(len(state["history"]), 1)),
-        # training throughput over all processes, the first epoch (warm-up, compilation) left out
-        # when there are more
-        "examples_per_s": _steady_throughput(state["history"]),
+        # training throughput over all processes in this run's epochs, its first epoch (warm-up,
+        # compilation) left out when there are more
+        "examples_per_s": _steady_throughput(state["history"], first_epoch),
         # Runs sharing the device at the same time (set by benchmarks/accuracy_sweep.sh), which
         # the per-epoch times depend on.
         "concurrent_runs": int(os.environ.get("BLOSSOMREC_CONCURRENT_RUNS", "1")),
@@ -509,8 +510,9 @@ def _check_ranks_in_sync(model: nn.Module, rt: Runtime, epoch: int) -> bool:
     return True
 
 
-def _steady_throughput(history: list) -> Optional[float]:
-    rates = [r["examples_per_s"] for r in history if "examples_per_s" in r]
+def _steady_throughput(history: list, first_epoch: int) -> Optional[float]:
+    rates = [r["examples_per_s"] for r in history
+             if "examples_per_s" in r and r["epoch"] >= first_epoch]
     if not rates:
         return None
     rates = rates[1:] if len(rates) > 1 else rates

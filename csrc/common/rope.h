@@ -4,10 +4,13 @@
 //
 // Pair m of a head (dims 2m, 2m+1) turns by pos * inv_freq(m), inv_freq(m) = theta^(-2m/D). The
 // compute type is float32 for float32/16/bfloat16 inputs and float64 for float64 ones, as in the
-// reference; the angle is rounded to the compute type like the reference's `positions * inv_freq`,
-// and its sine and cosine are evaluated in float64 (correctly rounded to float32 afterwards, and
-// unaffected by --use_fast_math, whose single-precision sin/cos lose accuracy at the large angles of
-// long sequences). The products are rounded one by one, as the reference's eager ops round them.
+// reference; inv_freq(m) is evaluated in float64 and rounded once to the compute type (the
+// reference's float32 pow may be an ulp off it: then the angles differ by pos times that ulp, as
+// accurate either way), the angle is rounded to the compute type like the reference's
+// `positions * inv_freq`, and its sine and cosine are evaluated in float64 (correctly rounded to
+// float32 afterwards, and unaffected by --use_fast_math, whose single-precision sin/cos lose
+// accuracy at the large angles of long sequences). The products are rounded one by one, as the
+// reference's eager ops round them (setup.py builds the CPU code with -ffp-contract=off).
 #pragma once
 
 #include <cmath>
