@@ -173,7 +173,9 @@ class _QKVAttention(nn.Module):
         B, N, _ = x.shape
         H, KVH, D = self.heads, self.kv_heads, self.dim_head
         qkv = self.to_qkv(x).view(B, N, H + 2 * KVH, D)
-        if self._rope_op:
+        # the op has CPU and CUDA kernels (and a fake for meta / compile); other devices keep the
+        # PyTorch statement
+        if self._rope_op and x.device.type in ("cpu", "cuda", "meta"):
             # split, not slicing: the backward of a split is one cat of the gradients, that of
             # two slices two zero-filled copies and an add
             qk, v = qkv.split([H + KVH, KVH], dim=2)
