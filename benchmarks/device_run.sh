@@ -20,6 +20,8 @@
 # stay readable beside it), and the plots too if they would push the count over 8.
 #
 # Env flags: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE=1 FULL_TESTS=1 BENCH_ARGS="..."
+# MODULE_ARGS="..." (benchmarks/bench_module.py, e.g. "--sizes 4096,16384") EPOCH_SECONDS=1 (with
+# epoch_seconds.sh's MODES / CONFIGS)
 # TEST_ARGS="..." (extra pytest arguments, e.g. -k fused) TEST_TIMEOUT (seconds, default 420)
 # PROFILE=1 PROFILE_ARGS="..." (benchmarks/profile_kernels.py) NCU=1 NCU_ARGS="..." NCU_LAUNCHES=N
 # NCU_SECTIONS="--section ..." NCU_KERNELS="regex:..." (which kernels Nsight Compute captures)
@@ -187,6 +189,32 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   fi
 else
   record bench skipped 0
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Module and training-step benchmark (MODULE_ARGS set: benchmarks/bench_module.py with them,
+#    rows appended to benchmarks/results/bench-module-<card>-<date>.jsonl and copied to $OUT)
+#    and seconds per epoch (EPOCH_SECONDS=1: benchmarks/epoch_seconds.sh with its MODES / CONFIGS;
+#    needs the data sets: carry .data)
+# ---------------------------------------------------------------------------------------------------
+if [ -n "${MODULE_ARGS:-}" ] && [ $BUILD_OK -eq 1 ]; then
+  t0=$SECONDS
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  MODULE_RESULTS="benchmarks/results/bench-module-${CARD_SLUG}-$(date -u +%Y%m%d).jsonl"
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/bench_module.py $MODULE_ARGS --out "$MODULE_RESULTS" \
+    --run-id "m-$(date -u +%Y%m%d-%H%M%S)" >"$LOGS/bench-module.log" 2>&1
+  rc=$?
+  [ -f "$MODULE_RESULTS" ] && cp "$MODULE_RESULTS" "$OUT/"
+  record module "$([ $rc -eq 0 ] && echo ok || echo "FAILED (logs/bench-module.log)")" $((SECONDS - t0))
+fi
+if [ "${EPOCH_SECONDS:-0}" = "1" ] && [ $BUILD_OK -eq 1 ]; then
+  t0=$SECONDS
+  mkdir -p "$LOGS/epochs"
+  OUT="$LOGS/epochs" bash benchmarks/epoch_seconds.sh >"$LOGS/epochs.log" 2>&1
+  rc=$?
+  [ -f "$LOGS/epochs/epoch-seconds.jsonl" ] && cp "$LOGS/epochs/epoch-seconds.jsonl" "$OUT/"
+  record epochs "$([ $rc -eq 0 ] && echo ok || echo "FAILED (logs/epochs.log)")" $((SECONDS - t0))
 fi
 
 # ---------------------------------------------------------------------------------------------------
