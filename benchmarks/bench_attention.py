@@ -713,28 +713,36 @@ def build_reference(sets: list[dict], case: Case, pass_: str) -> Callable[[int],
     return _pass_fn(pass_, src, call, QKVG)
 
 
+def capture(fn: Callable[[int], object], n_sets: int) -> Callable[[int], object]:
+    """``fn(i)`` for each input set i captured in a CUDA graph after three warm-up rounds on a side
+    stream (torch.cuda.graphs' recipe); the returned function replays graph i. What remains is the
+    GPU time of the kernels."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA-graph methods need a GPU")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for i in range(n_sets):
+                fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for i in range(n_sets):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(i)
+        graphs.append(g)
+    return lambda i: graphs[i].replay()
+
+
 def _graphed(build: Callable[[list[dict], Case, str], Callable[[int], object]]):
-    """A builder whose calls replay CUDA graphs: one graph per input set, captured after a warm-up
-    on a side stream (torch.cuda.graphs' recipe). What remains is the GPU time of the kernels."""
+    """A builder whose calls replay CUDA graphs (:func:`capture`), one per input set."""
     def builder(sets: list[dict], case: Case, pass_: str) -> Callable[[int], object]:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA-graph methods need a GPU")
         # A captured call cannot copy the lengths from the host: the graph takes them on the GPU.
         inner = build([dict(s, lengths_host=s["lengths"]) for s in sets], case, pass_)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                for i in range(len(sets)):
-                    inner(i)
-        torch.cuda.current_stream().wait_stream(side)
-        graphs = []
-        for i in range(len(sets)):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                inner(i)
-            graphs.append(g)
-        return lambda i: graphs[i].replay()
+        return capture(inner, len(sets))
     return builder
 
 

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import (RunInfo, _free, device_name, emit, git_commit,  # noqa: E402
+from bench_attention import (RunInfo, _free, capture, device_name, emit, git_commit,  # noqa: E402
                              import_package, peak_extra_mib, time_ms)
 
 MODULE_METHODS = ("module_blossom", "module_blossom_compiled", "module_blossom_graph",
@@ -72,27 +72,7 @@ def build_module(method: str, B: int, N: int, device: torch.device, autocast: Op
         y.backward(dout.to(y.dtype))
         return y
 
-    return graphed(run) if method.endswith("_graph") else run
-
-
-def graphed(run: Callable[[int], object]) -> Callable[[int], object]:
-    """``run`` captured in a CUDA graph after three warm-up calls on a side stream; the returned
-    function replays it."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            run(i)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(0)
-
-    def replay(_i: int) -> None:
-        graph.replay()
-
-    replay.graph = graph  # keep it alive with the function
-    return replay
+    return capture(run, 1) if method.endswith("_graph") else run
 
 
 def build_step(method: str, B: int, N: int, device: torch.device, autocast: Optional[torch.dtype],
@@ -123,7 +103,7 @@ def build_step(method: str, B: int, N: int, device: torch.device, autocast: Opti
         opt.step()
         return loss
 
-    return graphed(run) if graph else run
+    return capture(run, 1) if graph else run
 
 
 def row(info: RunInfo, method: str, B: int, N: int, ms: Optional[float], peak: Optional[float],

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define BR_HOST_DEVICE __host__ __device__
@@ -25,17 +26,16 @@
 namespace blossomrec {
 namespace rope {
 
-// a * b and a - b / a + b rounded once each (no contraction into an FMA on the device).
-BR_HOST_DEVICE inline float mul(float a, float b) {
+// a * b rounded once (no contraction into an FMA on the device; the host code is built with
+// -ffp-contract=off).
+template <typename acc_t>
+BR_HOST_DEVICE inline acc_t mul(acc_t a, acc_t b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BR_HOST_DEVICE inline double mul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
@@ -47,7 +47,7 @@ template <typename acc_t>
 BR_HOST_DEVICE inline void angle_cos_sin(int64_t pos, int m, int D, double theta, bool inverse,
                                          acc_t* c, acc_t* s) {
   const acc_t inv_freq = static_cast<acc_t>(pow(theta, -static_cast<double>(2 * m) / D));
-  const acc_t angle = mul(static_cast<acc_t>(pos), inv_freq);
+  const acc_t angle = mul<acc_t>(static_cast<acc_t>(pos), inv_freq);
   double sd, cd;
 #ifdef __CUDA_ARCH__
   sincos(static_cast<double>(angle), &sd, &cd);
@@ -63,8 +63,8 @@ BR_HOST_DEVICE inline void angle_cos_sin(int64_t pos, int m, int D, double theta
 template <typename acc_t>
 BR_HOST_DEVICE inline void rotate(acc_t even, acc_t odd, acc_t c, acc_t s, acc_t* out_even,
                                   acc_t* out_odd) {
-  *out_even = mul(even, c) - mul(odd, s);
-  *out_odd = mul(even, s) + mul(odd, c);
+  *out_even = mul<acc_t>(even, c) - mul<acc_t>(odd, s);
+  *out_odd = mul<acc_t>(even, s) + mul<acc_t>(odd, c);
 }
 
 }  // namespace rope

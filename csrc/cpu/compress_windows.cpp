@@ -7,6 +7,7 @@
 // the sum evaluated in float (float64 for float64 inputs) and rounded to k's dtype, as torch's add
 // of two k-dtype tensors does.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -33,7 +34,7 @@ at::Tensor compress_windows_cpu(const at::Tensor& k, const at::Tensor& seq_start
   const int64_t sb = k.stride(0), sn = k.stride(1), sg = k.stride(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "compress_windows_cpu",
                                   [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     const scalar_t* pp = pos.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();

@@ -3,6 +3,7 @@
 // the same numbers as the CUDA kernel. A row's cosines and sines are evaluated once and applied to
 // every head.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,7 +27,7 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& seq_start, double the
   const int32_t* start = st.data_ptr<int32_t>();
   const int64_t sb = x.stride(0), sn = x.stride(1), sh = x.stride(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * N, 64, [&](int64_t begin, int64_t end) {

@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "common/mask.h"
 
 namespace blossomrec {
@@ -143,6 +145,36 @@ template <>
 struct Vec16<__half> : Vec16Packed<__half, __half2> {};
 template <>
 struct Vec16<__nv_bfloat16> : Vec16Packed<__nv_bfloat16, __nv_bfloat162> {};
+
+// ---------------------------------------------------------------------------------------------
+// One element <-> its compute type (float for the 32- and 16-bit types, double for double), and
+// the type of two adjacent elements (one 4-, 8- or 16-byte access)
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Rounded to nearest (even).
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_type<T> x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+template <typename T> struct Pair2;
+template <> struct Pair2<float> { using type = float2; };
+template <> struct Pair2<double> { using type = double2; };
+template <> struct Pair2<__half> { using type = __half2; };
+template <> struct Pair2<__nv_bfloat16> { using type = __nv_bfloat162; };
 
 // at::Half / at::BFloat16 -> the CUDA types with the same bits
 template <typename T>

@@ -21,6 +21,7 @@
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "cuda/common.cuh"
 #include "cuda/dispatch.h"
 
 namespace blossomrec {
@@ -37,22 +38,6 @@ __device__ inline float add_rn(float a, float b) {
 }
 __device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
-// Exact widening to the compute type, and rounding to nearest (even) back.
-__device__ inline float to_acc(float x) { return x; }
-__device__ inline double to_acc(double x) { return x; }
-__device__ inline float to_acc(__half x) { return __half2float(x); }
-__device__ inline float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T, typename acc_t> __device__ inline T from_acc(acc_t x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    static_assert(std::is_same_v<T, acc_t>);
-    return x;
-  }
-}
-
 struct WindowParams {
   const void* k;
   const void* pos;  // contiguous [KVH, l, D]
@@ -67,7 +52,7 @@ struct WindowParams {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWindowThreads) compress_windows_kernel(WindowParams p) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t idx = int64_t(blockIdx.x) * kWindowThreads + threadIdx.x;
   if (idx >= p.total) return;
@@ -100,7 +85,7 @@ __global__ void __launch_bounds__(kWindowThreads) compress_windows_kernel(Window
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
     const acc_t a = r < 0 ? acc_t(0) : to_acc(kv[e]);
-    ov[e] = from_acc<scalar_t, acc_t>(add_rn(a, to_acc(pv[e])));
+    ov[e] = from_acc<scalar_t>(add_rn(a, to_acc(pv[e])));
   }
   if (p.vec) {
     *reinterpret_cast<uint4*>(op) = *reinterpret_cast<const uint4*>(ov);

@@ -13,6 +13,7 @@
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "common/rope.h"
+#include "cuda/common.cuh"
 #include "cuda/dispatch.h"
 
 namespace blossomrec {
@@ -20,20 +21,6 @@ namespace cuda {
 namespace {
 
 constexpr int kRopeThreads = 256;
-
-template <typename T> struct Pair2;
-template <> struct Pair2<float> { using type = float2; };
-template <> struct Pair2<double> { using type = double2; };
-template <> struct Pair2<__half> { using type = __half2; };
-template <> struct Pair2<__nv_bfloat16> { using type = __nv_bfloat162; };
-
-__device__ inline float to_acc(float x) { return x; }
-__device__ inline float to_acc(__half x) { return __half2float(x); }
-__device__ inline float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_acc(float x);
-template <> __device__ inline float from_acc(float x) { return x; }
-template <> __device__ inline __half from_acc(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
 
 struct RopeParams {
   const void* x;
@@ -48,7 +35,7 @@ struct RopeParams {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(RopeParams p) {
   using pair_t = typename Pair2<scalar_t>::type;
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t half = p.D / 2;
   const int64_t idx = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x;
   if (idx >= p.B * p.N * half) return;
@@ -63,16 +50,11 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(RopeParams p) {
   for (int64_t h = 0; h < p.heads; ++h) {
     const pair_t v = *reinterpret_cast<const pair_t*>(x + h * p.sh);
     acc_t e, o;
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      rope::rotate<acc_t>(v.x, v.y, c, s, &e, &o);
-      *reinterpret_cast<pair_t*>(out + h * p.D) = make_double2(e, o);
-    } else {
-      rope::rotate<acc_t>(to_acc(v.x), to_acc(v.y), c, s, &e, &o);
-      pair_t r;
-      r.x = from_acc<scalar_t>(e);
-      r.y = from_acc<scalar_t>(o);
-      *reinterpret_cast<pair_t*>(out + h * p.D) = r;
-    }
+    rope::rotate<acc_t>(to_acc(v.x), to_acc(v.y), c, s, &e, &o);
+    pair_t r;
+    r.x = from_acc<scalar_t>(e);
+    r.y = from_acc<scalar_t>(o);
+    *reinterpret_cast<pair_t*>(out + h * p.D) = r;
   }
 }
 

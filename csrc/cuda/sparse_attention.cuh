@@ -252,8 +252,8 @@ template <typename T>
 __device__ __forceinline__ float2 gate_pair(const void* base, bool f32, int64_t rh) {
   if constexpr (!std::is_same_v<T, float>) {
     if (!f32) {
-      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-      return Vec16<T>::to_float2(static_cast<const T2*>(base)[rh]);
+      const typename Pair2<T>::type v = static_cast<const typename Pair2<T>::type*>(base)[rh];
+      return make_float2(to_acc(v.x), to_acc(v.y));
     }
   }
   return static_cast<const float2*>(base)[rh];
@@ -264,15 +264,21 @@ __device__ __forceinline__ void store_gate_pair(void* base, bool f32, int64_t rh
                                                 float b) {
   if constexpr (!std::is_same_v<T, float>) {
     if (!f32) {
-      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-      static_cast<T2*>(base)[rh] = Vec16<T>::from_float2(a, b);
+      static_cast<typename Pair2<T>::type*>(base)[rh] = Vec16<T>::from_float2(a, b);
       return;
     }
   }
   static_cast<float2*>(base)[rh] = make_float2(a, b);
 }
 
-inline at::Tensor aligned_f32(const at::Tensor& t);
+// A float32 tensor the kernels read with 8- or 16-byte loads: contiguous, and copied when its data
+// pointer is not 16-byte aligned (a contiguous view at an odd element offset stays one after
+// .contiguous()).
+inline at::Tensor aligned_f32(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kFloat).contiguous();
+  if (c.numel() > 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
 
 // The gates as the kernels read them: the tensor itself when it has q's 16-bit dtype, is contiguous
 // and 4-byte aligned; else a contiguous float32 copy (aligned_f32).
@@ -283,15 +289,6 @@ inline at::Tensor kernel_gates(const at::Tensor& gates, const at::Tensor& q) {
     return gates;
   }
   return aligned_f32(gates);
-}
-
-// A float32 tensor the kernels read with 8- or 16-byte loads: contiguous, and copied when its data
-// pointer is not 16-byte aligned (a contiguous view at an odd element offset stays one after
-// .contiguous()).
-inline at::Tensor aligned_f32(const at::Tensor& t) {
-  at::Tensor c = t.to(at::kFloat).contiguous();
-  if (c.numel() > 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
 }
 
 // Fills AttnParams from checked inputs (defined in sparse_attention_fwd.cu). gates_k is the gates
