@@ -575,11 +575,14 @@ SELECT_LONG = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", ["right", "packed"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", range(len(SELECT_LONG)))
 def test_selection_long_sequences_matches_reference(case, causal, layout, dtype):
+    """float32 scores on FFMA, float16 / bfloat16 on tensor cores (hi/lo bfloat16 splits,
+    csrc/cuda/select_blocks.cu): both equal the reference away from near-ties, m = b / s of 1-3,
+    D = 16-128, warps whose rows span several packed sequences."""
     lengths, N, H, KVH, D, hp = SELECT_LONG[case]
     hp = dict(hp, causal=causal)
     t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, layout,
@@ -597,14 +600,16 @@ def test_selection_long_sequences_matches_reference(case, causal, layout, dtype)
         assert int(cnt.sum()) > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [16, 64])
-def test_selection_ties_take_the_lower_blocks(D):
+def test_selection_ties_take_the_lower_blocks(D, dtype):
     """All block-mean keys equal: every visible block has the same score, and the n lowest visible
-    blocks must win (SPEC 1b), in the shared-memory tiles (one sequence of several CTAs)."""
+    blocks must win (SPEC 1b), in the FFMA kernel's shared-memory tiles (one sequence of several
+    CTAs) and in the tensor-core kernel's block tiles (equal columns, equal scores)."""
     L, H, KVH, n = 600, 4, 2, 5
     g = torch.Generator(device="cpu").manual_seed(5)
-    q = torch.randn(1, L, H, D, generator=g).to(DEV)
-    kc = torch.randn(1, 1, KVH, D, generator=g).expand(1, L // 4, KVH, D).contiguous().to(DEV)
+    q = torch.randn(1, L, H, D, generator=g).to(DEV, dtype)
+    kc = torch.randn(1, 1, KVH, D, generator=g).expand(1, L // 4, KVH, D).contiguous().to(DEV, dtype)
     st = torch.zeros(1, dtype=torch.int32, device=DEV)
     ln = torch.full((1,), L, dtype=torch.int32, device=DEV)
     for causal in (True, False):

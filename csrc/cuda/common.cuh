@@ -239,5 +239,14 @@ inline at::Tensor vec_aligned(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// Without an opt-in a CTA gets at most 48 KiB of shared memory, static and dynamic together.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int64_t dynamic_bytes, int64_t static_bytes = 0) {
+  if (dynamic_bytes + static_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(dynamic_bytes)));
+  }
+}
+
 }  // namespace cuda
 }  // namespace blossomrec

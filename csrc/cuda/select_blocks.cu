@@ -23,6 +23,7 @@
 #include "common/checks.h"
 #include "cuda/common.cuh"
 #include "cuda/dispatch.h"
+#include "cuda/mma.cuh"
 
 namespace blossomrec {
 namespace cuda {
@@ -96,6 +97,19 @@ struct SelectState {
     }
   }
 };
+
+// Row r's selection for kv head g: the top blocks whose probability clears SPEC's threshold (they
+// are sorted, so a prefix), -1 past them.
+__device__ __forceinline__ void write_selection(const SelectParams& p, const SelectState& st,
+                                                int64_t r, int64_t g) {
+  int kept = 0;
+  for (int c = 0; c < st.count; ++c) {
+    if (exp2f(st.top_s[c] - st.M) / st.S > kSelectMinProb) kept = c + 1; else break;
+  }
+  int32_t* idx_out = p.idx + (r * p.KVH + g) * p.width;
+  for (int c = 0; c < p.width; ++c) idx_out[c] = c < kept ? st.top_j[c] : -1;
+  p.cnt[r * p.KVH + g] = kept;
+}
 
 template <int D>
 __device__ __forceinline__ float dot_smem(const float* qbar, const float* k) {
@@ -219,20 +233,218 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     }
   }
   if (r >= rows) return;
-  // Keep the blocks whose probability clears SPEC's threshold; they are sorted, so a prefix.
-  int kept = 0;
-  for (int c = 0; c < st.count; ++c) {
-    if (exp2f(st.top_s[c] - st.M) / st.S > kSelectMinProb) kept = c + 1; else break;
+  write_selection(p, st, r, g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core scores (float16 / bfloat16 inputs, sm_80 and newer)
+// ---------------------------------------------------------------------------------------------
+// The FFMA kernel above spends ~56 instructions per score and row (Nsight, docs/PERF_NOTES.md v9),
+// of which the dot product is the bulk; here mma.sync computes a warp's 32 rows x 16 or 32 blocks
+// of scores per step, and each lane then runs the same softmax normaliser and top-n over its row's
+// scores as the FFMA kernel (SelectState). The products stay float32-accurate: qbar (float32) and
+// the block-mean keys kcb (float32 when m > 1) are each split into a bfloat16 high part and a
+// bfloat16 remainder, x = hi + lo with |x - hi - lo| <= 2^-17 |x| (bfloat16 whatever the input
+// dtype: float32's exponent range, so no float16 overflow of qbar at large scales), and
+// S = qhi.khi + qlo.khi + qhi.klo with float32 accumulation (qlo.klo, <= 2^-18 |q||k| per element,
+// is dropped; for bfloat16 inputs with m = 1 klo is exactly zero and its product is skipped).
+// Scores are relative errors of ~1e-5 of |qbar||kcb| from float64: selections equal the
+// reference's away from near-ties, as the FFMA kernel's do (its error is ~1e-6).
+//
+// Every warp works alone (no CTA barrier): its 32 consecutive buffer rows, lane l owning row l's
+// state, are served one sequence at a time (the rows of a warp belong to one sequence except for
+// short or packed ones), and each block tile of that sequence is loaded by the warp into its own
+// shared memory. A row's scores depend only on its own qbar and the blocks (MMA rows are
+// independent), so they are the same bits whatever rows share its warp: padding invariance holds
+// as in the FFMA kernel.
+constexpr int kSelWarps = kSelectThreads / 32;
+
+template <int D>
+struct MmaSelect {
+  static constexpr int kT = D <= 32 ? 32 : 16;  // blocks per step
+  static constexpr int KS = D + 8;              // bfloat16 row stride: conflict-free ldmatrix
+  static constexpr int kQBytes = 2 * 32 * KS * 2;  // qbar hi, lo: [2][32 rows][KS]
+  static constexpr int kKBytes = 2 * kT * KS * 2;  // kcb hi, lo: [2][kT blocks][KS]
+  static constexpr int kSBytes = 32 * (kT + 1) * 4;  // scores [32 rows][kT + 1]: conflict-free rows
+  static constexpr int kWarpBytes = kQBytes + kKBytes + kSBytes;
+  static constexpr int kSmem = kSelWarps * kWarpBytes;
+};
+
+// 16 floats as their bfloat16 high parts and the bfloat16 roundings of the remainders, stored at
+// hi and lo (32-byte aligned).
+__device__ __forceinline__ void split_store16(const float (&x)[kDimsPerLane], __nv_bfloat16* hi,
+                                              __nv_bfloat16* lo) {
+  __align__(16) __nv_bfloat162 h[kDimsPerLane / 2], l[kDimsPerLane / 2];
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane / 2; ++e) {
+    h[e] = __floats2bfloat162_rn(x[2 * e], x[2 * e + 1]);
+    const float2 hf = __bfloat1622float2(h[e]);
+    l[e] = __floats2bfloat162_rn(x[2 * e] - hf.x, x[2 * e + 1] - hf.y);
   }
-  int32_t* idx_out = p.idx + (r * p.KVH + g) * p.width;
-  for (int c = 0; c < p.width; ++c) idx_out[c] = c < kept ? st.top_j[c] : -1;
-  p.cnt[r * p.KVH + g] = kept;
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    reinterpret_cast<uint4*>(hi)[v] = reinterpret_cast<const uint4*>(h)[v];
+    reinterpret_cast<uint4*>(lo)[v] = reinterpret_cast<const uint4*>(l)[v];
+  }
 }
 
 template <typename T, int D>
+__global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(const SelectParams p) {
+  using M = MmaSelect<D>;
+  constexpr int kT = M::kT, KS = M::KS;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  unsigned char* wbuf = smem + warp * M::kWarpBytes;
+  __nv_bfloat16* qa = reinterpret_cast<__nv_bfloat16*>(wbuf);                  // [2][32][KS]
+  __nv_bfloat16* kb = reinterpret_cast<__nv_bfloat16*>(wbuf + M::kQBytes);     // [2][kT][KS]
+  float* sc = reinterpret_cast<float*>(wbuf + M::kQBytes + M::kKBytes);        // [32][kT + 1]
+
+  const int64_t rows = p.seq.Bq * p.seq.N;
+  const int64_t cta = p.causal ? int64_t(gridDim.x) - 1 - blockIdx.x : int64_t(blockIdx.x);
+  const int64_t r = cta * blockDim.x + threadIdx.x;
+  const int64_t g = blockIdx.y;
+  const RowInfo row = r < rows ? row_info(p.seq, r) : RowInfo{-1, 0, 0, 0};
+
+  // Group-mean query, pre-multiplied by scale * log2(e) (the FFMA kernel's float32 qbar), split
+  // into the two bfloat16 rows of this lane (zeros for padding rows).
+  {
+    float qbar[kDimsPerLane];
+    const T* qrow = nullptr;
+    if (row.b >= 0) {
+      const int64_t bq = r / p.seq.N;
+      qrow = static_cast<const T*>(p.q) + bq * p.q_sb + (r - bq * p.seq.N) * p.q_sn +
+             g * p.G * p.q_sh;
+    }
+    const float qs = p.scale_log2 / float(p.G);
+#pragma unroll
+    for (int c = 0; c < D / kDimsPerLane; ++c) {
+#pragma unroll
+      for (int e = 0; e < kDimsPerLane; ++e) qbar[e] = 0.f;
+      if (qrow != nullptr) {
+        for (int64_t h = 0; h < p.G; ++h) {
+          float x[kDimsPerLane];
+          Vec16<T>::load(qrow + h * p.q_sh + c * kDimsPerLane, x);
+#pragma unroll
+          for (int e = 0; e < kDimsPerLane; ++e) qbar[e] += x[e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kDimsPerLane; ++e) qbar[e] *= qs;
+      split_store16(qbar, qa + lane * KS + c * kDimsPerLane, qa + (32 + lane) * KS + c * kDimsPerLane);
+    }
+  }
+  const int n_sel = int(p.num_select);
+  const int64_t nb = row.b >= 0
+                         ? num_select_blocks(row.L, p.c_avail, p.compress_stride, p.select_block)
+                         : 0;
+  const int64_t own = row.i / p.select_block;
+  const int64_t j_end = row.b < 0 || n_sel == 0 ? 0 : (p.causal ? (own < nb ? own : nb) : nb);
+  // bfloat16 keys with m = 1 are their own high part: no remainder product.
+  const bool k_exact = std::is_same<T, __nv_bfloat16>::value && p.m == 1;
+  SelectState st;
+  __syncwarp();
+
+  unsigned todo = __ballot_sync(~0u, j_end > 0);
+  while (todo) {
+    // The lanes of the next sequence and the blocks the furthest of them sees.
+    const int64_t b = __shfl_sync(~0u, row.b, __ffs(todo) - 1);
+    const unsigned seg = __ballot_sync(~0u, row.b == b) & todo;
+    todo &= ~seg;
+    const bool mine = (seg >> lane) & 1u;
+    int64_t jmax = mine ? j_end : 0;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const int64_t o = __shfl_xor_sync(~0u, jmax, off);
+      jmax = o > jmax ? o : jmax;
+    }
+    for (int64_t J0 = 0; J0 < jmax; J0 += kT) {
+      // kcb of blocks J0 .. J0 + kT - 1 (zeros past jmax), 16 dims per (block, chunk).
+      for (int e = lane; e < kT * (D / kDimsPerLane); e += 32) {
+        const int jj = e / (D / kDimsPerLane);
+        const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
+        float x[kDimsPerLane];
+        if (J0 + jj < jmax) {
+          load_kcb16<T>(p, b, g, J0 + jj, c, x);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kDimsPerLane; ++k) x[k] = 0.f;
+        }
+        split_store16(x, kb + jj * KS + c, kb + (kT + jj) * KS + c);
+      }
+      __syncwarp();
+      // Scores of the warp's 32 rows (two m16 tiles) x kT blocks.
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        float acc[kT / 8][4];
+#pragma unroll
+        for (int n = 0; n < kT / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+        }
+        const __nv_bfloat16* arow = qa + (mt * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
+        const __nv_bfloat16* brow = kb + ((lane >> 4) * 8 + (lane & 7)) * KS + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          uint32_t ahi[4], alo[4];
+          ldmatrix_x4(ahi, arow + ks * 16);
+          ldmatrix_x4(alo, arow + 32 * KS + ks * 16);
+#pragma unroll
+          for (int np = 0; np < kT / 16; ++np) {
+            uint32_t bhi[4];
+            ldmatrix_x4(bhi, brow + np * 16 * KS + ks * 16);
+            Mma<__nv_bfloat16>::run(acc[2 * np], ahi, bhi[0], bhi[1]);
+            Mma<__nv_bfloat16>::run(acc[2 * np + 1], ahi, bhi[2], bhi[3]);
+            Mma<__nv_bfloat16>::run(acc[2 * np], alo, bhi[0], bhi[1]);
+            Mma<__nv_bfloat16>::run(acc[2 * np + 1], alo, bhi[2], bhi[3]);
+            if (!k_exact) {
+              uint32_t blo[4];
+              ldmatrix_x4(blo, brow + (kT + np * 16) * KS + ks * 16);
+              Mma<__nv_bfloat16>::run(acc[2 * np], ahi, blo[0], blo[1]);
+              Mma<__nv_bfloat16>::run(acc[2 * np + 1], ahi, blo[2], blo[3]);
+            }
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < kT / 8; ++n) {
+          float* s0 = sc + (mt * 16 + gq) * (kT + 1) + n * 8 + 2 * tq;
+          s0[0] = acc[n][0];
+          s0[1] = acc[n][1];
+          s0[8 * (kT + 1)] = acc[n][2];
+          s0[8 * (kT + 1) + 1] = acc[n][3];
+        }
+      }
+      __syncwarp();
+      if (mine && J0 < j_end) {
+        float s[kT];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int jj = 0; jj < kT; ++jj) {
+          const int64_t J = J0 + jj;
+          const bool visible = J < j_end && (p.causal || J != own);
+          s[jj] = visible ? sc[lane * (kT + 1) + jj] : -INFINITY;
+          tile_max = fmaxf(tile_max, s[jj]);
+        }
+        st.add_tile<kT>(s, tile_max, int32_t(J0), n_sel);
+      }
+      __syncwarp();  // kb and sc are refilled next step
+    }
+  }
+  if (r >= rows) return;
+  write_selection(p, st, r, g);
+}
+
+// float32 on the FFMA kernel, float16 / bfloat16 on the tensor cores.
+template <typename T, int D>
 void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   const dim3 grid(unsigned(ceil_div(rows, kSelectThreads)), unsigned(p.KVH));
-  select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
+  if constexpr (std::is_same<T, float>::value) {
+    select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
+  } else {
+    auto kernel = select_blocks_mma_kernel<T, D>;
+    allow_dynamic_smem(kernel, MmaSelect<D>::kSmem);
+    kernel<<<grid, kSelectThreads, size_t(MmaSelect<D>::kSmem), stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -247,7 +459,10 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   TORCH_CHECK_TYPE(q_in.scalar_type() != at::kDouble,
                    "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = vec_aligned(q_in);
+  // float16 / bfloat16 scores run on tensor cores from sm_80 on; older cards score them in float32.
+  const bool upcast = q_in.scalar_type() != at::kFloat &&
+                      at::cuda::getCurrentDeviceProperties()->major < 8;
+  const at::Tensor q = vec_aligned(upcast ? q_in.to(at::kFloat) : q_in);
   const int64_t width = num_select > 1 ? num_select : 1;
   at::Tensor idx = alloc_output({d.Bq, d.N, d.KVH, width}, q.options().dtype(at::kInt));
   at::Tensor cnt = alloc_output({d.Bq, d.N, d.KVH}, q.options().dtype(at::kInt));
@@ -256,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
 
   const int64_t m = select_block / compress_stride;
   const int64_t nb_max = kc.size(1) / m;
-  const at::Tensor kc_a = vec_aligned(kc);
+  const at::Tensor kc_a = vec_aligned(upcast ? kc.to(at::kFloat) : kc);
   const at::Tensor st = seq_start.contiguous();
   const at::Tensor ln = seq_len.contiguous();
 

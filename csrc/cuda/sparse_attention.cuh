@@ -221,15 +221,6 @@ __device__ __forceinline__ void stage_rows(S* dst, const T* src, int64_t row_str
   }
 }
 
-// Without an opt-in a CTA gets at most 48 KiB of shared memory, static and dynamic together.
-template <typename Kernel>
-inline void allow_dynamic_smem(Kernel kernel, int64_t dynamic_bytes, int64_t static_bytes = 0) {
-  if (dynamic_bytes + static_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(dynamic_bytes)));
-  }
-}
-
 // The backward's saved inputs.
 struct BwdIn {
   const void* dout;   // [rows, H, D] contiguous
