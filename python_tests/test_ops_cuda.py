@@ -378,33 +378,36 @@ def _has(names, kernel):
 
 
 ROW_FWD = ("sparse_attention_fwd_kernel", "sparse_attention_fwd_staged_kernel")
-ROW_BWD = ("bwd_dq_kernel", "bwd_dq_staged_kernel", "bwd_dkdv_kernel", "bwd_dkdv_staged_kernel")
+ROW_DQ = ("bwd_dq_kernel", "bwd_dq_staged_kernel")
+ROW_DKDV = ("bwd_dkdv_kernel", "bwd_dkdv_staged_kernel")
 FUSED_FWD = ("fused_fwd_kernel",)
 FUSED_BWD = ("fused_dq_kernel", "fused_dkdv_kernel")
+LONG_DKDV = ("long_dkdv_kernel",)
 
 
-# expect: which kernel families run, as four letters: fused forward, fused backward, row forward,
-# row backward ("F" / "B" / "f" / "b" present, "-" absent).
+# expect: which kernel families run, as six letters: fused forward, fused backward, row forward,
+# row dq, row dk/dv, tensor-core dk/dv of the longer sequences ("F" / "B" / "f" / "q" / "d" / "L"
+# present, "-" absent).
 @pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect", [
-    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB--"),
-    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB--"),
+    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB----"),
+    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB----"),
     # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
-    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-"),
+    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf---"),
     # D = 16 backward over two K/V segments (672 and 336 keys), left padding
-    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-"),
-    (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fb"),   # past 1024 tokens
-    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB--"),
-    (torch.bfloat16, 64, "right", [1025], 1025, 16, "--fb"),   # past 1024 tokens
-    (torch.bfloat16, 64, "right", [300], 300, 4, "--fb"),      # past 64 selection blocks
-    (torch.float32, 16, "right", [200, 37], 200, 16, "--fb"),  # float32: the row kernels
-    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfb"),  # rows: the padding only
-    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfb"),  # rows: 300 forward, padding
-    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FBfb"),  # rows: the long one
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf---"),
+    (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fq-L"),   # past 1024 tokens
+    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB----"),
+    (torch.bfloat16, 64, "right", [1025], 1025, 16, "--fq-L"),   # past 1024 tokens
+    (torch.bfloat16, 64, "right", [300], 300, 4, "--fq-L"),      # past 64 selection blocks
+    (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd-"),  # float32: the row kernels
+    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfqd-"),  # rows: the padding only
+    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfqd-"),  # rows: 300 forward, padding
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FBfq-L"),  # rows: the long one
 ])
 def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect):
     """Dispatch: each kernel family runs exactly where claimed (a fallback to the row kernels, or
     the fused kernels running where they cannot, fails here), forward and backward separately;
-    results are the reference's (the packed buffers mix both kernel families)."""
+    results are the reference's (the packed buffers mix the kernel families)."""
     N = N or max(lengths)
     H, KVH = 8, 2
     hp = _hp(dict(compress_stride=4, select_block=select_block, num_select=4), STIS[0], True)
@@ -429,7 +432,9 @@ def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect)
     checks = (("fused forward", fwd_names, FUSED_FWD, expect[0]),
               ("fused backward", bwd_names, FUSED_BWD, expect[1]),
               ("row forward", fwd_names, ROW_FWD, expect[2]),
-              ("row backward", bwd_names, ROW_BWD, expect[3]))
+              ("row dq", bwd_names, ROW_DQ, expect[3]),
+              ("row dk/dv", bwd_names, ROW_DKDV, expect[4]),
+              ("fused long dk/dv", bwd_names, LONG_DKDV, expect[5]))
     for what, names, kernels, letter in checks:
         want = letter != "-"
         if what.startswith("fused"):  # every kernel of the pass
@@ -497,6 +502,66 @@ def test_fused_hand_made_selection_matches_reference():
     hp = _hp(dict(compress_stride=4, select_block=8, num_select=4), STIS[0], True)
     check_against_reference([300, 120], 300, 8, 2, 16, hp, "right", torch.bfloat16, device=DEV,
                             seed=7, sel_fn=edit)
+
+
+# The tensor-core dk/dv of the sequences the fused kernels do not take (fused_attention.cu,
+# long_dkdv_kernel): lengths past 1024 (and 300 tokens past 64 selection blocks), every group size
+# family, head dim, select block dividing 16, equal to it, above it and not dividing it (6), window,
+# power block, no powers, no selection; causal and non-causal with the sink; the three layouts.
+LONG_CASES = [  # N, G, D, (compress stride, select block, num_select, window, power block, powers)
+    (1025, 4, 16, (16, 16, 4, 8, 1, True)),
+    (1041, 2, 32, (4, 8, 3, 1, 2, True)),
+    (1100, 1, 64, (8, 32, 2, 17, 1, True)),
+    (1300, 8, 16, (2, 6, 3, 3, 1, False)),
+    (1500, 3, 128, (16, 16, 1, 40, 3, True)),
+    (2047, 4, 16, (4, 4, 8, 8, 1, True)),
+    (300, 4, 64, (4, 4, 4, 8, 1, True)),
+    (1100, 5, 32, (16, 16, 0, 8, 1, True)),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("x", range(len(LONG_CASES)))
+def test_long_dkdv_matches_reference(x, causal):
+    N, G, D, (s, b, n, w, p, power) = LONG_CASES[x]
+    KVH = 2 if G <= 4 else 1
+    dtype = torch.bfloat16 if x % 2 == 0 else torch.float16
+    layout = FUSED_LAYOUTS[x % 3]
+    lengths = [N, max(N // 3, 1), 0] if layout != "left" else [N, 1]
+    hp = dict(compress_stride=s, select_block=b, num_select=n, window=w, power_block=p,
+              use_power=power, use_sink=not causal, causal=causal)
+    check_against_reference(lengths, N, G * KVH, KVH, D, hp, layout, dtype, device=DEV,
+                            seed=400 + x)
+
+
+@pytest.mark.parametrize("D", [16, 64])
+def test_long_dkdv_skewed_lists_deterministic(D):
+    """Every query selects the same four blocks: their lists hold ~N rows each (hundreds of
+    16-row tiles for one warp), a block listed twice in some rows is attended once; results are
+    the reference's and the backward is bitwise deterministic."""
+    N, H, KVH = 3000, 8, 2
+
+    def edit(idx, cnt):  # one right-padded sequence: buffer row = position
+        pos = torch.arange(idx.shape[1], device=idx.device)[None, :, None]
+        cnt = torch.clamp(pos // 16, max=4).expand_as(cnt).to(cnt.dtype)  # the visible of 0..3
+        slot = torch.arange(idx.shape[-1], device=idx.device)
+        idx = torch.where(slot < cnt[..., None], slot.to(idx.dtype), -1)
+        dup = (pos[..., None] % 7 == 0) & (cnt[..., None] >= 2) & (slot == 1)
+        return torch.where(dup, 0, idx).to(torch.int32), cnt  # block 0 twice in every 7th row
+
+    hp = _hp(dict(compress_stride=16, select_block=16, num_select=4), STIS[0], True)
+    check_against_reference([N], N, H, KVH, D, hp, "right", torch.bfloat16, device=DEV, seed=9,
+                            sel_fn=edit)
+    t, seq_start, seq_len = gpu_batch([N], N, H, KVH, D, torch.bfloat16, "right", s=16, seed=9)
+    idx, cnt = torch.ops.blossomrec.select_blocks(t["q"], t["kc"], seq_start, seq_len, 16, 16, 4,
+                                                  True, D ** -0.5)
+    idx, cnt = edit(idx, cnt)
+    dout = torch.randn(t["q"].shape, device=DEV, dtype=torch.bfloat16)
+    first = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    second = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    for name, a, b_ in zip(("out", "o_sel", "o_win", "lse", "dq", "dk", "dv", "dgates"), first,
+                           second):
+        assert torch.equal(a, b_), f"{name}: two runs differ"
 
 
 def _odd_view(x):

@@ -115,6 +115,22 @@ BR_HD void for_each_stis_range(I i, I L, const StisParams& st, F&& f) {
   if (!st.causal && st.use_sink && last_block - ib >= w) f(L - 1, L);
 }
 
+// The queries that see key j (0 <= j < L) through the STIS window: [*lo, *hi), the first range of
+// for_each_stis_query_range (from the power block jb to jb + w - 1, and back to jb - (w - 1) when
+// not causal).
+template <typename I>
+BR_HD void stis_window_query_range(I j, I L, const StisParams& st, I* lo, I* hi) {
+  const I p = I(st.power_block), w = I(st.window);
+  const I jb = j / p;
+  const I last_block = (L - 1) / p;
+  I lo_b = st.causal ? jb : jb - (w - 1);
+  I hi_b = jb + (w - 1);
+  lo_b = lo_b < 0 ? 0 : lo_b;
+  hi_b = hi_b > last_block ? last_block : hi_b;
+  *lo = lo_b * p;
+  *hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
+}
+
 // The inverse: calls f(lo, hi) for disjoint, non-empty query ranges whose union is the set of
 // queries that see key j (0 <= j < L) through STIS. O(w + log2(L / p)) calls, the sink included:
 // no query sees the last key at a positive distance and the window reaches back to block
@@ -127,21 +143,16 @@ BR_HD void for_each_stis_query_range(I j, I L, const StisParams& st, F&& f) {
   const I p = I(st.power_block), w = I(st.window);
   const I jb = j / p;
   const I last_block = (L - 1) / p;
-  I lo_b = st.causal ? jb : jb - (w - 1);
-  {
-    I hi_b = jb + (w - 1);
-    lo_b = lo_b < 0 ? 0 : lo_b;
-    hi_b = hi_b > last_block ? last_block : hi_b;
-    const I hi = (hi_b + 1) * p < L ? (hi_b + 1) * p : L;
-    f(lo_b * p, hi);
-  }
+  I lo, hi;
+  stis_window_query_range(j, L, st, &lo, &hi);
+  f(lo, hi);
   if (st.use_power) {
     for (I d = I(first_power_at_least(w)); jb + d <= last_block; d <<= 1) {
-      const I lo = (jb + d) * p;
-      f(lo, lo + p < L ? lo + p : L);
+      const I r0 = (jb + d) * p;
+      f(r0, r0 + p < L ? r0 + p : L);
     }
   }
-  if (!st.causal && st.use_sink && j == L - 1 && lo_b > 0) f(I(0), lo_b * p);
+  if (!st.causal && st.use_sink && j == L - 1 && lo > 0) f(I(0), lo);
 }
 
 // Running top-n of (score, block) pairs, kept sorted by decreasing score; ties keep the lower block

@@ -41,6 +41,8 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <limits>
+
 #include "cuda/dispatch.h"
 #include "cuda/mma.cuh"
 
@@ -70,6 +72,9 @@ struct FusedTraits {
   //   dk/dv at D = 64 stays at one CTA: two spilled 276 bytes and were slower (S2 655 -> 800 us).
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
   static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : 1;
+  // The long-sequence dk/dv adds a row loop with 16-dim k, v, q, dout and two accumulators per
+  // lane: at D = 16 three CTAs (80 registers) spilled 456 bytes, two do not (local ptxas).
+  static constexpr int kLongDkdvMinBlocks = D <= 16 ? 2 : 1;
   // K + V of one forward / dq segment: three CTAs per SM at D = 16, two above.
   static constexpr int64_t kSegmentBudget = (D <= 16 ? 64 : 96) * 1024;
 };
@@ -851,6 +856,67 @@ __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnPar
   cp_async_commit();
 }
 
+// One query tile of a dk/dv warp (a stage of stage_bytes: Q, dout, aux and the rows' mask words of
+// the warp's key tile): S^T = K Q^T and dP^T = V dout^T for the warp's 16 keys (kf, vf) and the
+// stage's 16 query columns, P and dS of each branch under the words' bits (do_sel / do_win: the
+// branch has a bit in the tile at all), then dV += (g_sel P_sel + g_win P_win)^T dout and
+// dK += dS^T Q.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void dkdv_tile(const unsigned char* stage, const uint32_t (&kf)[D / 16][4],
+                                          const uint32_t (&vf)[D / 16][4], bool do_sel, bool do_win,
+                                          float scale_log2, int lane, float (&dk)[D / 8][4],
+                                          float (&dv)[D / 8][4]) {
+  const int gq = lane >> 2, tq = lane & 3;
+  const T* qs = reinterpret_cast<const T*>(stage);
+  const T* dos = qs + kTile * KS;
+  const Aux* as = reinterpret_cast<const Aux*>(dos + kTile * KS);
+
+  const uint32_t* ws = reinterpret_cast<const uint32_t*>(as + 2 * kTile);
+  // The four query columns this lane holds: c = 2 nt + e2 -> the stage's row 8 nt + 2 tq + e2,
+  // their words shifted so that key row gq + 8 r is bit 8 r (LTIS) and 16 + 8 r (STIS).
+  uint32_t wq[4];
+  float cg[4][2], cl[4][2], cd[4][2];  // gate, lse2, delta per column and branch
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int r = col_bit(c) + 2 * tq;
+    wq[c] = ws[r] >> gq;  // zeros past L
+    const float4 a0 = as[r * 2], a1 = as[r * 2 + 1];  // zeros past L
+    cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
+    cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
+  }
+
+  float s[2][4] = {}, dpt[2][4] = {};
+  mma_abt<T, D, KS>(s, kf, qs, lane);
+  mma_abt<T, D, KS>(dpt, vf, dos, lane);
+  float ds[2][4], pg[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = nt * 2 + (e & 1);
+      const int kb = 8 * (e >> 1);  // key row gq + kb
+      float dsv = 0.f, pgv = 0.f;
+      if (do_sel && word_bit(wq[c], kb)) {
+        const float pw = exp2f(fmaf(s[nt][e], scale_log2, -cl[c][0]));
+        dsv += pw * (cg[c][0] * dpt[nt][e] - cd[c][0]);
+        pgv += pw * cg[c][0];
+      }
+      if (do_win && word_bit(wq[c], kTile + kb)) {
+        const float pw = exp2f(fmaf(s[nt][e], scale_log2, -cl[c][1]));
+        dsv += pw * (cg[c][1] * dpt[nt][e] - cd[c][1]);
+        pgv += pw * cg[c][1];
+      }
+      ds[nt][e] = dsv;
+      pg[nt][e] = pgv;
+    }
+  }
+  uint32_t dsa[4], pga[4];
+  c_to_a<T>(dsa, ds);
+  c_to_a<T>(pga, pg);
+  mma_ab<T, D, KS>(dv, pga, dos, lane);
+  mma_ab<T, D, KS>(dk, dsa, qs, lane);
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
@@ -926,55 +992,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
       cp_async_wait<0>();
     }
     __syncwarp();
-    const T* qs = reinterpret_cast<const T*>(buf + stage * kStage);
-    const T* dos = qs + kTile * KS;
-    const Aux* as = reinterpret_cast<const Aux*>(dos + kTile * KS);
     const bool do_sel = (need[2 * qt] >> kt) & 1, do_win = (need[2 * qt + 1] >> kt) & 1;
-
-    const uint32_t* ws = reinterpret_cast<const uint32_t*>(as + 2 * kTile);
-    // The four query columns this lane holds: c = 2 nt + e2 -> query qt * 16 + 8 nt + 2 tq + e2,
-    // their words shifted so that key row gq + 8 r is bit 8 r (LTIS) and 16 + 8 r (STIS).
-    uint32_t wq[4];
-    float cg[4][2], cl[4][2], cd[4][2];  // gate, lse2, delta per column and branch
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int r = col_bit(c) + 2 * tq;
-      wq[c] = ws[r] >> gq;  // zeros past L
-      const float4 a0 = as[r * 2], a1 = as[r * 2 + 1];  // zeros past L
-      cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
-      cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
-    }
-
-    float s[2][4] = {}, dpt[2][4] = {};
-    mma_abt<T, D, KS>(s, kf, qs, lane);
-    mma_abt<T, D, KS>(dpt, vf, dos, lane);
-    float ds[2][4], pg[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 2 + (e & 1);
-        const int kb = 8 * (e >> 1);  // key row gq + kb
-        float dsv = 0.f, pgv = 0.f;
-        if (do_sel && word_bit(wq[c], kb)) {
-          const float pw = exp2f(fmaf(s[nt][e], p.scale_log2, -cl[c][0]));
-          dsv += pw * (cg[c][0] * dpt[nt][e] - cd[c][0]);
-          pgv += pw * cg[c][0];
-        }
-        if (do_win && word_bit(wq[c], kTile + kb)) {
-          const float pw = exp2f(fmaf(s[nt][e], p.scale_log2, -cl[c][1]));
-          dsv += pw * (cg[c][1] * dpt[nt][e] - cd[c][1]);
-          pgv += pw * cg[c][1];
-        }
-        ds[nt][e] = dsv;
-        pg[nt][e] = pgv;
-      }
-    }
-    uint32_t dsa[4], pga[4];
-    c_to_a<T>(dsa, ds);
-    c_to_a<T>(pga, pg);
-    mma_ab<T, D, KS>(dv, pga, dos, lane);
-    mma_ab<T, D, KS>(dk, dsa, qs, lane);
+    dkdv_tile<T, D, KS>(buf + stage * kStage, kf, vf, do_sel, do_win, p.scale_log2, lane, dk, dv);
     __syncwarp();  // the buffer is refilled two steps on
     qt = qt_next;
     stage ^= 1;
@@ -1023,15 +1042,318 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backward, key-outer, for the sequences longer than fused_max_len(): dk/dv
+// ---------------------------------------------------------------------------------------------
+// The row kernels' dk/dv pass walks, per (key row, head), every query that sees the key one at a
+// time (a GEMV per query with a dependent index load); the popular blocks' long lists made it
+// the largest kernel at S4-S6 (docs/PERF_NOTES.md). Here a warp per (16-key tile, head of the
+// group), as in fused_dkdv_kernel, takes its queries as 16-row tiles through the same MMA step
+// (dkdv_tile), from two sources:
+// - the contiguous rows [x_lo, x_hi): whole 16-row tiles covering the own-block queries of the
+//   tile's keys and their STIS window; a row's word holds its own-range LTIS bits and all its
+//   STIS bits for these keys (window, powers of two, sink), from the ranges of common/mask.h;
+// - the rows that selected a block of these keys (the inverted index of pass 2, increasing row
+//   order per block, the blocks in increasing order), 16 entries per tile, the LTIS bits of the
+//   entry's block only (a block is listed once per row; the own block is never selected).
+// The STIS queries outside [x_lo, x_hi) (the powers of two beyond the window, the sink: one key
+// per row each, 1/16 of an MMA tile) are added afterwards per (key, 16 dims) as the row kernels do.
+// Every sum runs in a fixed order (tiles, then the row loop, then the G heads in head order):
+// deterministic, no atomics.
+struct LongArgs {
+  FusedArgs f;               // units of the sequences longer than min_len
+  const int64_t* inv_rows;   // entry -> buffer row of a query that selected the block
+  const int64_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
+  int64_t min_len;
+};
+
+// Bits k of [lo, hi) - j0 for k < 16.
+__device__ __forceinline__ uint32_t range_bits16(int64_t lo, int64_t hi, int64_t j0) {
+  const int64_t a = lo - j0 < 0 ? 0 : (lo - j0 > kTile ? kTile : lo - j0);
+  const int64_t b = hi - j0 < 0 ? 0 : (hi - j0 > kTile ? kTile : hi - j0);
+  return b > a ? ((1u << b) - 1u) ^ ((1u << a) - 1u) : 0u;
+}
+
+// Query i's word for the keys j0 .. j0 + 15: its own-range LTIS bits and all its STIS bits.
+__device__ __forceinline__ uint32_t contiguous_word(const AttnParams& p, int64_t i, int64_t L,
+                                                    int64_t j0) {
+  int64_t lo, hi;
+  own_block_range<int64_t>(i, L, p.select_block, p.stis.causal, &lo, &hi);
+  uint32_t w = range_bits16(lo, hi, j0);
+  for_each_stis_range<int64_t>(i, L, p.stis, [&](int64_t a, int64_t b) {
+    w |= range_bits16(a, b, j0) << kTile;
+  });
+  return w;
+}
+
+// The copies of one stage: Q, dout and aux rows of the sequence's positions pos (lane r < 16 holds
+// row r's position, -1: none, zero-filled) and the rows' words (lane r's word). All lanes.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void stage_rows_long(unsigned char* stage, const AttnParams& p,
+                                                const BwdIn& in, const Aux* aux, const Unit& u,
+                                                int64_t pos, uint32_t word, int64_t h, int lane) {
+  constexpr int kChunks = D / 8;
+  static_assert((2 * kTile * kChunks) % 32 == 0, "every lane takes the same number of copies");
+  T* buf = reinterpret_cast<T*>(stage);
+  Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
+  const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+  for (int e = lane; e < 2 * kTile * kChunks; e += 32) {
+    const int mat = e >= kTile * kChunks ? 1 : 0;
+    const int x = e - mat * kTile * kChunks;
+    const int r = x / kChunks, c = x - r * kChunks;
+    const int64_t i = __shfl_sync(~0u, pos, r);
+    const bool valid = i >= 0;
+    const int64_t n = u.s + (valid ? i : 0);
+    const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + n) * p.H + h) * D
+                       : qb + n * p.q_sn;
+    cp_async16(buf + (mat * kTile + r) * KS + c * 8, src + c * 8, valid);
+  }
+  {
+    const int r = lane >> 1, br = lane & 1;
+    const int64_t i = __shfl_sync(~0u, pos, r);
+    const bool valid = i >= 0;
+    const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : 0)) * p.H + h;
+    cp_async16(abuf + lane, aux + rh * 2 + br, valid);
+  }
+  if (lane < kTile) reinterpret_cast<uint32_t*>(abuf + 2 * kTile)[lane] = word;
+  cp_async_commit();
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
+    long_dkdv_kernel(const LongArgs la, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  constexpr int kStage = stage_bytes<T, KS>();
+  constexpr int kBuf = 2 * kStage;
+  constexpr int kParts = 2 * (D / 8) * 4 * 32;  // a warp's dk, dv fragments as floats
+  static_assert(kParts * 4 <= kBuf, "the partials fit the buffer");
+  extern __shared__ __align__(16) unsigned char smem[];
+  const FusedArgs& a = la.f;
+  const AttnParams& p = a.p;
+  Unit u;
+  if (!find_unit(a, false, &u) || u.L <= la.min_len) return;
+  const int64_t g = blockIdx.y;
+  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) {
+    dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
+  }
+  if (u.c0 >= u.L) return;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int G = int(p.G);
+  const int tl = warp / G, hg = warp - tl * G;
+  const int64_t h = g * p.G + hg;
+  const int64_t L = u.L;
+  const int64_t j0 = int64_t(u.c0) + tl * kTile;  // the warp's keys j0 .. j0 + 15
+  const bool active = j0 < L;
+  const int64_t j1 = active ? (j0 + kTile < L ? j0 + kTile : L) : j0;
+  const int64_t base = u.bq * p.seq.N + u.s;  // buffer row of position 0
+  unsigned char* buf = smem + warp * kBuf;
+  float* part = reinterpret_cast<float*>(buf);
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  }
+  int64_t x_lo = 0, x_hi = 0;  // the contiguous rows
+  if (active) {
+    uint32_t kf[D / 16][4], vf[D / 16][4];
+    {
+      const int64_t ja = j0 + gq, jb = ja + 8;
+      const T* kb = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
+      const T* vb = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
+      load_a_rows<T, D>(kf, ja < L ? kb + (u.s + ja) * p.k_sn : nullptr,
+                        jb < L ? kb + (u.s + jb) * p.k_sn : nullptr, tq);
+      load_a_rows<T, D>(vf, ja < L ? vb + (u.s + ja) * p.v_sn : nullptr,
+                        jb < L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
+    }
+    // Own-block queries and the STIS window of the keys, as whole tiles.
+    const int64_t bsz = p.select_block;
+    {
+      int64_t own_lo = p.stis.causal ? j0 : (j0 / bsz) * bsz;
+      int64_t own_hi = ((j1 - 1) / bsz + 1) * bsz;
+      own_hi = own_hi < L ? own_hi : L;
+      int64_t w_lo, w_hi, w_lo1, w_hi1;
+      stis_window_query_range<int64_t>(j0, L, p.stis, &w_lo, &w_hi);
+      stis_window_query_range<int64_t>(j1 - 1, L, p.stis, &w_lo1, &w_hi1);
+      const int64_t lo = own_lo < w_lo ? own_lo : w_lo;
+      const int64_t hi = own_hi > w_hi1 ? own_hi : w_hi1;
+      x_lo = lo / kTile * kTile;
+      x_hi = (hi + kTile - 1) / kTile * kTile;
+      x_hi = x_hi < L ? x_hi : L;
+    }
+    const int n_contig = int((x_hi - x_lo + kTile - 1) / kTile);
+    // The selection lists of the blocks jf .. jf + nblk - 1 (<= 16) that hold these keys: lane l's
+    // block's first entry and count, and the entries before it (exclusive scan).
+    const int64_t jf = j0 / bsz;
+    const int nblk = int((j1 - 1) / bsz - jf + 1);
+    int64_t start = 0;
+    int cnt = 0;
+    if (lane < nblk) {
+      const int64_t key = g * p.seq.Bq * p.seq.N + base + (jf + lane) * bsz;
+      start = la.inv_offsets[key];
+      cnt = int(la.inv_offsets[key + 1] - start);
+    }
+    int excl = cnt;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(~0u, excl, off);
+      if (lane >= off) excl += y;
+    }
+    const int total = __shfl_sync(~0u, excl, 31);
+    excl -= cnt;
+    const int n_tiles = n_contig + (total + kTile - 1) / kTile;
+
+    // Tile t's rows: lane r < 16's position and word.
+    auto tile_rows = [&](int t, int64_t* pos, uint32_t* word) {
+      const int r = lane & (kTile - 1);
+      *pos = -1;
+      *word = 0u;
+      if (t < n_contig) {
+        const int64_t i = x_lo + int64_t(t) * kTile + r;
+        if (i < x_hi) {
+          *pos = i;
+          *word = contiguous_word(p, i, L, j0);
+        }
+      } else {
+        const int e = (t - n_contig) * kTile + r;
+        int64_t entry = -1, J = 0;
+        for (int l = 0; l < nblk; ++l) {
+          const int ex = __shfl_sync(~0u, excl, l), cn = __shfl_sync(~0u, cnt, l);
+          const int64_t st = __shfl_sync(~0u, start, l);
+          if (e >= ex && e < ex + cn) {
+            entry = st + (e - ex);
+            J = jf + l;
+          }
+        }
+        if (entry >= 0) {
+          *pos = la.inv_rows[entry] - base;
+          *word = range_bits16(J * bsz, (J + 1) * bsz, j0);
+        }
+      }
+    };
+    int stage = 0;
+    if (n_tiles > 0) {
+      int64_t pos;
+      uint32_t word;
+      tile_rows(0, &pos, &word);
+      stage_rows_long<T, D, KS>(buf, p, in, aux, u, pos, word, h, lane);
+    }
+    for (int t = 0; t < n_tiles; ++t) {
+      if (t + 1 < n_tiles) {
+        int64_t pos;
+        uint32_t word;
+        tile_rows(t + 1, &pos, &word);
+        stage_rows_long<T, D, KS>(buf + (stage ^ 1) * kStage, p, in, aux, u, pos, word, h, lane);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncwarp();
+      dkdv_tile<T, D, KS>(buf + stage * kStage, kf, vf, true, t < n_contig, p.scale_log2, lane,
+                          dk, dv);
+      __syncwarp();  // the buffer is refilled two steps on
+      stage ^= 1;
+    }
+  }
+  // The fragments to shared memory (lane-major), then the row loop over the remaining STIS
+  // queries per (key, 16 dims), in place: each lane reads and writes only its own elements.
+  auto part_at = [&](int mat, int key, int col) {  // element (key, col) of dk (0) or dv (1)
+    const int src_lane = (key & 7) * 4 + ((col & 7) >> 1);
+    const int e = (key >> 3) * 2 + (col & 1);
+    return ((mat * (D / 8) + (col >> 3)) * 4 + e) * 32 + src_lane;
+  };
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      part[((0 * (D / 8) + n) * 4 + e) * 32 + lane] = dk[n][e];
+      part[((1 * (D / 8) + n) * 4 + e) * 32 + lane] = dv[n][e];
+    }
+  }
+  __syncwarp();
+  constexpr int kLanes = D / kDimsPerLane;            // lanes per key
+  constexpr int kKeys = 32 / kLanes < kTile ? 32 / kLanes : kTile;  // keys per pass
+  const int kk = lane / kLanes, cc = (lane % kLanes) * kDimsPerLane;
+  if (active) {
+    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + u.s * p.q_sn + h * p.q_sh + cc;
+    const T* db = static_cast<const T*>(in.dout) + (base * p.H + h) * D + cc;
+    const Aux* ab = aux + (base * p.H + h) * 2 + 1;  // the STIS branch
+    for (int k0 = 0; k0 < kTile; k0 += kKeys) {
+      const int64_t j = j0 + k0 + kk;
+      if (kk >= kKeys || j >= L) continue;  // lanes of one key stay together
+      float kr[kDimsPerLane], vr[kDimsPerLane], dka[kDimsPerLane], dva[kDimsPerLane];
+      Vec16<T>::load(static_cast<const T*>(p.k) + u.bq * p.k_sb + (u.s + j) * p.k_sn + g * p.k_sh + cc, kr);
+      Vec16<T>::load(static_cast<const T*>(p.v) + u.bq * p.v_sb + (u.s + j) * p.v_sn + g * p.v_sh + cc, vr);
+#pragma unroll
+      for (int x = 0; x < kDimsPerLane; ++x) {
+        dka[x] = part[part_at(0, int(j - j0), cc + x)];
+        dva[x] = part[part_at(1, int(j - j0), cc + x)];
+      }
+      auto add_query = [&](int64_t i) {
+        float q[kDimsPerLane], dd[kDimsPerLane];
+        Vec16<T>::load(qb + i * p.q_sn, q);
+        Vec16<T>::load(db + i * p.H * D, dd);
+        const Aux au = ab[i * p.H * 2];  // {gate, lse2, delta, -}
+        const float sc = segment_sum<kLanes>(dot16(q, kr)) * p.scale_log2;
+        const float pw = exp2f(sc - au.y);
+        const float dp = au.x * segment_sum<kLanes>(dot16(dd, vr));
+        const float dsc = pw * (dp - au.z);
+        const float pg = pw * au.x;
+#pragma unroll
+        for (int x = 0; x < kDimsPerLane; ++x) {
+          dva[x] = fmaf(pg, dd[x], dva[x]);
+          dka[x] = fmaf(dsc, q[x], dka[x]);
+        }
+      };
+      for_each_stis_query_range<int64_t>(j, L, p.stis, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi && i < x_lo; ++i) add_query(i);
+        for (int64_t i = lo > x_hi ? lo : x_hi; i < hi; ++i) add_query(i);
+      });
+#pragma unroll
+      for (int x = 0; x < kDimsPerLane; ++x) {
+        part[part_at(0, int(j - j0), cc + x)] = dka[x];
+        part[part_at(1, int(j - j0), cc + x)] = dva[x];
+      }
+    }
+  }
+  // Head reduction in head order by the warps of head 0 of the group, then the store.
+  __syncthreads();
+  if (hg > 0 || !active) return;
+  for (int k0 = 0; k0 < kTile; k0 += kKeys) {
+    const int64_t j = j0 + k0 + kk;
+    if (kk >= kKeys || j >= L) continue;
+    float dks[kDimsPerLane], dvs[kDimsPerLane];
+#pragma unroll
+    for (int x = 0; x < kDimsPerLane; ++x) dks[x] = dvs[x] = 0.f;
+    for (int hh = 0; hh < G; ++hh) {
+      const float* other = reinterpret_cast<const float*>(smem + (warp + hh) * kBuf);
+#pragma unroll
+      for (int x = 0; x < kDimsPerLane; ++x) {
+        dks[x] += other[part_at(0, int(j - j0), cc + x)];
+        dvs[x] += other[part_at(1, int(j - j0), cc + x)];
+      }
+    }
+#pragma unroll
+    for (int x = 0; x < kDimsPerLane; ++x) dks[x] *= p.scale;
+    const int64_t off = ((base + j) * p.KVH + g) * D + cc;
+    Vec16<T>::store(dk_out + off, dks);
+    Vec16<T>::store(dv_out + off, dvs);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
 // Packed batches: units of `rows` positions per sequence of at most max_len tokens.
-__global__ void unit_count_kernel(const SeqParams sp, int64_t max_len, int rows, int32_t* count) {
+__global__ void unit_count_kernel(const SeqParams sp, int64_t min_len, int64_t max_len, int rows,
+                                  int32_t* count) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= sp.B) return;
   int64_t s, L;
   seq_bounds(sp, b, &s, &L);
-  count[b] = (L > 0 && L <= max_len) ? int32_t((L + rows - 1) / rows) : 0;
+  count[b] = (L > min_len && L <= max_len) ? int32_t((L + rows - 1) / rows) : 0;
 }
 
 // The mask words and tile needs of the fused sequences (fused_masks_kernel), kept alive by the
@@ -1051,9 +1373,11 @@ struct Launch {
   at::Tensor unit_end;  // keeps the packed prefix alive until the launch
 };
 
-// Units of `rows` positions; padded batches zero their padding rows in the kernels.
+// Units of `rows` positions of the sequences of min_len < L <= max_len tokens (padded batches: of
+// every sequence; the kernels skip the others and zero their own sequences' padding rows).
 Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
-                  const at::Tensor& seq_len, cudaStream_t stream, const Masks* masks) {
+                  const at::Tensor& seq_len, cudaStream_t stream, const Masks* masks,
+                  int64_t min_len = 0) {
   Launch l;
   FusedArgs& a = l.args;
   a.p = p;
@@ -1075,7 +1399,7 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
   } else {
     at::Tensor count = at::empty({d.B}, seq_len.options());
     unit_count_kernel<<<unsigned(ceil_div(d.B, 256)), 256, 0, stream>>>(
-        p.seq, max_len, rows, count.data_ptr<int32_t>());
+        p.seq, min_len, max_len, rows, count.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     l.unit_end = at::cumsum(count, 0, at::kInt);
     a.unit_end = l.unit_end.data_ptr<int32_t>();
@@ -1173,6 +1497,24 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int D>
+void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
+                      const int64_t* inv_offsets, T* dk, T* dv, const Dims& d, int64_t min_len,
+                      const at::Tensor& seq_len, cudaStream_t stream) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  const int64_t tiles = tiles_per_cta(d, d.N);
+  const int64_t warps = d.G * tiles;
+  Launch l = plan_units(p, d, std::numeric_limits<int64_t>::max(), int(tiles * kTile), seq_len,
+                        stream, nullptr, min_len);
+  l.threads = int(32 * warps);
+  l.smem = warps * 2 * stage_bytes<T, KS>();
+  const LongArgs la{l.args, inv_rows, inv_offsets, min_len};
+  auto kernel = long_dkdv_kernel<T, D>;
+  allow_dynamic_smem(kernel, l.smem);
+  kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(la, in, aux, dk, dv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block,
@@ -1220,6 +1562,19 @@ void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, vo
       launch_bwd<scalar_t, kHeadDim>(p, in, aux, static_cast<scalar_t*>(dq),
                                      static_cast<scalar_t*>(dk), static_cast<scalar_t*>(dv), d,
                                      max_len, seq_len, stream);
+    });
+  });
+}
+
+void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
+                     const int64_t* inv_offsets, void* dk, void* dv, const Dims& d,
+                     at::ScalarType dtype, int64_t min_len, const at::Tensor& seq_len,
+                     cudaStream_t stream) {
+  BR_HALF_DTYPE_SWITCH(dtype, [&] {
+    BR_HEADDIM_SWITCH(d.D, [&] {
+      launch_long_dkdv<scalar_t, kHeadDim>(p, in, aux, inv_rows, inv_offsets,
+                                           static_cast<scalar_t*>(dk), static_cast<scalar_t*>(dv),
+                                           d, min_len, seq_len, stream);
     });
   });
 }

@@ -358,20 +358,35 @@ __global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(co
       const int64_t o = __shfl_xor_sync(~0u, jmax, off);
       jmax = o > jmax ? o : jmax;
     }
-    for (int64_t J0 = 0; J0 < jmax; J0 += kT) {
-      // kcb of blocks J0 .. J0 + kT - 1 (zeros past jmax), 16 dims per (block, chunk).
-      for (int e = lane; e < kT * (D / kDimsPerLane); e += 32) {
+    // kcb of the blocks J0 .. J0 + kT - 1 (zeros past jmax), 16 dims per (block, chunk), loaded a
+    // tile ahead: the loads of the next tile are in flight while this one is scored.
+    constexpr int kChunks = kT * (D / kDimsPerLane);
+    constexpr int kPerLane = (kChunks + 31) / 32;
+    float xn[kPerLane][kDimsPerLane];
+    auto fetch = [&](int64_t J0) {
+#pragma unroll
+      for (int v = 0; v < kPerLane; ++v) {
+        const int e = lane + 32 * v;
         const int jj = e / (D / kDimsPerLane);
         const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
-        float x[kDimsPerLane];
-        if (J0 + jj < jmax) {
-          load_kcb16<T>(p, b, g, J0 + jj, c, x);
+        if (e < kChunks && J0 + jj < jmax) {
+          load_kcb16<T>(p, b, g, J0 + jj, c, xn[v]);
         } else {
 #pragma unroll
-          for (int k = 0; k < kDimsPerLane; ++k) x[k] = 0.f;
+          for (int k = 0; k < kDimsPerLane; ++k) xn[v][k] = 0.f;
         }
-        split_store16(x, kb + jj * KS + c, kb + (kT + jj) * KS + c);
       }
+    };
+    fetch(0);
+    for (int64_t J0 = 0; J0 < jmax; J0 += kT) {
+#pragma unroll
+      for (int v = 0; v < kPerLane; ++v) {
+        const int e = lane + 32 * v;
+        const int jj = e / (D / kDimsPerLane);
+        const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
+        if (e < kChunks) split_store16(xn[v], kb + jj * KS + c, kb + (kT + jj) * KS + c);
+      }
+      if (J0 + kT < jmax) fetch(J0 + kT);
       __syncwarp();
       // Scores of the warp's 32 rows (two m16 tiles) x kT blocks.
 #pragma unroll
@@ -415,17 +430,23 @@ __global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(co
         }
       }
       __syncwarp();
-      if (mine && J0 < j_end) {
-        float s[kT];
-        float tile_max = -INFINITY;
+      // The row's scores, eight blocks at a time up to its last visible block (short sequences
+      // see a few blocks of a tile).
+      if (mine) {
 #pragma unroll
-        for (int jj = 0; jj < kT; ++jj) {
-          const int64_t J = J0 + jj;
-          const bool visible = J < j_end && (p.causal || J != own);
-          s[jj] = visible ? sc[lane * (kT + 1) + jj] : -INFINITY;
-          tile_max = fmaxf(tile_max, s[jj]);
+        for (int c8 = 0; c8 < kT; c8 += 8) {
+          if (J0 + c8 >= j_end) break;
+          float s8[8];
+          float tile_max = -INFINITY;
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            const int64_t J = J0 + c8 + jj;
+            const bool visible = J < j_end && (p.causal || J != own);
+            s8[jj] = visible ? sc[lane * (kT + 1) + c8 + jj] : -INFINITY;
+            tile_max = fmaxf(tile_max, s8[jj]);
+          }
+          st.add_tile<8>(s8, tile_max, int32_t(J0 + c8), n_sel);
         }
-        st.add_tile<kT>(s, tile_max, int32_t(J0), n_sel);
       }
       __syncwarp();  // kb and sc are refilled next step
     }

@@ -424,7 +424,7 @@ struct BwdPlan {
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const BwdIn& in,
                 Aux* aux, const Inverted& inv, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                cudaStream_t stream) {
+                bool with_dkdv, cudaStream_t stream) {
   const dim3 grid = attn_grid<D / kDimsPerLane>(p);
   const int64_t rows_per_block = kAttnThreads / (p.G * (D / kDimsPerLane));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -440,6 +440,7 @@ void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const B
     bwd_dq_kernel<T, D><<<grid, kAttnThreads, 0, stream>>>(p, in, aux, dq_p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!with_dkdv) return;
   if (plan.dkdv.total > 0) {
     auto kernel = bwd_dkdv_staged_kernel<T, D>;
     allow_dynamic_smem(kernel, plan.dkdv.total, kDkdvStaticSmem);
@@ -498,7 +499,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
     AttnParams pr = p;
     pr.skip_len = fused.max_len;
     const int64_t elem = q.element_size();
-    const BwdPlan plan{staged_kv_bytes(d, elem), staged_dkdv_smem(d, elem, p.width, select_block)};
+    // float16 / bfloat16 (sm_80 on): the dk/dv of the sequences the fused kernels do not take run
+    // on tensor cores (fused_long_dkdv) after the row kernels' dq pass; a packed buffer no longer
+    // than fused_max_len has no such sequence (the row kernels only zero its padding rows).
+    const bool long_dkdv = fused_max_len(q.scalar_type(), d.D, select_block, true) > 0 &&
+                           !(fused.max_len > 0 && d.N <= fused.max_len);
+    const BwdPlan plan{staged_kv_bytes(d, elem),
+                       long_dkdv ? DkdvSmem{} : staged_dkdv_smem(d, elem, p.width, select_block)};
     // Pass 2 (unless pass 3 is staged and builds its lists itself, or every sequence is the fused
     // kernels': a packed buffer no longer than fused_max_len): it only reads the selection.
     at::Tensor q_rows, offsets;
@@ -516,11 +523,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
       offsets = at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
       inv = Inverted{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
     }
+    // Packed buffers: the padding rows' dk / dv are the row kernels' to zero, and with the
+    // tensor-core dk/dv there are none of those.
+    if (long_dkdv && d.Bq != d.B) {
+      dk.zero_();
+      dv.zero_();
+    }
     BR_DTYPE_SWITCH(q.scalar_type(), [&] {
       BR_HEADDIM_SWITCH(d.D, [&] {
-        launch_bwd<scalar_t, kHeadDim>(pr, d, plan, in, aux_p, inv, dq, dk, dv, stream);
+        launch_bwd<scalar_t, kHeadDim>(pr, d, plan, in, aux_p, inv, dq, dk, dv, !long_dkdv, stream);
       });
     });
+    if (long_dkdv) {
+      fused_long_dkdv(pr, in, aux_p, inv.rows, inv.offsets, dk.data_ptr(), dv.data_ptr(), d,
+                      q.scalar_type(), fused.max_len, ln, stream);
+    }
   }
   return {dq, dk, dv, dgates};
 }
