@@ -11,8 +11,9 @@
 #                   against the installed torch, reusing build/ on a warm machine
 #   3. tests.log    pytest -m cuda (FULL_TESTS=1: the whole suite), junit xml
 #   4. sanitizer.log  SANITIZE=1: compute-sanitizer memcheck and racecheck on the demo's check batch
-#                   (all three kernels, forward and backward) and on SANITIZE_PYTEST (pytest test
-#                   ids, e.g. "python_tests/test_ops_cuda.py::test_x[0]", empty by default)
+#                   (all three kernels, forward and backward), on SANITIZE_SCRIPT (a python script,
+#                   e.g. benchmarks/fused_smoke.py) and on SANITIZE_PYTEST (pytest test ids, e.g.
+#                   "python_tests/test_ops_cuda.py::test_x[0]"; both empty by default)
 #   5. bench-<card>-<date>.jsonl  benchmarks/bench_attention.py $BENCH_ARGS, appended to
 #                   benchmarks/results/ and copied to $OUT
 #   6. plots/*.png  benchmarks/plot.py of this run
@@ -25,7 +26,7 @@
 # TEST_ARGS="..." (extra pytest arguments, e.g. -k fused) TEST_TIMEOUT (seconds, default 420)
 # PROFILE=1 PROFILE_ARGS="..." (benchmarks/profile_kernels.py) NCU=1 NCU_ARGS="..." NCU_LAUNCHES=N
 # NCU_SECTIONS="--section ..." NCU_KERNELS="regex:..." (which kernels Nsight Compute captures)
-# SANITIZE_PYTEST="test ids" SANITIZE_DEMO=0 (skip the demo batch) MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
+# SANITIZE_PYTEST="test ids" SANITIZE_SCRIPT=path SANITIZE_DEMO=0 (skip the demo batch) MAX_JOBS TORCH_CUDA_ARCH_LIST BLOSSOMREC_DATA (default .data: the
 # git-ignored copy of ../shared/data, which does not travel to the device otherwise; name it in carry).
 set -uo pipefail
 
@@ -126,6 +127,11 @@ if [ "${SANITIZE:-0}" = "1" ] && [ $BUILD_OK -eq 1 ]; then
       echo "=== compute-sanitizer --tool $tool: demo check batch ===" >>"$LOGS/sanitizer.log"
       compute-sanitizer --tool "$tool" --error-exitcode 97 --target-processes all \
         "$PY" -m blossomrec_cuda.demo --device cuda --check-only >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
+    fi
+    if [ -n "${SANITIZE_SCRIPT:-}" ]; then
+      echo "=== compute-sanitizer --tool $tool: ${SANITIZE_SCRIPT} ===" >>"$LOGS/sanitizer.log"
+      PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" compute-sanitizer --tool "$tool" --error-exitcode 97 \
+        --target-processes all "$PY" "$SANITIZE_SCRIPT" >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
     fi
     if [ -n "${SANITIZE_PYTEST:-}" ]; then
       echo "=== compute-sanitizer --tool $tool: pytest ${SANITIZE_PYTEST} ===" >>"$LOGS/sanitizer.log"

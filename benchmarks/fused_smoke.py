@@ -1,6 +1,7 @@
-"""One forward and backward of the CUDA op on each kind of input the fused tensor-core kernels
-take (padded right / left, packed with a sequence past their limit, D = 16 .. 128, G = 1 .. 8,
-causal and not, with the sink): a short driver for compute-sanitizer, which checks memory
+"""One forward and backward of the CUDA op on each kind of input the tensor-core kernels take
+(the fused ones: padded right / left, packed with a sequence past their limit, D = 16 .. 128,
+G = 1 .. 8, causal and not, with the sink; the long sequences' dk/dv and the selection at
+D >= 64): a short driver for compute-sanitizer, which checks memory
 accesses and races, not values (python_tests/test_ops_cuda.py checks those).
 
     compute-sanitizer --tool memcheck python benchmarks/fused_smoke.py
@@ -17,6 +18,10 @@ CASES = [  # lengths, N (None: packed), H, KVH, D, causal, select_block
     ([130, 64], 130, 2, 2, 128, True, 16),
     ([1000, 700], 1000, 8, 2, 16, True, 16),  # D = 16: row forward, fused dq over two segments
     ([700, 650], 700, 4, 4, 64, True, 16),  # G = 1: segments sized net of the staged row state
+    # Past 1024 tokens: the tensor-core dk/dv of long sequences (an empty sequence's padding
+    # zeroed there), the tensor-core selection at D = 128 with the sink
+    ([1300, 200, 0], 1300, 8, 2, 16, True, 16),
+    ([2100, 5], 2100, 4, 1, 128, False, 8),
 ]
 
 

@@ -156,41 +156,65 @@ def test_duplicate_and_empty_selections(mode, dtype):
         assert_fa_close(a, b_, c, 4 * ATOL[dtype], "d" + name)
 
 
-def test_long_sequence_65536_sampled_rows():
-    """N = 65536, B = 1 runs (no N x N or N x N/s buffer) and matches the reference on sampled rows."""
-    N, H, KVH, D = 65536, 8, 2, 16
+@pytest.mark.parametrize("N,D,n_rows", [(65536, 16, 200), (262144, 16, 60), (262144, 64, 60)])
+def test_long_sequence_sampled_rows(N, D, n_rows):
+    """One sequence of N tokens (B = 1; no N x N or N x N/s buffer anywhere) against the reference
+    on sampled rows: the selection (away from near-ties), out, and, with dout zero outside the
+    sampled rows, every gradient: dq and dgates of those rows, and all of dk and dv (exactly what
+    the sampled rows send to the keys they see)."""
+    H, KVH = 8, 2
     dtype = torch.bfloat16
     g = torch.Generator(device=DEV).manual_seed(0)
-    q = torch.randn(1, N, H, D, device=DEV, dtype=dtype, generator=g)
-    k = torch.randn(1, N, KVH, D, device=DEV, dtype=dtype, generator=g)
-    v = torch.randn(1, N, KVH, D, device=DEV, dtype=dtype, generator=g)
+
+    def leaf(*shape, rand=False):
+        x = (torch.rand if rand else torch.randn)(1, *shape, device=DEV, dtype=dtype, generator=g)
+        return x.requires_grad_()
+
+    q, k, v = leaf(N, H, D), leaf(N, KVH, D), leaf(N, KVH, D)
     kc = torch.randn(1, N // 16, KVH, D, device=DEV, dtype=dtype, generator=g)
-    gates = torch.rand(1, N, H, 2, device=DEV, dtype=dtype, generator=g)
-    hp = dict(compress_stride=16, select_block=16, num_select=4, window=8, power_block=1,
-              use_power=True, use_sink=False, causal=True)
-    idx, cnt = torch.ops.blossomrec.select_blocks(q, kc, torch.zeros(1, dtype=torch.int32, device=DEV),
+    gates = leaf(N, H, 2, rand=True)
+    hp = dict(select_block=16, window=8, power_block=1, use_power=True, use_sink=False,
+              causal=True)
+    idx, cnt = torch.ops.blossomrec.select_blocks(q.detach(), kc,
+                                                  torch.zeros(1, dtype=torch.int32, device=DEV),
                                                   torch.full((1,), N, dtype=torch.int32, device=DEV),
                                                   16, 16, 4, True, D ** -0.5)
     out = blossomrec_cuda.blossom_attention(q, k, v, kc, gates)
-    rows = torch.cat([torch.arange(0, 40), torch.randint(40, N, (200,), generator=torch.Generator().manual_seed(1)),
-                      torch.tensor([N - 1])]).to(DEV)
-    qd, kd, vd, kcd, gd = (x[0].double() for x in (q, k, v, kc, gates))
-    ri, rc = ref.select_blocks(qd, kcd, N, rows, compress_stride=16, select_block=16, num_select=4)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.cat([torch.arange(0, 40), torch.randint(40, N, (n_rows - 41,), generator=gen),
+                      torch.tensor([N - 1])]).unique().to(DEV)
+    d64 = {n: x[0].detach().double().requires_grad_() for n, x in
+           dict(q=q, k=k, v=v, gates=gates).items()}
+    kcd = kc[0].double()
+    ri, rc = ref.select_blocks(d64["q"].detach(), kcd, N, rows, compress_stride=16,
+                               select_block=16, num_select=4)
     # Selection on the sampled rows (sets), where the reference has no near-tie at the cut.
-    sc = ref.block_scores(qd[rows], kcd, N, rows, 16, 16, D ** -0.5)
+    sc = ref.block_scores(d64["q"].detach()[rows], kcd, N, rows, 16, 16, D ** -0.5)
     vis = ref.block_visible(rows, sc.shape[-1], 16, True)
     srt = sc.masked_fill(~vis[None], float("-inf")).sort(dim=-1, descending=True).values
     fragile = (torch.isfinite(srt[..., 4]) & ((srt[..., 3] - srt[..., 4]).abs() < 1e-3)).permute(1, 0)
     same = (idx[0, rows].sort(-1).values == ri.sort(-1).values).all(-1) & (cnt[0, rows] == rc)
     assert bool((same | fragile).all()), "selection differs from the reference on sampled rows"
-    r64 = ref.blossom_attention_seq(qd, kd, vd, kcd, gd, rows, sel=(idx[0, rows], cnt[0, rows]),
-                                    **{k_: v_ for k_, v_ in hp.items()
-                                       if k_ not in ("compress_stride", "num_select")})
-    rlow = ref.blossom_attention_seq(q[0], k[0], v[0], kc[0], gates[0], rows,
-                                     sel=(idx[0, rows], cnt[0, rows]), upcast=False,
-                                     **{k_: v_ for k_, v_ in hp.items()
-                                        if k_ not in ("compress_stride", "num_select")})
+    sel = (idx[0, rows], cnt[0, rows])
+    r64 = ref.blossom_attention_seq(d64["q"], d64["k"], d64["v"], kcd, d64["gates"], rows, sel=sel,
+                                    **hp)
+    low_leaves = {n: x[0] for n, x in dict(q=q, k=k, v=v, gates=gates).items()}
+    rlow = ref.blossom_attention_seq(low_leaves["q"], low_leaves["k"], low_leaves["v"], kc[0],
+                                     low_leaves["gates"], rows, sel=sel, upcast=False, **hp)
     assert_fa_close(out[0, rows], r64.out, rlow.out, ATOL[dtype], "out (sampled rows)")
+    dout_rows = torch.randn(len(rows), H, D, generator=gen).to(DEV)
+    dout = torch.zeros_like(out)
+    dout[0, rows] = dout_rows.to(dtype)
+    names = ("q", "k", "v", "gates")
+    grads = torch.autograd.grad(out, [q, k, v, gates], dout)
+    g64 = torch.autograd.grad(r64.out, [d64[n] for n in names], dout_rows.double())
+    glow = torch.autograd.grad(rlow.out, [low_leaves[n] for n in names], dout_rows.to(dtype))
+    for name, a, b_, c in zip(names, grads, g64, glow):
+        a = a[0]
+        if name in ("q", "gates"):  # only the sampled rows receive a gradient
+            assert bool((a[~torch.isin(torch.arange(N, device=DEV), rows)] == 0).all()), name
+            a, b_, c = a[rows], b_[rows], c[rows]
+        assert_fa_close(a, b_, c, 4 * ATOL[dtype], f"d{name} (N = {N}, D = {D})")
 
 
 def _small_inputs(dtype=torch.float32, packed=False):
@@ -645,9 +669,9 @@ SELECT_LONG = [
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", range(len(SELECT_LONG)))
 def test_selection_long_sequences_matches_reference(case, causal, layout, dtype):
-    """float32 scores on FFMA, float16 / bfloat16 on tensor cores (hi/lo bfloat16 splits,
-    csrc/cuda/select_blocks.cu): both equal the reference away from near-ties, m = b / s of 1-3,
-    D = 16-128, warps whose rows span several packed sequences."""
+    """float32 (and D < 64) scores on FFMA, float16 / bfloat16 at D >= 64 on tensor cores (hi/lo
+    bfloat16 splits, csrc/cuda/select_blocks.cu): both equal the reference away from near-ties,
+    m = b / s of 1-3, D = 16-128, warps whose rows span several packed sequences."""
     lengths, N, H, KVH, D, hp = SELECT_LONG[case]
     hp = dict(hp, causal=causal)
     t, seq_start, seq_len = gpu_batch(lengths, N, H, KVH, D, dtype, layout,

@@ -1060,10 +1060,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 // Every sum runs in a fixed order (tiles, then the row loop, then the G heads in head order):
 // deterministic, no atomics.
 struct LongArgs {
-  FusedArgs f;               // units of the sequences longer than min_len
+  FusedArgs f;               // units: packed, of the sequences longer than fused_max_len; padded, all
   const int64_t* inv_rows;   // entry -> buffer row of a query that selected the block
   const int64_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
-  int64_t min_len;
 };
 
 // Bits k of [lo, hi) - j0 for k < 16.
@@ -1130,7 +1129,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
   const FusedArgs& a = la.f;
   const AttnParams& p = a.p;
   Unit u;
-  if (!find_unit(a, false, &u) || u.L <= la.min_len) return;
+  // Padded batches: every sequence (min_len is 0 there: the fused kernels take all or none), the
+  // empty ones too, whose padding rows are zeroed here. Packed: units only for L > min_len.
+  if (!find_unit(a, false, &u)) return;
   const int64_t g = blockIdx.y;
   if (a.unit_end == nullptr && has_padding(p, u, a.rows)) {
     dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
@@ -1508,7 +1509,7 @@ void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, cons
                         stream, nullptr, min_len);
   l.threads = int(32 * warps);
   l.smem = warps * 2 * stage_bytes<T, KS>();
-  const LongArgs la{l.args, inv_rows, inv_offsets, min_len};
+  const LongArgs la{l.args, inv_rows, inv_offsets};
   auto kernel = long_dkdv_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(la, in, aux, dk, dv);

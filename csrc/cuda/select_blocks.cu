@@ -240,9 +240,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
 // Tensor-core scores (float16 / bfloat16 inputs, sm_80 and newer)
 // ---------------------------------------------------------------------------------------------
 // The FFMA kernel above spends ~56 instructions per score and row (Nsight, docs/PERF_NOTES.md v9),
-// of which the dot product is the bulk; here mma.sync computes a warp's 32 rows x 16 or 32 blocks
-// of scores per step, and each lane then runs the same softmax normaliser and top-n over its row's
-// scores as the FFMA kernel (SelectState). The products stay float32-accurate: qbar (float32) and
+// a D-long dot product and the normaliser and top-n; here mma.sync computes a warp's 32 rows x 16
+// blocks of scores per step, and each lane then runs the same softmax normaliser and top-n over
+// its row's scores as the FFMA kernel (SelectState). Taken at D >= 64 (launch_select). The products stay float32-accurate: qbar (float32) and
 // the block-mean keys kcb (float32 when m > 1) are each split into a bfloat16 high part and a
 // bfloat16 remainder, x = hi + lo with |x - hi - lo| <= 2^-17 |x| (bfloat16 whatever the input
 // dtype: float32's exponent range, so no float16 overflow of qbar at large scales), and
@@ -261,7 +261,7 @@ constexpr int kSelWarps = kSelectThreads / 32;
 
 template <int D>
 struct MmaSelect {
-  static constexpr int kT = D <= 32 ? 32 : 16;  // blocks per step
+  static constexpr int kT = 16;                 // blocks per step
   static constexpr int KS = D + 8;              // bfloat16 row stride: conflict-free ldmatrix
   static constexpr int kQBytes = 2 * 32 * KS * 2;  // qbar hi, lo: [2][32 rows][KS]
   static constexpr int kKBytes = 2 * kT * KS * 2;  // kcb hi, lo: [2][kT blocks][KS]
@@ -455,11 +455,15 @@ __global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(co
   write_selection(p, st, r, g);
 }
 
-// float32 on the FFMA kernel, float16 / bfloat16 on the tensor cores.
+// float16 / bfloat16 at D >= 64 on the tensor cores, the rest on the FFMA kernel. Measured on an
+// H200 (docs/PERF_NOTES.md, v20): at D = 64 the tensor-core scores take S6 1.72 -> 1.28 ms, S5
+// 0.75 -> 0.53, S4 0.27 -> 0.25 (S1 67 -> 85 us); at D = 16 they were no faster (S6 0.94 ms both,
+// S5 0.39 -> 0.44, S1 25 -> 36 us): the dot product is a small part of the FFMA kernel's work there
+// (the normaliser and the top-n are the rest, the same in both). D = 32 was not measured.
 template <typename T, int D>
 void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   const dim3 grid(unsigned(ceil_div(rows, kSelectThreads)), unsigned(p.KVH));
-  if constexpr (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value || D < 64) {
     select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
   } else {
     auto kernel = select_blocks_mma_kernel<T, D>;

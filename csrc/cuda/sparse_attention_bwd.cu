@@ -491,6 +491,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
 
   Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
   const FusedPlan fused = plan_fused(d, q.scalar_type(), select_block, /*backward=*/true);
+  // float16 / bfloat16 (sm_80 on): the dk/dv of the sequences the fused kernels do not take run
+  // on tensor cores (fused_long_dkdv) after the row kernels' dq pass. Not for a packed buffer no
+  // longer than fused_max_len (no such sequence: the row kernels only zero its padding rows) nor
+  // one without sequences.
+  const bool long_dkdv = fused.row_kernels && d.B > 0 &&
+                         fused_max_len(q.scalar_type(), d.D, select_block, true) > 0 &&
+                         !(fused.max_len > 0 && d.N <= fused.max_len);
+  // Packed buffers: the padding rows' dk / dv are the row dk/dv kernels' to zero, and with the
+  // tensor-core dk/dv there are none of those (zeroed before the fused kernels write theirs).
+  if (long_dkdv && d.Bq != d.B) {
+    dk.zero_();
+    dv.zero_();
+  }
   if (fused.max_len > 0) {
     fused_backward(p, in, aux_p, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), d, q.scalar_type(),
                    fused.max_len, ln, stream);
@@ -499,11 +512,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
     AttnParams pr = p;
     pr.skip_len = fused.max_len;
     const int64_t elem = q.element_size();
-    // float16 / bfloat16 (sm_80 on): the dk/dv of the sequences the fused kernels do not take run
-    // on tensor cores (fused_long_dkdv) after the row kernels' dq pass; a packed buffer no longer
-    // than fused_max_len has no such sequence (the row kernels only zero its padding rows).
-    const bool long_dkdv = fused_max_len(q.scalar_type(), d.D, select_block, true) > 0 &&
-                           !(fused.max_len > 0 && d.N <= fused.max_len);
     const BwdPlan plan{staged_kv_bytes(d, elem),
                        long_dkdv ? DkdvSmem{} : staged_dkdv_smem(d, elem, p.width, select_block)};
     // Pass 2 (unless pass 3 is staged and builds its lists itself, or every sequence is the fused
@@ -522,12 +530,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
       q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
       offsets = at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
       inv = Inverted{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
-    }
-    // Packed buffers: the padding rows' dk / dv are the row kernels' to zero, and with the
-    // tensor-core dk/dv there are none of those.
-    if (long_dkdv && d.Bq != d.B) {
-      dk.zero_();
-      dv.zero_();
     }
     BR_DTYPE_SWITCH(q.scalar_type(), [&] {
       BR_HEADDIM_SWITCH(d.D, [&] {
