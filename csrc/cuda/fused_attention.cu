@@ -1509,6 +1509,7 @@ void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, cons
                         stream, nullptr, min_len);
   l.threads = int(32 * warps);
   l.smem = warps * 2 * stage_bytes<T, KS>();
+  TORCH_INTERNAL_ASSERT(fused_long_dkdv_fits(d), "long_dkdv_kernel launched where it does not fit");
   const LongArgs la{l.args, inv_rows, inv_offsets};
   auto kernel = long_dkdv_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
@@ -1565,6 +1566,15 @@ void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, vo
                                      max_len, seq_len, stream);
     });
   });
+}
+
+bool fused_long_dkdv_fits(const Dims& d) {
+  const int64_t warps = d.G * tiles_per_cta(d, d.N);
+  // stage_bytes<T, D + 8>() for a 16-bit T, two stages per warp.
+  const int64_t stage = 2 * kTile * (d.D + 8) * 2 + kTile * 2 * int64_t(sizeof(Aux)) + kTile * 4;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return d.N < std::numeric_limits<int32_t>::max() &&
+         warps * 2 * stage <= int64_t(prop->sharedMemPerBlockOptin);
 }
 
 void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,

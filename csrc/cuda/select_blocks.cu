@@ -270,6 +270,12 @@ struct MmaSelect {
   static constexpr int kSmem = kSelWarps * kWarpBytes;
 };
 
+// MmaSelect<D>::kSmem for a runtime head dim.
+inline int64_t mma_select_smem(int64_t D) {
+  const int64_t ks = D + 8, kt = 16;
+  return kSelWarps * (2 * 32 * ks * 2 + 2 * kt * ks * 2 + 32 * (kt + 1) * 4);
+}
+
 // 16 floats as their bfloat16 high parts and the bfloat16 roundings of the remainders, stored at
 // hi and lo (32-byte aligned).
 __device__ __forceinline__ void split_store16(const float (&x)[kDimsPerLane], __nv_bfloat16* hi,
@@ -466,6 +472,7 @@ void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value || D < 64) {
     select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
   } else {
+    static_assert(MmaSelect<D>::kSmem == 4 * MmaSelect<D>::kWarpBytes, "mma_select_smem");
     auto kernel = select_blocks_mma_kernel<T, D>;
     allow_dynamic_smem(kernel, MmaSelect<D>::kSmem);
     kernel<<<grid, kSelectThreads, size_t(MmaSelect<D>::kSmem), stream>>>(p);
@@ -484,9 +491,13 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   TORCH_CHECK_TYPE(q_in.scalar_type() != at::kDouble,
                    "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(q_in.device());
-  // float16 / bfloat16 scores run on tensor cores from sm_80 on; older cards score them in float32.
-  const bool upcast = q_in.scalar_type() != at::kFloat &&
-                      at::cuda::getCurrentDeviceProperties()->major < 8;
+  // float16 / bfloat16 at D >= 64 score on tensor cores (launch_select) where the card has the
+  // mma.sync and the kernel's shared memory (sm_80 on; sm_86 / sm_89 give a CTA at most 99 KiB,
+  // less than D = 128 takes); elsewhere those inputs are scored in float32 by the FFMA kernel.
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const bool upcast = q_in.scalar_type() != at::kFloat && q_in.size(-1) >= 64 &&
+                      (prop->major < 8 ||
+                       mma_select_smem(q_in.size(-1)) > int64_t(prop->sharedMemPerBlockOptin));
   const at::Tensor q = vec_aligned(upcast ? q_in.to(at::kFloat) : q_in);
   const int64_t width = num_select > 1 ? num_select : 1;
   at::Tensor idx = alloc_output({d.Bq, d.N, d.KVH, width}, q.options().dtype(at::kInt));

@@ -506,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   // one without sequences.
   const bool long_dkdv = fused.row_kernels && d.B > 0 &&
                          fused_max_len(q.scalar_type(), d.D, select_block, true) > 0 &&
-                         !(fused.max_len > 0 && d.N <= fused.max_len);
+                         !(fused.max_len > 0 && d.N <= fused.max_len) && fused_long_dkdv_fits(d);
   // Packed buffers: the padding rows' dk / dv are the row dk/dv kernels' to zero, and with the
   // tensor-core dk/dv there are none of those (zeroed before the fused kernels write theirs).
   if (long_dkdv && d.Bq != d.B) {
