@@ -1061,8 +1061,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 // deterministic, no atomics.
 struct LongArgs {
   FusedArgs f;               // units: packed, of the sequences longer than fused_max_len; padded, all
-  const int32_t* inv_rows;   // entry -> buffer row of a query that selected the block
-  const int32_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
+  const int64_t* inv_rows;   // entry -> buffer row of a query that selected the block
+  const int64_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
 };
 
 // Bits k of [lo, hi) - j0 for k < 16.
@@ -1229,7 +1229,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
           }
         }
         if (entry >= 0) {
-          *pos = int64_t(la.inv_rows[entry]) - base;
+          *pos = la.inv_rows[entry] - base;
           *word = range_bits16(J * bsz, (J + 1) * bsz, j0);
         }
       }
@@ -1499,8 +1499,8 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 }
 
 template <typename T, int D>
-void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,
-                      const int32_t* inv_offsets, T* dk, T* dv, const Dims& d, int64_t min_len,
+void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
+                      const int64_t* inv_offsets, T* dk, T* dv, const Dims& d, int64_t min_len,
                       const at::Tensor& seq_len, cudaStream_t stream) {
   constexpr int KS = FusedTraits<D>::kStride;
   const int64_t tiles = tiles_per_cta(d, d.N);
@@ -1577,8 +1577,8 @@ bool fused_long_dkdv_fits(const Dims& d) {
          warps * 2 * stage <= int64_t(prop->sharedMemPerBlockOptin);
 }
 
-void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,
-                     const int32_t* inv_offsets, void* dk, void* dv, const Dims& d,
+void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
+                     const int64_t* inv_offsets, void* dk, void* dv, const Dims& d,
                      at::ScalarType dtype, int64_t min_len, const at::Tensor& seq_len,
                      cudaStream_t stream) {
   BR_HALF_DTYPE_SWITCH(dtype, [&] {

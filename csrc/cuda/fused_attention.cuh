@@ -37,17 +37,17 @@ void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, vo
                     const Dims& d, at::ScalarType dtype, int64_t max_len, const at::Tensor& seq_len,
                     cudaStream_t stream);
 
-// dk and dv of the sequences longer than min_len on tensor cores (long_dkdv_kernel: a warp per
-// 16-key tile and head, the selecting queries gathered into 16-row tiles), after the row kernels'
-// dq pass wrote aux; inv_rows / inv_offsets: the inverted selection index of that pass. Padded
-// batches: the kernel zeroes its sequences' padding rows; packed ones: dk and dv arrive zeroed.
 // Whether long_dkdv_kernel can run here: its shared memory (two stages per warp, G x tiles warps)
 // within the card's per-CTA limit (sm_86 / sm_89: 99 KiB, less than D = 128 with 8 warps takes)
 // and positions within int32.
 bool fused_long_dkdv_fits(const Dims& d);
 
-void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,
-                     const int32_t* inv_offsets, void* dk, void* dv, const Dims& d,
+// dk and dv of the sequences longer than min_len on tensor cores (long_dkdv_kernel: a warp per
+// 16-key tile and head, the selecting queries gathered into 16-row tiles), after the row kernels'
+// dq pass wrote aux; inv_rows / inv_offsets: the inverted selection index of that pass. Padded
+// batches: the kernel zeroes its sequences' padding rows; packed ones: dk and dv arrive zeroed.
+void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
+                     const int64_t* inv_offsets, void* dk, void* dv, const Dims& d,
                      at::ScalarType dtype, int64_t min_len, const at::Tensor& seq_len,
                      cudaStream_t stream);
 
