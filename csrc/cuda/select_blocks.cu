@@ -270,8 +270,8 @@ struct MmaSelect {
   static constexpr int kSmem = kSelWarps * kWarpBytes;
 };
 
-// MmaSelect<D>::kSmem for a runtime head dim.
-inline int64_t mma_select_smem(int64_t D) {
+// MmaSelect<D>::kSmem for a runtime head dim (checked against it in launch_select).
+constexpr int64_t mma_select_smem(int64_t D) {
   const int64_t ks = D + 8, kt = 16;
   return kSelWarps * (2 * 32 * ks * 2 + 2 * kt * ks * 2 + 32 * (kt + 1) * 4);
 }
@@ -472,7 +472,7 @@ void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value || D < 64) {
     select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
   } else {
-    static_assert(MmaSelect<D>::kSmem == 4 * MmaSelect<D>::kWarpBytes, "mma_select_smem");
+    static_assert(mma_select_smem(D) == MmaSelect<D>::kSmem, "mma_select_smem");
     auto kernel = select_blocks_mma_kernel<T, D>;
     allow_dynamic_smem(kernel, MmaSelect<D>::kSmem);
     kernel<<<grid, kSelectThreads, size_t(MmaSelect<D>::kSmem), stream>>>(p);
