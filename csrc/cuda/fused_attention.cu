@@ -1509,6 +1509,10 @@ void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, cons
                         stream, nullptr, min_len);
   l.threads = int(32 * warps);
   l.smem = warps * 2 * stage_bytes<T, KS>();
+  // fused_long_dkdv_fits and fused_max_len size the stages by this formula.
+  static_assert(stage_bytes<T, KS>() ==
+                    2 * kTile * (D + 8) * 2 + kTile * 2 * int(sizeof(Aux)) + kTile * 4,
+                "stage_bytes");
   TORCH_INTERNAL_ASSERT(fused_long_dkdv_fits(d), "long_dkdv_kernel launched where it does not fit");
   const LongArgs la{l.args, inv_rows, inv_offsets};
   auto kernel = long_dkdv_kernel<T, D>;
@@ -1522,7 +1526,14 @@ void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, cons
 int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_block,
                       bool backward) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // mma.sync bf16 needs sm_80
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major < 8) return 0;  // mma.sync bf16 needs sm_80
+  if (backward) {
+    // fused_dkdv_kernel's tile needs and two stages per warp (up to kMaxWarps) must fit one CTA:
+    // not at D = 128 on sm_86 / sm_89 (99 KiB per CTA), where the row kernels take the backward.
+    const int64_t stage = 2 * kTile * (head_dim + 8) * 2 + kTile * 2 * int64_t(sizeof(Aux)) + kTile * 4;
+    if (2 * kMaxTiles * 8 + kMaxWarps * 2 * stage > int64_t(prop->sharedMemPerBlockOptin)) return 0;
+  }
   // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18): the fused backward wins at every
   // length up to kMaxLen and every D (S3, D = 16, v18: fwd+bwd 1.11 ms on the fused kernels
   // against 1.25 on the row kernels); the fused forward everywhere but at D = 16 past 256 tokens
