@@ -56,11 +56,13 @@ constexpr int kMaxLen = kTile * kMaxTiles;
 constexpr int kMaxWarps = 8;
 constexpr int kThreads = 32 * kMaxWarps;
 
+// Shared-memory row stride in elements of a D-wide row: 16 bytes of padding put the 8 rows of an
+// ldmatrix in distinct bank groups for every D here.
+constexpr int row_stride(int D) { return D + 8; }
+
 template <int D>
 struct FusedTraits {
-  // Shared-memory row stride in elements: 16 bytes of padding put the 8 rows of an ldmatrix in
-  // distinct bank groups for every D here.
-  static constexpr int kStride = D + 8;
+  static constexpr int kStride = row_stride(D);
   // Registers: the forward holds two 16 x D float32 accumulators per warp (D / 2 registers per lane
   // each), dq Q and dout fragments and one accumulator, dk/dv two accumulators plus K and V
   // fragments. Two CTAs of 256 threads per SM cap a thread at 128 registers, three at 80 (local
@@ -815,9 +817,14 @@ __device__ __forceinline__ void dkdv_zero_padding(const AttnParams& p, T* dk, T*
 // One stage of a dk/dv warp's buffer: Q and dout of a query tile (two [16][KS] matrices of T), the
 // tile's aux rows ([16][2] float4: gate, lse2, delta per branch) and its rows' mask words of the
 // warp's key tile ([16] uint32).
-template <typename T, int KS>
-constexpr int stage_bytes() {
-  return 2 * kTile * KS * int(sizeof(T)) + kTile * 2 * int(sizeof(Aux)) + kTile * 4;
+constexpr int stage_bytes(int D, int elem) {
+  return 2 * kTile * row_stride(D) * elem + kTile * 2 * int(sizeof(Aux)) + kTile * 4;
+}
+
+// Shared memory of a dk/dv CTA of `warps` warps: two stages per warp, after the tile needs of the
+// sequence's query tiles (2 x kMaxTiles words of 64 bits) in fused_dkdv_kernel.
+constexpr int64_t dkdv_smem(int64_t warps, int D, int elem, bool with_needs) {
+  return (with_needs ? 2 * kMaxTiles * 8 : 0) + warps * 2 * stage_bytes(D, elem);
 }
 
 // Q, dout and aux of query tile qt, head h, into one stage (rows past L zero-filled: no mask sees
@@ -854,6 +861,43 @@ __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnPar
     cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + (valid ? i : 0), valid);
   }
   cp_async_commit();
+}
+
+// The A fragments of a dk/dv warp's 16 keys j0 .. j0 + 15 of the unit's sequence, kv group g (rows
+// past L: zeros): K for S^T = K Q^T, V for dP^T = V dout^T.
+template <typename T, int D, typename I>
+__device__ __forceinline__ void load_key_fragments(uint32_t (&kf)[D / 16][4], uint32_t (&vf)[D / 16][4],
+                                                   const AttnParams& p, const Unit& u, int64_t g,
+                                                   I j0, int lane) {
+  const I ja = j0 + (lane >> 2), jb = ja + 8;
+  const int tq = lane & 3;
+  const T* kb = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
+  load_a_rows<T, D>(kf, ja < u.L ? kb + (u.s + ja) * p.k_sn : nullptr,
+                    jb < u.L ? kb + (u.s + jb) * p.k_sn : nullptr, tq);
+  load_a_rows<T, D>(vf, ja < u.L ? vb + (u.s + ja) * p.v_sn : nullptr,
+                    jb < u.L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
+}
+
+// A dk/dv warp's partial sums in shared memory (lane-major float32, 2 x D / 8 x 4 x 32), in the
+// warp's two stages once its tiles are done: element e of n8 tile n of dk (mat 0) or dv (mat 1)
+// held by lane `lane` is at part_index(mat, n, e, lane).
+template <int D>
+__device__ __forceinline__ int part_index(int mat, int n, int e, int lane) {
+  static_assert(2 * (D / 8) * 4 * 32 * 4 <= 2 * stage_bytes(D, 2), "the partials fit the stages");
+  return ((mat * (D / 8) + n) * 4 + e) * 32 + lane;
+}
+template <int D>
+__device__ __forceinline__ void store_parts(float* part, const float (&dk)[D / 8][4],
+                                            const float (&dv)[D / 8][4], int lane) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      part[part_index<D>(0, n, e, lane)] = dk[n][e];
+      part[part_index<D>(1, n, e, lane)] = dv[n][e];
+    }
+  }
 }
 
 // One query tile of a dk/dv warp (a stage of stage_bytes: Q, dout, aux and the rows' mask words of
@@ -923,7 +967,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   // Warp (tl, hg): key tile c0 / 16 + tl, query head hg of the group. Its partial dK, dV over the
   // queries of that head are added to the other heads' in head order at the end (deterministic).
   constexpr int KS = FusedTraits<D>::kStride;
-  constexpr int kStage = stage_bytes<T, KS>();
+  constexpr int kStage = stage_bytes(D, int(sizeof(T)));
   constexpr int kBuf = 2 * kStage;  // a warp's two stages
   extern __shared__ __align__(16) unsigned char smem[];
   const AttnParams& p = a.p;
@@ -943,14 +987,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   // The warp's keys and values load while the tile needs come to shared memory.
   const int ja = kt * kTile + gq, jb = ja + 8;
   uint32_t kf[D / 16][4], vf[D / 16][4];
-  {
-    const T* kb = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
-    const T* vb = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
-    load_a_rows<T, D>(kf, ja < u.L ? kb + (u.s + ja) * p.k_sn : nullptr,
-                      jb < u.L ? kb + (u.s + jb) * p.k_sn : nullptr, tq);
-    load_a_rows<T, D>(vf, ja < u.L ? vb + (u.s + ja) * p.v_sn : nullptr,
-                      jb < u.L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
-  }
+  load_key_fragments<T, D>(kf, vf, p, u, g, kt * kTile, lane);
   // Which key tiles each query tile needs ([tile][branch]), in shared memory.
   uint64_t* need = reinterpret_cast<uint64_t*>(smem);
   unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
@@ -1001,18 +1038,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 
   // Head reduction: warps hg > 0 leave their partials in their own buffer (lane-major float32,
   // 2 D / 8 * 4 * 32 floats, less than the buffer), warp hg = 0 adds them in head order.
-  static_assert(2 * (D / 8) * 4 * 32 * 4 <= kBuf, "the partials fit the buffer");
-  float* part = reinterpret_cast<float*>(buf);
-  if (hg > 0) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        part[((0 * (D / 8) + n) * 4 + e) * 32 + lane] = dk[n][e];
-        part[((1 * (D / 8) + n) * 4 + e) * 32 + lane] = dv[n][e];
-      }
-    }
-  }
+  if (hg > 0) store_parts<D>(reinterpret_cast<float*>(buf), dk, dv, lane);
   __syncthreads();
   if (hg > 0 || !active) return;
   for (int x = 1; x < G; ++x) {
@@ -1021,8 +1047,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        dk[n][e] += other[((0 * (D / 8) + n) * 4 + e) * 32 + lane];
-        dv[n][e] += other[((1 * (D / 8) + n) * 4 + e) * 32 + lane];
+        dk[n][e] += other[part_index<D>(0, n, e, lane)];
+        dv[n][e] += other[part_index<D>(1, n, e, lane)];
       }
     }
   }
@@ -1065,7 +1091,8 @@ struct LongArgs {
   const int64_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
 };
 
-// Bits k of [lo, hi) - j0 for k < 16.
+// The keys [lo, hi) among j0 .. j0 + 15 as bits 0 .. 15, for any range (or_range's tiles overlap
+// their range by construction; here a row's range may miss the warp's keys).
 __device__ __forceinline__ uint32_t range_bits16(int64_t lo, int64_t hi, int64_t j0) {
   const int64_t a = lo - j0 < 0 ? 0 : (lo - j0 > kTile ? kTile : lo - j0);
   const int64_t b = hi - j0 < 0 ? 0 : (hi - j0 > kTile ? kTile : hi - j0);
@@ -1121,10 +1148,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
     long_dkdv_kernel(const LongArgs la, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
   constexpr int KS = FusedTraits<D>::kStride;
-  constexpr int kStage = stage_bytes<T, KS>();
+  constexpr int kStage = stage_bytes(D, int(sizeof(T)));
   constexpr int kBuf = 2 * kStage;
-  constexpr int kParts = 2 * (D / 8) * 4 * 32;  // a warp's dk, dv fragments as floats
-  static_assert(kParts * 4 <= kBuf, "the partials fit the buffer");
   extern __shared__ __align__(16) unsigned char smem[];
   const FusedArgs& a = la.f;
   const AttnParams& p = a.p;
@@ -1139,7 +1164,6 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
   if (u.c0 >= u.L) return;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int gq = lane >> 2, tq = lane & 3;
   const int G = int(p.G);
   const int tl = warp / G, hg = warp - tl * G;
   const int64_t h = g * p.G + hg;
@@ -1160,15 +1184,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
   int64_t x_lo = 0, x_hi = 0;  // the contiguous rows
   if (active) {
     uint32_t kf[D / 16][4], vf[D / 16][4];
-    {
-      const int64_t ja = j0 + gq, jb = ja + 8;
-      const T* kb = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
-      const T* vb = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
-      load_a_rows<T, D>(kf, ja < L ? kb + (u.s + ja) * p.k_sn : nullptr,
-                        jb < L ? kb + (u.s + jb) * p.k_sn : nullptr, tq);
-      load_a_rows<T, D>(vf, ja < L ? vb + (u.s + ja) * p.v_sn : nullptr,
-                        jb < L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
-    }
+    load_key_fragments<T, D>(kf, vf, p, u, g, j0, lane);
     // Own-block queries and the STIS window of the keys, as whole tiles.
     const int64_t bsz = p.select_block;
     {
@@ -1262,17 +1278,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
   // queries per (key, 16 dims), in place: each lane reads and writes only its own elements.
   auto part_at = [&](int mat, int key, int col) {  // element (key, col) of dk (0) or dv (1)
     const int src_lane = (key & 7) * 4 + ((col & 7) >> 1);
-    const int e = (key >> 3) * 2 + (col & 1);
-    return ((mat * (D / 8) + (col >> 3)) * 4 + e) * 32 + src_lane;
+    return part_index<D>(mat, col >> 3, (key >> 3) * 2 + (col & 1), src_lane);
   };
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      part[((0 * (D / 8) + n) * 4 + e) * 32 + lane] = dk[n][e];
-      part[((1 * (D / 8) + n) * 4 + e) * 32 + lane] = dv[n][e];
-    }
-  }
+  store_parts<D>(part, dk, dv, lane);
   __syncwarp();
   constexpr int kLanes = D / kDimsPerLane;            // lanes per key
   constexpr int kKeys = 32 / kLanes < kTile ? 32 / kLanes : kTile;  // keys per pass
@@ -1296,17 +1304,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
         float q[kDimsPerLane], dd[kDimsPerLane];
         Vec16<T>::load(qb + i * p.q_sn, q);
         Vec16<T>::load(db + i * p.H * D, dd);
-        const Aux au = ab[i * p.H * 2];  // {gate, lse2, delta, -}
-        const float sc = segment_sum<kLanes>(dot16(q, kr)) * p.scale_log2;
-        const float pw = exp2f(sc - au.y);
-        const float dp = au.x * segment_sum<kLanes>(dot16(dd, vr));
-        const float dsc = pw * (dp - au.z);
-        const float pg = pw * au.x;
-#pragma unroll
-        for (int x = 0; x < kDimsPerLane; ++x) {
-          dva[x] = fmaf(pg, dd[x], dva[x]);
-          dka[x] = fmaf(dsc, q[x], dka[x]);
-        }
+        dkdv_add_query<kLanes>(q, dd, kr, vr, ab[i * p.H * 2], p.scale_log2, dka, dva);
       };
       for_each_stis_query_range<int64_t>(j, L, p.stis, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi && i < x_lo; ++i) add_query(i);
@@ -1477,7 +1475,6 @@ void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T* dv, const Dims& d,
                 int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream) {
-  constexpr int KS = FusedTraits<D>::kStride;
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
   {
     const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, true);
@@ -1491,7 +1488,7 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
   const int64_t warps = d.G * tiles;
   Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks);
   l.threads = int(32 * warps);
-  l.smem = 2 * kMaxTiles * 8 + warps * 2 * stage_bytes<T, KS>();
+  l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
   auto kernel = fused_dkdv_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
@@ -1502,17 +1499,12 @@ template <typename T, int D>
 void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
                       const int64_t* inv_offsets, T* dk, T* dv, const Dims& d, int64_t min_len,
                       const at::Tensor& seq_len, cudaStream_t stream) {
-  constexpr int KS = FusedTraits<D>::kStride;
   const int64_t tiles = tiles_per_cta(d, d.N);
   const int64_t warps = d.G * tiles;
   Launch l = plan_units(p, d, std::numeric_limits<int64_t>::max(), int(tiles * kTile), seq_len,
                         stream, nullptr, min_len);
   l.threads = int(32 * warps);
-  l.smem = warps * 2 * stage_bytes<T, KS>();
-  // fused_long_dkdv_fits and fused_max_len size the stages by this formula.
-  static_assert(stage_bytes<T, KS>() ==
-                    2 * kTile * (D + 8) * 2 + kTile * 2 * int(sizeof(Aux)) + kTile * 4,
-                "stage_bytes");
+  l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/false);
   TORCH_INTERNAL_ASSERT(fused_long_dkdv_fits(d), "long_dkdv_kernel launched where it does not fit");
   const LongArgs la{l.args, inv_rows, inv_offsets};
   auto kernel = long_dkdv_kernel<T, D>;
@@ -1529,10 +1521,9 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major < 8) return 0;  // mma.sync bf16 needs sm_80
   if (backward) {
-    // fused_dkdv_kernel's tile needs and two stages per warp (up to kMaxWarps) must fit one CTA:
-    // not at D = 128 on sm_86 / sm_89 (99 KiB per CTA), where the row kernels take the backward.
-    const int64_t stage = 2 * kTile * (head_dim + 8) * 2 + kTile * 2 * int64_t(sizeof(Aux)) + kTile * 4;
-    if (2 * kMaxTiles * 8 + kMaxWarps * 2 * stage > int64_t(prop->sharedMemPerBlockOptin)) return 0;
+    // fused_dkdv_kernel's shared memory (up to kMaxWarps warps) must fit one CTA: not at D = 128
+    // on sm_86 / sm_89 (99 KiB per CTA), where the row kernels take the backward.
+    if (dkdv_smem(kMaxWarps, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
   }
   // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18): the fused backward wins at every
   // length up to kMaxLen and every D (S3, D = 16, v18: fwd+bwd 1.11 ms on the fused kernels
@@ -1581,11 +1572,9 @@ void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, vo
 
 bool fused_long_dkdv_fits(const Dims& d) {
   const int64_t warps = d.G * tiles_per_cta(d, d.N);
-  // stage_bytes<T, D + 8>() for a 16-bit T, two stages per warp.
-  const int64_t stage = 2 * kTile * (d.D + 8) * 2 + kTile * 2 * int64_t(sizeof(Aux)) + kTile * 4;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return d.N < std::numeric_limits<int32_t>::max() &&
-         warps * 2 * stage <= int64_t(prop->sharedMemPerBlockOptin);
+         dkdv_smem(warps, int(d.D), 2, false) <= int64_t(prop->sharedMemPerBlockOptin);
 }
 
 void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,

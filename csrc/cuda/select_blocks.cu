@@ -259,21 +259,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
 // as in the FFMA kernel.
 constexpr int kSelWarps = kSelectThreads / 32;
 
-template <int D>
-struct MmaSelect {
-  static constexpr int kT = 16;                 // blocks per step
-  static constexpr int KS = D + 8;              // bfloat16 row stride: conflict-free ldmatrix
-  static constexpr int kQBytes = 2 * 32 * KS * 2;  // qbar hi, lo: [2][32 rows][KS]
-  static constexpr int kKBytes = 2 * kT * KS * 2;  // kcb hi, lo: [2][kT blocks][KS]
-  static constexpr int kSBytes = 32 * (kT + 1) * 4;  // scores [32 rows][kT + 1]: conflict-free rows
-  static constexpr int kWarpBytes = kQBytes + kKBytes + kSBytes;
-  static constexpr int kSmem = kSelWarps * kWarpBytes;
+// A warp's shared memory at head dim D (byte offsets): qbar hi, lo [2][32 rows][KS], kcb hi, lo
+// [2][kMmaBlocks][KS], the scores [32 rows][kMmaBlocks + 1] (conflict-free rows), with the
+// bfloat16 row stride KS = D + 8 (conflict-free ldmatrix). The kernel's carve-up and the host's
+// shared-memory check (select_blocks_cuda) both read it.
+constexpr int kMmaBlocks = 16;  // blocks per step
+struct MmaSelectLayout {
+  int ks, q, k, s, warp, total;
 };
-
-// MmaSelect<D>::kSmem for a runtime head dim (checked against it in launch_select).
-constexpr int64_t mma_select_smem(int64_t D) {
-  const int64_t ks = D + 8, kt = 16;
-  return kSelWarps * (2 * 32 * ks * 2 + 2 * kt * ks * 2 + 32 * (kt + 1) * 4);
+constexpr MmaSelectLayout mma_select_layout(int D) {
+  const int ks = D + 8, q = 2 * 32 * ks * 2, k = 2 * kMmaBlocks * ks * 2;
+  const int warp = q + k + 32 * (kMmaBlocks + 1) * 4;
+  return MmaSelectLayout{ks, 0, q, q + k, warp, kSelWarps * warp};
 }
 
 // 16 floats as their bfloat16 high parts and the bfloat16 roundings of the remainders, stored at
@@ -296,15 +293,15 @@ __device__ __forceinline__ void split_store16(const float (&x)[kDimsPerLane], __
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(const SelectParams p) {
-  using M = MmaSelect<D>;
-  constexpr int kT = M::kT, KS = M::KS;
+  constexpr MmaSelectLayout M = mma_select_layout(D);
+  constexpr int kT = kMmaBlocks, KS = M.ks;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  unsigned char* wbuf = smem + warp * M::kWarpBytes;
-  __nv_bfloat16* qa = reinterpret_cast<__nv_bfloat16*>(wbuf);                  // [2][32][KS]
-  __nv_bfloat16* kb = reinterpret_cast<__nv_bfloat16*>(wbuf + M::kQBytes);     // [2][kT][KS]
-  float* sc = reinterpret_cast<float*>(wbuf + M::kQBytes + M::kKBytes);        // [32][kT + 1]
+  unsigned char* wbuf = smem + warp * M.warp;
+  __nv_bfloat16* qa = reinterpret_cast<__nv_bfloat16*>(wbuf + M.q);  // [2][32][KS]
+  __nv_bfloat16* kb = reinterpret_cast<__nv_bfloat16*>(wbuf + M.k);  // [2][kT][KS]
+  float* sc = reinterpret_cast<float*>(wbuf + M.s);                  // [32][kT + 1]
 
   const int64_t rows = p.seq.Bq * p.seq.N;
   const int64_t cta = p.causal ? int64_t(gridDim.x) - 1 - blockIdx.x : int64_t(blockIdx.x);
@@ -472,10 +469,10 @@ void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value || D < 64) {
     select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
   } else {
-    static_assert(mma_select_smem(D) == MmaSelect<D>::kSmem, "mma_select_smem");
+    constexpr int kSmem = mma_select_layout(D).total;
     auto kernel = select_blocks_mma_kernel<T, D>;
-    allow_dynamic_smem(kernel, MmaSelect<D>::kSmem);
-    kernel<<<grid, kSelectThreads, size_t(MmaSelect<D>::kSmem), stream>>>(p);
+    allow_dynamic_smem(kernel, kSmem);
+    kernel<<<grid, kSelectThreads, size_t(kSmem), stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -497,7 +494,8 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const bool upcast = q_in.scalar_type() != at::kFloat && q_in.size(-1) >= 64 &&
                       (prop->major < 8 ||
-                       mma_select_smem(q_in.size(-1)) > int64_t(prop->sharedMemPerBlockOptin));
+                       mma_select_layout(int(q_in.size(-1))).total >
+                           int64_t(prop->sharedMemPerBlockOptin));
   const at::Tensor q = vec_aligned(upcast ? q_in.to(at::kFloat) : q_in);
   const int64_t width = num_select > 1 ? num_select : 1;
   at::Tensor idx = alloc_output({d.Bq, d.N, d.KVH, width}, q.options().dtype(at::kInt));

@@ -236,6 +236,28 @@ struct BwdIn {
 // the gate gradient.
 using Aux = float4;
 
+// What query q (its dout, its branch's aux row a) sends to key k (value v) through one branch, in
+// a segment of kLanes lanes of 16 dims each: p = exp2(scale_log2 q.k - lse2), dv += gate p dout,
+// dk += p (gate dout.v - delta) q (dk is scaled by the softmax scale once, at the end). The row
+// kernels' pass 3 and the long sequences' tensor-core dk/dv (its row loop) add queries with it.
+template <int kLanes>
+__device__ __forceinline__ void dkdv_add_query(const float (&q)[kDimsPerLane],
+                                               const float (&dout)[kDimsPerLane],
+                                               const float (&k)[kDimsPerLane],
+                                               const float (&v)[kDimsPerLane], const Aux a,
+                                               float scale_log2, float* dk, float* dv) {
+  const float s = segment_sum<kLanes>(dot16(q, k)) * scale_log2;
+  const float pw = exp2f(s - a.y);
+  const float dp = a.x * segment_sum<kLanes>(dot16(dout, v));
+  const float dsc = pw * (dp - a.z);
+  const float pg = pw * a.x;
+#pragma unroll
+  for (int e = 0; e < kDimsPerLane; ++e) {
+    dv[e] = fmaf(pg, dout[e], dv[e]);
+    dk[e] = fmaf(dsc, q[e], dk[e]);
+  }
+}
+
 // The (LTIS, STIS) pair of (row, head) rh in a [rows, H, 2] contiguous tensor of float32 (f32) or
 // of the kernels' T: the gates are read, and their gradient written, in their own dtype (a cast of
 // each per call cost two launches and a strided copy, docs/PERF_NOTES.md v19).

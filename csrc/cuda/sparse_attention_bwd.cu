@@ -220,17 +220,7 @@ __device__ __forceinline__ void dkdv_row(const AttnParams& p, const Aux* aux, co
     float q[kDimsPerLane], dout[kDimsPerLane];
     Vec16<T>::load(qbase + i * qs, q);
     Vec16<T>::load(dbase + i * ds, dout);
-    const Aux a = aux_h[i * p.H * 2 + br];  // {gate, lse2, delta, -}
-    const float s = segment_sum<kLanes>(dot16(q, k)) * p.scale_log2;
-    const float pw = exp2f(s - a.y);
-    const float dp = a.x * segment_sum<kLanes>(dot16(dout, v));
-    const float dsc = pw * (dp - a.z);
-    const float pg = pw * a.x;
-#pragma unroll
-    for (int e = 0; e < kDimsPerLane; ++e) {
-      dv[e] = fmaf(pg, dout[e], dv[e]);
-      dk[e] = fmaf(dsc, q[e], dk[e]);
-    }
+    dkdv_add_query<kLanes>(q, dout, k, v, aux_h[i * p.H * 2 + br], p.scale_log2, dk, dv);
   };
   const int64_t j = row.i;
   const int64_t bsz = p.select_block;
