@@ -1087,8 +1087,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 // deterministic, no atomics.
 struct LongArgs {
   FusedArgs f;               // units: packed, of the sequences longer than fused_max_len; padded, all
-  const int64_t* inv_rows;   // entry -> buffer row of a query that selected the block
-  const int64_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
+  const int32_t* inv_rows;   // entry -> buffer row of a query that selected the block
+  const int32_t* inv_offsets;  // [KVH * rows + 1]: (kv head, buffer row of a block's first key)
 };
 
 // The keys [lo, hi) among j0 .. j0 + 15 as bits 0 .. 15, for any range (or_range's tiles overlap
@@ -1245,7 +1245,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
           }
         }
         if (entry >= 0) {
-          *pos = la.inv_rows[entry] - base;
+          *pos = int64_t(la.inv_rows[entry]) - base;
           *word = range_bits16(J * bsz, (J + 1) * bsz, j0);
         }
       }
@@ -1496,8 +1496,8 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
 }
 
 template <typename T, int D>
-void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
-                      const int64_t* inv_offsets, T* dk, T* dv, const Dims& d, int64_t min_len,
+void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,
+                      const int32_t* inv_offsets, T* dk, T* dv, const Dims& d, int64_t min_len,
                       const at::Tensor& seq_len, cudaStream_t stream) {
   const int64_t tiles = tiles_per_cta(d, d.N);
   const int64_t warps = d.G * tiles;
@@ -1577,8 +1577,8 @@ bool fused_long_dkdv_fits(const Dims& d) {
          dkdv_smem(warps, int(d.D), 2, false) <= int64_t(prop->sharedMemPerBlockOptin);
 }
 
-void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
-                     const int64_t* inv_offsets, void* dk, void* dv, const Dims& d,
+void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,
+                     const int32_t* inv_offsets, void* dk, void* dv, const Dims& d,
                      at::ScalarType dtype, int64_t min_len, const at::Tensor& seq_len,
                      cudaStream_t stream) {
   BR_HALF_DTYPE_SWITCH(dtype, [&] {

@@ -46,8 +46,8 @@ bool fused_long_dkdv_fits(const Dims& d);
 // 16-key tile and head, the selecting queries gathered into 16-row tiles), after the row kernels'
 // dq pass wrote aux; inv_rows / inv_offsets: the inverted selection index of that pass. Padded
 // batches: the kernel zeroes its sequences' padding rows; packed ones: dk and dv arrive zeroed.
-void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int64_t* inv_rows,
-                     const int64_t* inv_offsets, void* dk, void* dv, const Dims& d,
+void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const int32_t* inv_rows,
+                     const int32_t* inv_offsets, void* dk, void* dv, const Dims& d,
                      at::ScalarType dtype, int64_t min_len, const at::Tensor& seq_len,
                      cudaStream_t stream);
 

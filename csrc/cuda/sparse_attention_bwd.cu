@@ -7,9 +7,10 @@
 // <dout, o_sel> and <dout, o_win> (with each branch's gate, lse and softmax correction
 // delta = gate * <dout, o>, kept in float32 for pass 3), then dq over the row's two key sets,
 // recomputing the probabilities from the saved lse.
-// Pass 2: the inverted selection index. For every valid (row, kv head, slot) a key names the
-// selected block (kv head, buffer row of the block's first token); a stable sort groups the rows
-// that selected each block in increasing row order, and searchsorted gives each block's range.
+// Pass 2: the inverted selection index. For every valid (row, kv head, slot) a 32-bit key names the
+// selected block (kv head, buffer row of the block's first token); a stable radix sort groups the
+// rows that selected each block in increasing row order, and an exclusive scan of the keys'
+// counts gives each block's range.
 // Pass 3 (key-centric, one segment per (key row, head), the G heads' partial sums then added in head
 // order): dk and dv gather from the queries of the key's own block, the queries that selected its
 // block (pass 2) and the STIS queries, whose set inverts analytically (key j is seen by j + d).
@@ -17,8 +18,11 @@
 // of a CTA reads sit in shared memory, and pass 3 builds its sequence's selection lists there, in
 // the order of pass 2, which is then skipped.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/cub.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "common/alloc.h"
 #include "common/checks.h"
@@ -162,14 +166,17 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 // ---------------------------------------------------------------------------------------------
 // Pass 2: keys of the inverted selection index
 // ---------------------------------------------------------------------------------------------
-__global__ void selection_keys_kernel(const AttnParams p, int64_t* keys) {
+// One key per (row, kv head, slot) entry and the entry's row, in entry order (rows ascending), and
+// per key the number of its entries (integer atomics: the counts do not depend on their order).
+__global__ void selection_keys_kernel(const AttnParams p, int32_t* keys, int32_t* q_rows,
+                                      int32_t* counts) {
   const int64_t rows = p.seq.Bq * p.seq.N;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= rows * p.KVH * p.width) return;
   const int64_t c = e % p.width;
   const int64_t g = (e / p.width) % p.KVH;
   const int64_t r = e / (p.width * p.KVH);
-  int64_t key = p.KVH * rows;  // sentinel: sorts after every real block
+  int64_t key = p.KVH * rows;  // sentinel: sorts after every real block, never counted
   const RowInfo row = row_info(p.seq, r);
   if (row.b >= 0 && row.L > p.skip_len) {
     const int64_t bq = r / p.seq.N, n = r - bq * p.seq.N;
@@ -181,10 +188,12 @@ __global__ void selection_keys_kernel(const AttnParams p, int64_t* keys) {
       if (block_visible(J, row.i, row.L / p.select_block, p.select_block, p.stis.causal) &&
           !listed_before(sel, c, J)) {
         key = g * rows + row.base + J * p.select_block;
+        atomicAdd(counts + key, 1);
       }
     }
   }
-  keys[e] = key;
+  keys[e] = int32_t(key);
+  q_rows[e] = int32_t(r);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -194,8 +203,8 @@ __global__ void selection_keys_kernel(const AttnParams p, int64_t* keys) {
 constexpr int64_t kDkdvStaticSmem = 2 * kDimsPerLane * kAttnThreads * sizeof(float);
 
 struct Inverted {
-  const int64_t* rows;     // entry -> the buffer row of a query that selected the block
-  const int64_t* offsets;  // [KVH * rows + 1]: block key -> first entry
+  const int32_t* rows;     // entry -> the buffer row of a query that selected the block
+  const int32_t* offsets;  // [KVH * rows + 1]: block key -> first entry
 };
 
 // One (valid key row, head) segment of pass 3: adds into dk, dv what every query of the key's
@@ -301,7 +310,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
     const int64_t key = t.g * p.seq.Bq * p.seq.N + row.base + (row.i / p.select_block) * p.select_block;
     auto for_selected = [&](auto&& f) {  // pass 2's list of the block
       const int64_t e1 = inv.offsets[key + 1];
-      for (int64_t e = inv.offsets[key]; e < e1; ++e) f(inv.rows[e] - row.base);
+      for (int64_t e = inv.offsets[key]; e < e1; ++e) f(int64_t(inv.rows[e]) - row.base);
     };
     dkdv_row<T, D>(p, aux, t, row, qbase, p.q_sn, dbase, p.H * D, for_selected, dk, dv);
   }
@@ -509,17 +518,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
     at::Tensor q_rows, offsets;
     Inverted inv{nullptr, nullptr};
     if (plan.dkdv.total == 0 && !(fused.max_len > 0 && d.N <= fused.max_len)) {
+      // 32-bit keys (kv head, buffer row of the block's first token) and rows, a radix sort over
+      // the key's bits only (stable: the rows of a block stay in increasing order, the order the
+      // dk/dv passes sum in) and the block ranges from the keys' counts by an exclusive scan (v22:
+      // a stable 64-bit at::sort, a division and a searchsorted before).
       const int64_t entries = rows * d.KVH * p.width;
-      at::Tensor keys = at::empty({entries}, q.options().dtype(at::kLong));
+      const int64_t n_keys = d.KVH * rows;
+      TORCH_CHECK(n_keys < std::numeric_limits<int32_t>::max() &&
+                      entries <= std::numeric_limits<int32_t>::max(),
+                  "sparse_attention_bwd: ", entries, " selection entries over ", n_keys,
+                  " (kv head, row) keys do not fit the 32-bit inverted index");
+      const auto i32 = q.options().dtype(at::kInt);
+      at::Tensor keys = at::empty({entries}, i32), rows_in = at::empty({entries}, i32);
+      at::Tensor counts = at::zeros({n_keys + 1}, i32);
       selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(
-          pr, keys.data_ptr<int64_t>());
+          pr, keys.data_ptr<int32_t>(), rows_in.data_ptr<int32_t>(), counts.data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      const at::Tensor& sorted_keys = std::get<0>(sorted);
-      // The sort's permutation indexes (row, kv head, slot) entries: keep the row.
-      q_rows = std::get<1>(sorted).div(d.KVH * p.width, "floor");
-      offsets = at::searchsorted(sorted_keys, at::arange(d.KVH * rows + 1, keys.options()));
-      inv = Inverted{q_rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+      at::Tensor sorted_keys = at::empty_like(keys);
+      q_rows = at::empty_like(rows_in);
+      at::cuda::cub::radix_sort_pairs(keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
+                                      rows_in.data_ptr<int32_t>(), q_rows.data_ptr<int32_t>(),
+                                      entries, /*descending=*/false, /*begin_bit=*/0,
+                                      at::cuda::cub::get_num_bits(uint64_t(n_keys)));
+      offsets = at::empty({n_keys + 1}, i32);
+      at::cuda::cub::exclusive_sum(counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                                   n_keys + 1);
+      inv = Inverted{q_rows.data_ptr<int32_t>(), offsets.data_ptr<int32_t>()};
     }
     BR_DTYPE_SWITCH(q.scalar_type(), [&] {
       BR_HEADDIM_SWITCH(d.D, [&] {
