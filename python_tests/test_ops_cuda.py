@@ -2,13 +2,16 @@
 op against the reference on every device, this one included): the fused tensor-core kernels' grid
 of lengths, group sizes and head dims and which kernel family each pass takes, the staged path
 against the gather path, padding invariance, determinism, hand-made and empty selections,
-misaligned views, long selections, N = 65536, opcheck, torch.compile and CUDA graphs.
+misaligned views, long selections, the selection's 1e-10 cut and -1000 entry, N = 65536, opcheck,
+torch.compile and CUDA graphs.
 
 Every test here needs a GPU and is marked ``cuda``; it skips with a reason elsewhere. The harness is
 ``helpers.py``'s (one ``make_batch``, one criterion: ``assert_fa_close``, FlashAttention's
 ``max|out - ref| <= 2 max|out_lowprec_ref - ref| + atol``, and ``check_against_reference``).
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -707,6 +710,149 @@ def test_selection_ties_take_the_lower_blocks(D, dtype):
                                    select_block=8, num_select=n, causal=causal)
         assert torch.equal(cnt[0].cpu(), rc)
         assert torch.equal(idx[0].cpu().sort(-1).values, ri.sort(-1).values), causal
+
+
+# --------------------------------------------------------------------------------------------------
+# selection: the P > 1e-10 cut and the -1000 entry of SPEC 1b, with rows that the cut decides mixed
+# with rows it leaves alone in every warp and CTA
+# --------------------------------------------------------------------------------------------------
+CUT_CASES = [
+    # lengths, N (None: packed), H, KVH, compress stride, select block, num_select
+    ([3000], 3000, 2, 1, 16, 16, 8),  # one long sequence, m = 1: 187 blocks, many score tiles
+    ([1600, 0, 700], 1600, 2, 2, 8, 16, 4),  # right-padded, m = 2, G = 1
+    ([700, 33, 300, 129, 1, 450, 64, 17, 0, 260], None, 6, 2, 4, 8, 8),  # packed, G = 3
+    ([520, 3, 260], None, 2, 1, 2, 4, 64),  # packed, n = 64
+]
+# Row kinds: the offset of a row's scores (nats) and the half range of a per-row shift around it.
+# Far above the -1000 entry (the cut is relative to the row's best block), just around it, and
+# below it (the -1000 entry dominates the softmax: a block is kept iff its score > -1023.03).
+CUT_KINDS = [(0.0, 16.0), (-1000.0, 6.0), (-1020.0, 10.0)]
+CUT_BIG_Q = 0.8125  # 13/16: 13/16 * scale * log2(e) splits exactly into two bfloat16s at D = 64
+
+
+def _cut_batch(lengths, N, H, KVH, D, s, b, n, dtype, seed):
+    """Inputs (on the CPU) whose block scores put the cut among a row's top n blocks.
+
+    score[i, J] = lam_i a_J + u_i b_J + c_i (+ about -1024 on the rows of the two lower kinds):
+    q[..., 0] = lam_i in [0.8, 1.9] (+-0.2 between the heads of a group, mean lam_i),
+    q[..., 1] = u_i in [-1, 1], q[..., 2] = c_i (the kind's offset and a shift; + 1024 on the lower
+    kinds), q[..., D-1] = 13/16 on the lower kinds (else 0); kc[..., 0] = a_J / scale (m > 1: the
+    block's rows a_J +- e_J, mean a_J), kc[..., 1] = b_J / scale with b_J = 3 N(0, 1),
+    kc[..., 2] = 1 / scale, kc[..., D-1] = -1024 / (13/16 scale) (after rounding -1027 nats in
+    bfloat16, -1023.75 in float16). a_J = -sigma log(rank_J + 1/2) over a random ranking of the
+    blocks: the k-th best block of a row that sees them all lies sigma lam log(2k - 1) below the
+    best, sigma such that lam = 1 puts the cut at about the n-th (at least 7: a wider ladder for
+    n = 64, the threshold away from the dense part). Causal rows see a prefix, a random subset of
+    the ladder. The small terms come first in q's dims and the large one last, so the kernels'
+    float32 sums (FFMA chain, tensor-core k-steps) add it last and keep the order of the scores, and
+    the tensor-core kernel's bfloat16 hi/lo split of qbar is exact on the large term (q = 1 there
+    would shift every score of those rows by 0.005 nats, half of check_selection's 0.01 window at
+    the threshold). Every value is float16-safe (|kc| < 10100); the reference sees the rounded
+    inputs.
+    """
+    batch = make_batch(lengths, H=H, KVH=KVH, D=D, N=N, layout="packed" if N is None else "right",
+                       dtype=dtype, compress_stride=s, seed=seed)
+    G, m, scale = H // KVH, b // s, D ** -0.5
+    gen = torch.Generator().manual_seed(seed + 1)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    sigma = max(23.0 / math.log(2 * max(n, 2) - 1), 7.0)
+    C = batch.kc.shape[1]
+    nbk = -(-C // m)
+    head_dev = torch.tensor([(-1.0) ** h if h < G - G % 2 else 0.0 for h in range(G)],
+                            dtype=torch.float64)
+    row_dev = torch.tensor([(-1.0) ** c if c < m - m % 2 else 0.0 for c in range(m)],
+                           dtype=torch.float64)
+    offset = torch.tensor([k[0] for k in CUT_KINDS], dtype=torch.float64)
+    spread = torch.tensor([k[1] for k in CUT_KINDS], dtype=torch.float64)
+    for bi, L in enumerate(lengths):
+        bq, rows = batch.rows(bi)
+        kind = torch.randint(0, len(CUT_KINDS), (L, KVH), generator=gen)
+        low = (kind > 0).double()
+        qs = torch.zeros(L, KVH, G, D, dtype=torch.float64)
+        qs[..., 0] = (0.8 + 1.1 * torch.rand(L, KVH, **f64))[..., None] + 0.2 * head_dev
+        qs[..., 1] = (2 * torch.rand(L, KVH, **f64) - 1)[..., None]
+        qs[..., 2] = (offset[kind] + 1024 * low
+                      + spread[kind] * (2 * torch.rand(L, KVH, **f64) - 1))[..., None]
+        qs[..., D - 1] = CUT_BIG_Q * low[..., None]
+        batch.q[bq, rows] = qs.reshape(L, H, D).to(dtype)
+        rank = torch.stack([torch.randperm(nbk, generator=gen) for _ in range(KVH)], -1)
+        a = -sigma * torch.log(rank.double() + 0.5)
+        e = 2.0 * torch.randn(nbk, KVH, **f64)
+        kcs = torch.zeros(C, KVH, D, dtype=torch.float64)
+        a_rows = a[:, None] + e[:, None] * row_dev[None, :, None]  # [nbk, m, KVH]
+        kcs[..., 0] = a_rows.reshape(-1, KVH)[:C] / scale
+        kcs[..., 1] = (3.0 * torch.randn(nbk, KVH, **f64)).repeat_interleave(m, 0)[:C] / scale
+        kcs[..., 2] = 1.0 / scale
+        kcs[..., D - 1] = -1024.0 / (CUT_BIG_Q * scale)
+        batch.kc[bi] = kcs.to(dtype)
+    return batch
+
+
+def _cut_rows(t64, seq_start, seq_len, hp, D):
+    """Per valid (row, kv head), from the float64 scores of the rounded inputs: the number of
+    visible blocks, the best visible score, and whether a candidate of the row's top n lies in the
+    band that a bound on the normaliser cannot decide: score - max(best, -1000) in (log 1e-10,
+    log 1e-10 + log(1 + #visible)] (outside it a candidate is kept or dropped whatever the other
+    blocks add). Returns (bq, row, kv head, #visible, best, uncertain) as flat tensors."""
+    s, b, n = hp["compress_stride"], hp["select_block"], hp["num_select"]
+    m, scale, log_min = b // s, D ** -0.5, math.log(ref.MIN_PROB)
+    out = []
+    for bi, bq, st, L in per_sequence(seq_start, seq_len, t64["q"].shape[0]):
+        kc = t64["kc"][bi]
+        KVH = kc.shape[1]
+        nb = min(L // s, kc.shape[0]) // m
+        if L == 0 or nb == 0:
+            continue
+        q = t64["q"][bq, st:st + L]
+        qbar = q.view(L, KVH, -1, D).mean(2)
+        kcb = kc[:nb * m].view(nb, m, KVH, D).mean(1)
+        vis = ref.block_visible(torch.arange(L), nb, b, hp["causal"])  # [L, nb]
+        sc = (scale * torch.einsum("igd,jgd->igj", qbar, kcb)).masked_fill(~vis[:, None],
+                                                                            float("-inf"))
+        top = sc.topk(min(n, nb), dim=-1).values  # [L, KVH, n]
+        nvis = vis.sum(-1, keepdim=True).expand(L, KVH)
+        d = top - top[..., :1].clamp(min=ref.NULL_LOGIT)
+        unc = ((d > log_min) & (d <= log_min + torch.log1p(nvis.double())[..., None])).any(-1)
+        out.append((torch.full((L, KVH), bq), torch.arange(st, st + L)[:, None].expand(L, KVH),
+                    torch.arange(KVH).expand(L, KVH), nvis, top[..., 0], unc))
+    return [torch.cat([o[k].reshape(-1) for o in out]) for k in range(6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", range(len(CUT_CASES)))
+def test_selection_probability_cut_matches_reference(case, causal, D, dtype):
+    """SPEC 1b's P > 1e-10 cut and the -1000 softmax entry decide the counts: scores built so that
+    the cut falls among each row's top n blocks (relative to the row's best block, or, below -1000,
+    to the -1000 entry), with rows of three kinds drawn at random, so that rows the cut leaves
+    undecided by a bound on the normaliser sit next to rows it decides, in every warp and CTA, over
+    many tiles of blocks; FFMA (float32) and tensor-core (float16 / bfloat16) scores, long,
+    right-padded (m = 1, 2) and packed sequences, n = 4, 8, 64. The op equals the reference away
+    from near-ties, and the case is checked to exercise the cut: some rows keep fewer than
+    min(n, #visible) blocks, some keep blocks, rows below the -1000 entry both keep and drop, and
+    both undecided and decided rows are plentiful."""
+    lengths, N, H, KVH, s, b, n = CUT_CASES[case]
+    hp = dict(compress_stride=s, select_block=b, num_select=n, causal=causal)
+    batch = _cut_batch(lengths, N, H, KVH, D, s, b, n, dtype, seed=500 + case)
+    t64 = dict(q=batch.q.double(), kc=batch.kc.double())
+    seq_start, seq_len = batch.seq_start.to(DEV), batch.seq_len.to(DEV)
+    idx, cnt = torch.ops.blossomrec.select_blocks(batch.q.to(DEV), batch.kc.to(DEV), seq_start,
+                                                  seq_len, s, b, n, causal, D ** -0.5)
+    fragile = check_selection(idx, cnt, t64, batch.seq_start, batch.seq_len, hp)
+    bq, row, g, nvis, best, uncertain = _cut_rows(t64, batch.seq_start, batch.seq_len, hp, D)
+    rows = int(batch.seq_len.sum()) * KVH
+    assert fragile < rows // 20, f"{fragile} of {rows} rows near a tie: the check says little"
+    got = cnt.cpu()[bq, row, g]
+    seen = nvis > 0
+    assert int((seen & (got < nvis.clamp(max=n))).sum()) > 0, "the cut never drops a block"
+    assert int((got > 0).sum()) > 0, "no row keeps a block"
+    below = best < ref.NULL_LOGIT - 10  # the -1000 entry dominates these rows' softmax
+    assert int((below & (got > 0)).sum()) > 0 and int((below & seen & (got == 0)).sum()) > 0, (
+        "rows below the -1000 entry must both keep and drop blocks")
+    n_unc, n_sure = int(uncertain.sum()), int((seen & ~uncertain).sum())
+    assert n_unc > rows // 10 and n_sure > rows // 10, (
+        f"{n_unc} undecided and {n_sure} decided rows of {rows}: the mix is not there")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

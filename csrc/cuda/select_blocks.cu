@@ -4,14 +4,16 @@
 // equals scale * qbar[g, i] . kcb[g, J] with qbar the group-mean query and kcb the block-mean
 // compressed key (the mean of the m = b / s rows of kc in block J, in float32, formed as the kernel
 // reads kc: a chain of ATen ops per call cost more host time than the kernel, docs/PERF_NOTES.md
-// v17). The kernel streams the blocks once per query, keeps the softmax normaliser (with SPEC's
-// -1000 entry) and the top-n in registers/local memory, and writes only the selected indices and
-// their count: no N x N/s score tensor ever exists.
+// v17). The kernels stream the blocks once per query, keep the top-n in registers/local memory,
+// decide SPEC's P > 1e-10 cut from a bound on the softmax normaliser (SelectState; rows whose
+// candidates sit near the cut sum the normaliser in a second scan), and write only the selected
+// indices and their count: no N x N/s score tensor ever exists. float16 / bfloat16 inputs score on
+// tensor cores (select_blocks_mma_kernel), float32 on FFMA (select_blocks_kernel).
 //
-// One thread per (buffer row, kv head), a CTA of 128 consecutive rows. When the CTA's rows belong to
-// one sequence (every sequence longer than a few CTAs), kcb streams through shared-memory tiles,
-// read once per CTA and then as broadcasts, and each thread computes a tile of independent dot
-// products before it touches the running softmax and top-n. CTAs that straddle sequences (short or
+// FFMA kernel: one thread per (buffer row, kv head), a CTA of 128 consecutive rows. When the CTA's
+// rows belong to one sequence (every sequence longer than a few CTAs), kcb streams through
+// shared-memory tiles, read once per CTA and then as broadcasts, and each thread computes a tile
+// of independent dot products before it touches the top-n. CTAs that straddle sequences (short or
 // packed ones, with few blocks each) read their blocks directly. Causal CTAs are issued last to
 // first: the last rows of a sequence see the most blocks, and started first they do not form the
 // tail of the grid (S6 selection 1.10 -> 0.90 ms on an H200, docs/PERF_NOTES.md v7).
@@ -54,58 +56,79 @@ struct SelectParams {
 template <int D>
 constexpr int select_tile() { return D <= 32 ? 32 : 16; }
 
-// Running state of one (row, kv head): the softmax normaliser over the visible blocks (started
-// from the -1000 entry) and the top-n, in base-2 logits.
+// SPEC's cut P > 1e-10 in base 2, and the margin (in log2 units, far above the float32 error of a
+// score difference or of log2f) within which the cut is decided from the exact normaliser.
+constexpr float kCutLog2 = -33.219280948873624f;  // log2(1e-10)
+constexpr float kCutMargin = 1.f / 64;
+
+// Running state of one (row, kv head): the top-n of the visible blocks' scores, in base-2 logits.
+// The softmax normaliser is not kept while the blocks stream (v22): the largest softmax entry is
+// the -1000 entry or the best block (top_s[0]), and S = sum 2^(s - max) lies in [1, 1 + #visible],
+// so P = 2^(s - max) / S clears 1e-10 for sure when s - max > log2(1e-10) + log2(1 + #visible)
+// and fails for sure when s - max <= log2(1e-10). Only rows with a candidate between the two
+// (scores ~23 nats below their best) sum S, in a second scan of their blocks.
 struct SelectState {
-  float M = kSelectNullLogit * kLog2e;
-  float S = 1.f;
-  float thresh = -INFINITY;  // the n-th best score once the top-n is full
+  float thresh;  // the n-th best score once the top-n is full; +inf when n = 0 (nothing to keep)
   int count = 0;
   float top_s[kMaxSelect];
   int32_t top_j[kMaxSelect];
 
-  // A tile of scores (-inf for blocks that are not candidates) of blocks J0, J0 + 1, ...: one
-  // rescale of the normaliser per tile, and the top-n visited in increasing J.
-  template <int kTile>
-  __device__ __forceinline__ void add_tile(const float* sc, float tile_max, int32_t J0, int n) {
-    if (tile_max > M) {
-      S *= exp2f(M - tile_max);
-      M = tile_max;
-    }
-#pragma unroll
-    for (int jj = 0; jj < kTile; ++jj) S += exp2f(sc[jj] - M);  // exp2(-inf) = 0
-#pragma unroll
-    for (int jj = 0; jj < kTile; ++jj) {
-      if (sc[jj] > thresh || (count < n && sc[jj] > -INFINITY)) {
-        topn_insert(top_s, top_j, count, n, sc[jj], J0 + jj);
-        if (count == n && n > 0) thresh = top_s[n - 1];
-      }
+  __device__ __forceinline__ explicit SelectState(int n) : thresh(n > 0 ? -INFINITY : INFINITY) {}
+
+  // Blocks arrive in increasing J, so an equal score never displaces an earlier block; -inf (not
+  // a candidate) never enters.
+  __device__ __forceinline__ void add(float s, int32_t J, int n) {
+    if (s > thresh) {
+      topn_insert(top_s, top_j, count, n, s, J);
+      if (count == n) thresh = top_s[n - 1];
     }
   }
 
-  // Blocks arrive in increasing J, so an equal score never displaces an earlier block.
-  __device__ __forceinline__ void add(float s, int32_t J, int n) {
-    if (s > M) {
-      S = S * exp2f(M - s) + 1.f;
-      M = s;
-    } else {
-      S += exp2f(s - M);
+  // A tile of scores (-inf for blocks that are not candidates) of blocks J0, J0 + 1, ...
+  template <int kTile>
+  __device__ __forceinline__ void add_tile(const float* sc, float tile_max, int32_t J0, int n) {
+    if (!(tile_max > thresh)) return;
+#pragma unroll
+    for (int jj = 0; jj < kTile; ++jj) add(sc[jj], J0 + jj, n);
+  }
+
+  // The largest entry of the row's softmax (base 2).
+  __device__ __forceinline__ float max_logit() const {
+    constexpr float null2 = kSelectNullLogit * kLog2e;
+    return count > 0 && top_s[0] > null2 ? top_s[0] : null2;
+  }
+
+  // How many of the top-n (a prefix: they are sorted) clear the cut, decided from the bound above;
+  // -1 when a candidate lies within the bound's slack and the normaliser decides.
+  __device__ __forceinline__ int kept_by_bound(int64_t visible) const {
+    const float M = max_logit();
+    const float keep_above = kCutLog2 + log2f(1.f + float(visible)) + kCutMargin;
+    for (int c = 0; c < count; ++c) {
+      const float d = top_s[c] - M;
+      if (d > keep_above) continue;
+      if (d <= kCutLog2 - kCutMargin) return c;
+      return -1;
     }
-    if (s > thresh || count < n) {
-      topn_insert(top_s, top_j, count, n, s, J);
-      if (count == n && n > 0) thresh = top_s[n - 1];
-    }
+    return count;
+  }
+
+  // The same from the normaliser S = 2^(-1000 log2 e - max) + sum over visible blocks 2^(s - max).
+  __device__ __forceinline__ int kept_by_sum(float S) const {
+    const float M = max_logit();
+    int kept = 0;
+    while (kept < count && exp2f(top_s[kept] - M) / S > kSelectMinProb) ++kept;
+    return kept;
   }
 };
 
-// Row r's selection for kv head g: the top blocks whose probability clears SPEC's threshold (they
-// are sorted, so a prefix), -1 past them.
+// The blocks visible to a row that sees blocks [0, j_end) but its own (non-causal).
+__device__ __forceinline__ int64_t visible_blocks(int64_t j_end, int64_t own, bool causal) {
+  return causal || own >= j_end ? j_end : j_end - 1;
+}
+
+// Row r's selection for kv head g: the first `kept` of the top blocks, -1 past them.
 __device__ __forceinline__ void write_selection(const SelectParams& p, const SelectState& st,
-                                                int64_t r, int64_t g) {
-  int kept = 0;
-  for (int c = 0; c < st.count; ++c) {
-    if (exp2f(st.top_s[c] - st.M) / st.S > kSelectMinProb) kept = c + 1; else break;
-  }
+                                                int kept, int64_t r, int64_t g) {
   int32_t* idx_out = p.idx + (r * p.KVH + g) * p.width;
   for (int c = 0; c < p.width; ++c) idx_out[c] = c < kept ? st.top_j[c] : -1;
   p.cnt[r * p.KVH + g] = kept;
@@ -183,66 +206,92 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
                          : 0;
   const int64_t own = row.i / p.select_block;
   const int64_t j_end = row.b < 0 ? 0 : (p.causal ? (own < nb ? own : nb) : nb);
-  SelectState st;
+  SelectState st(n_sel);
 
   // Do all rows of this CTA belong to one sequence? (CTA-uniform: every row between two rows of a
   // sequence belongs to it.) Then its blocks stream through shared memory once for all rows.
   const int64_t r_last = (r0 + blockDim.x < rows ? r0 + blockDim.x : rows) - 1;
   const RowInfo first = row_info(p.seq, r0), last = row_info(p.seq, r_last);
-  if (first.b >= 0 && first.b == last.b) {
-    const int64_t nb_seq = num_select_blocks(first.L, p.c_avail, p.compress_stride, p.select_block);
-    const int64_t last_own = last.i / p.select_block;
-    const int64_t cta_end = p.causal ? (last_own < nb_seq ? last_own : nb_seq) : nb_seq;
-    for (int64_t J0 = 0; J0 < cta_end; J0 += kTile) {
-      __syncthreads();  // the previous tile is consumed
-      const int64_t count = (cta_end - J0 < kTile ? cta_end - J0 : kTile) * (D / kDimsPerLane);
-      for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-        const int64_t jj = e / (D / kDimsPerLane);
-        const int c = int(e - jj * (D / kDimsPerLane)) * kDimsPerLane;
-        float x[kDimsPerLane];
-        load_kcb16<T>(p, first.b, g, J0 + jj, c, x);
+  const bool shared_tiles = first.b >= 0 && first.b == last.b;
+  // One scan of the row's visible blocks: into the top-n, or (sum) into the normaliser S of the
+  // rows that need it, relative to their max M. The scores are the same bits in both scans.
+  auto scan = [&](auto sum_pass, bool need, float M, float& S) {
+    constexpr bool sum = decltype(sum_pass)::value;
+    if (shared_tiles) {
+      const int64_t nb_seq = num_select_blocks(first.L, p.c_avail, p.compress_stride, p.select_block);
+      const int64_t last_own = last.i / p.select_block;
+      const int64_t cta_end = p.causal ? (last_own < nb_seq ? last_own : nb_seq) : nb_seq;
+      for (int64_t J0 = 0; J0 < cta_end; J0 += kTile) {
+        __syncthreads();  // the previous tile is consumed
+        const int64_t count = (cta_end - J0 < kTile ? cta_end - J0 : kTile) * (D / kDimsPerLane);
+        for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
+          const int64_t jj = e / (D / kDimsPerLane);
+          const int c = int(e - jj * (D / kDimsPerLane)) * kDimsPerLane;
+          float x[kDimsPerLane];
+          load_kcb16<T>(p, first.b, g, J0 + jj, c, x);
 #pragma unroll
-        for (int k = 0; k < kDimsPerLane; ++k) tile[jj * D + c + k] = x[k];
-      }
-      __syncthreads();
-      if (J0 >= j_end) continue;
-      float sc[kTile];
-      float tile_max = -INFINITY;
+          for (int k = 0; k < kDimsPerLane; ++k) tile[jj * D + c + k] = x[k];
+        }
+        __syncthreads();
+        if (J0 >= j_end || (sum && !need)) continue;
+        if constexpr (sum) {
 #pragma unroll
-      for (int jj = 0; jj < kTile; ++jj) {
-        const int64_t J = J0 + jj;
-        const bool visible = J < j_end && (p.causal || J != own);
-        sc[jj] = visible ? dot_smem<D>(qbar, tile + jj * D) : -INFINITY;
-        tile_max = fmaxf(tile_max, sc[jj]);
+          for (int jj = 0; jj < kTile; ++jj) {
+            const int64_t J = J0 + jj;
+            if (J < j_end && (p.causal || J != own)) S += exp2f(dot_smem<D>(qbar, tile + jj * D) - M);
+          }
+        } else {
+          float sc[kTile];
+          float tile_max = -INFINITY;
+#pragma unroll
+          for (int jj = 0; jj < kTile; ++jj) {
+            const int64_t J = J0 + jj;
+            const bool visible = J < j_end && (p.causal || J != own);
+            sc[jj] = visible ? dot_smem<D>(qbar, tile + jj * D) : -INFINITY;
+            tile_max = fmaxf(tile_max, sc[jj]);
+          }
+          st.add_tile<kTile>(sc, tile_max, int32_t(J0), n_sel);
+        }
       }
-      st.add_tile<kTile>(sc, tile_max, int32_t(J0), n_sel);
+    } else if (row.b >= 0 && (!sum || need)) {
+      // Rows of several sequences (short or packed sequences): each thread reads its own blocks.
+      for (int64_t J = 0; J < j_end; ++J) {
+        if (!p.causal && J == own) continue;
+        float s = 0.f;  // the FMA order of dot_smem: the same score as the shared-memory path
+#pragma unroll
+        for (int c = 0; c < D / kDimsPerLane; ++c) {
+          float x[kDimsPerLane];
+          load_kcb16<T>(p, row.b, g, J, c * kDimsPerLane, x);
+#pragma unroll
+          for (int e = 0; e < kDimsPerLane; ++e) s = fmaf(qbar[c * kDimsPerLane + e], x[e], s);
+        }
+        if constexpr (sum) S += exp2f(s - M); else st.add(s, int32_t(J), n_sel);
+      }
     }
-  } else if (row.b >= 0) {
-    // Rows of several sequences (short or packed sequences): each thread reads its own blocks.
-    for (int64_t J = 0; J < j_end; ++J) {
-      if (!p.causal && J == own) continue;
-      float s = 0.f;  // the FMA order of dot_smem: the same score as the shared-memory path
-#pragma unroll
-      for (int c = 0; c < D / kDimsPerLane; ++c) {
-        float x[kDimsPerLane];
-        load_kcb16<T>(p, row.b, g, J, c * kDimsPerLane, x);
-#pragma unroll
-        for (int e = 0; e < kDimsPerLane; ++e) s = fmaf(qbar[c * kDimsPerLane + e], x[e], s);
-      }
-      st.add(s, int32_t(J), n_sel);
-    }
+  };
+  float S = 0.f;
+  scan(std::false_type{}, false, 0.f, S);
+  int kept = st.kept_by_bound(visible_blocks(j_end, own, p.causal));
+  // A second scan where some row of the CTA needs its normaliser (CTA-uniform for the barriers).
+  if (__syncthreads_or(kept < 0)) {
+    const float M = st.max_logit();
+    S = exp2f(kSelectNullLogit * kLog2e - M);
+    scan(std::true_type{}, kept < 0, M, S);
+    if (kept < 0) kept = st.kept_by_sum(S);
   }
   if (r >= rows) return;
-  write_selection(p, st, r, g);
+  write_selection(p, st, kept, r, g);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core scores (float16 / bfloat16 inputs, sm_80 and newer)
 // ---------------------------------------------------------------------------------------------
-// The FFMA kernel above spends ~56 instructions per score and row (Nsight, docs/PERF_NOTES.md v9),
-// a D-long dot product and the normaliser and top-n; here mma.sync computes a warp's 32 rows x 16
-// blocks of scores per step, and each lane then runs the same softmax normaliser and top-n over
-// its row's scores as the FFMA kernel (SelectState). Taken at D >= 64 (launch_select). The products stay float32-accurate: qbar (float32) and
+// The FFMA kernel above spent ~56 instructions per score and row (Nsight, docs/PERF_NOTES.md v9),
+// a D-long dot product, the normaliser and the top-n; here mma.sync computes a warp's 32 rows x
+// 16-32 blocks of scores per step, and each lane then tests its row's scores against the row's
+// top-n threshold as a bit mask (one compare per score), inserting only the candidates above it
+// (rare once the top-n is full: v22; v20 ran the online normaliser per score here and was no faster
+// than FFMA at D = 16). The products stay float32-accurate: qbar (float32) and
 // the block-mean keys kcb (float32 when m > 1) are each split into a bfloat16 high part and a
 // bfloat16 remainder, x = hi + lo with |x - hi - lo| <= 2^-17 |x| (bfloat16 whatever the input
 // dtype: float32's exponent range, so no float16 overflow of qbar at large scales), and
@@ -260,17 +309,19 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
 constexpr int kSelWarps = kSelectThreads / 32;
 
 // A warp's shared memory at head dim D (byte offsets): qbar hi, lo [2][32 rows][KS], kcb hi, lo
-// [2][kMmaBlocks][KS], the scores [32 rows][kMmaBlocks + 1] (conflict-free rows), with the
-// bfloat16 row stride KS = D + 8 (conflict-free ldmatrix). The kernel's carve-up and the host's
-// shared-memory check (select_blocks_cuda) both read it.
-constexpr int kMmaBlocks = 16;  // blocks per step
+// [2][blocks][KS], the scores [32 rows][SS], with the bfloat16 row stride KS = D + 8
+// (conflict-free ldmatrix) and the float score row stride SS = blocks + 8 (16-byte aligned rows
+// for the row's vector reads; the accumulators' 8-byte stores conflict-free). Blocks per step:
+// 32 up to D = 32 (work enough per tile load), 16 above (shared memory). The kernel's carve-up
+// and the host's shared-memory check (select_blocks_cuda) both read it.
 struct MmaSelectLayout {
-  int ks, q, k, s, warp, total;
+  int blocks, ks, ss, q, k, s, warp, total;
 };
 constexpr MmaSelectLayout mma_select_layout(int D) {
-  const int ks = D + 8, q = 2 * 32 * ks * 2, k = 2 * kMmaBlocks * ks * 2;
-  const int warp = q + k + 32 * (kMmaBlocks + 1) * 4;
-  return MmaSelectLayout{ks, 0, q, q + k, warp, kSelWarps * warp};
+  const int blocks = D <= 32 ? 32 : 16;
+  const int ks = D + 8, ss = blocks + 8, q = 2 * 32 * ks * 2, k = 2 * blocks * ks * 2;
+  const int warp = q + k + 32 * ss * 4;
+  return MmaSelectLayout{blocks, ks, ss, 0, q, q + k, warp, kSelWarps * warp};
 }
 
 // 16 floats as their bfloat16 high parts and the bfloat16 roundings of the remainders, stored at
@@ -294,14 +345,14 @@ __device__ __forceinline__ void split_store16(const float (&x)[kDimsPerLane], __
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(const SelectParams p) {
   constexpr MmaSelectLayout M = mma_select_layout(D);
-  constexpr int kT = kMmaBlocks, KS = M.ks;
+  constexpr int kT = M.blocks, KS = M.ks, SS = M.ss;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   unsigned char* wbuf = smem + warp * M.warp;
   __nv_bfloat16* qa = reinterpret_cast<__nv_bfloat16*>(wbuf + M.q);  // [2][32][KS]
   __nv_bfloat16* kb = reinterpret_cast<__nv_bfloat16*>(wbuf + M.k);  // [2][kT][KS]
-  float* sc = reinterpret_cast<float*>(wbuf + M.s);                  // [32][kT + 1]
+  float* sc = reinterpret_cast<float*>(wbuf + M.s);                  // [32][SS]
 
   const int64_t rows = p.seq.Bq * p.seq.N;
   const int64_t cta = p.causal ? int64_t(gridDim.x) - 1 - blockIdx.x : int64_t(blockIdx.x);
@@ -345,128 +396,151 @@ __global__ void __launch_bounds__(kSelectThreads, 4) select_blocks_mma_kernel(co
   const int64_t j_end = row.b < 0 || n_sel == 0 ? 0 : (p.causal ? (own < nb ? own : nb) : nb);
   // bfloat16 keys with m = 1 are their own high part: no remainder product.
   const bool k_exact = std::is_same<T, __nv_bfloat16>::value && p.m == 1;
-  SelectState st;
+  SelectState st(n_sel);
   __syncwarp();
 
-  unsigned todo = __ballot_sync(~0u, j_end > 0);
-  while (todo) {
-    // The lanes of the next sequence and the blocks the furthest of them sees.
-    const int64_t b = __shfl_sync(~0u, row.b, __ffs(todo) - 1);
-    const unsigned seg = __ballot_sync(~0u, row.b == b) & todo;
-    todo &= ~seg;
-    const bool mine = (seg >> lane) & 1u;
-    int64_t jmax = mine ? j_end : 0;
+  // One scan of the warp's rows' visible blocks: into the top-n, or (sum) into the normaliser S of
+  // the lanes that need it (relative to their max M). The scores are the same bits in both scans.
+  auto scan = [&](auto sum_pass, bool need, float M_row, float& S) {
+    constexpr bool sum = decltype(sum_pass)::value;
+    unsigned todo = __ballot_sync(~0u, j_end > 0 && (!sum || need));
+    while (todo) {
+      // The lanes of the next sequence and the blocks the furthest of them sees.
+      const int64_t b = __shfl_sync(~0u, row.b, __ffs(todo) - 1);
+      const unsigned seg = __ballot_sync(~0u, row.b == b) & todo;
+      todo &= ~seg;
+      const bool mine = (seg >> lane) & 1u;
+      int64_t jmax = mine ? j_end : 0;
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const int64_t o = __shfl_xor_sync(~0u, jmax, off);
-      jmax = o > jmax ? o : jmax;
-    }
-    // kcb of the blocks J0 .. J0 + kT - 1 (zeros past jmax), 16 dims per (block, chunk), loaded a
-    // tile ahead: the loads of the next tile are in flight while this one is scored.
-    constexpr int kChunks = kT * (D / kDimsPerLane);
-    constexpr int kPerLane = (kChunks + 31) / 32;
-    float xn[kPerLane][kDimsPerLane];
-    auto fetch = [&](int64_t J0) {
-#pragma unroll
-      for (int v = 0; v < kPerLane; ++v) {
-        const int e = lane + 32 * v;
-        const int jj = e / (D / kDimsPerLane);
-        const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
-        if (e < kChunks && J0 + jj < jmax) {
-          load_kcb16<T>(p, b, g, J0 + jj, c, xn[v]);
-        } else {
-#pragma unroll
-          for (int k = 0; k < kDimsPerLane; ++k) xn[v][k] = 0.f;
-        }
+      for (int off = 16; off > 0; off >>= 1) {
+        const int64_t o = __shfl_xor_sync(~0u, jmax, off);
+        jmax = o > jmax ? o : jmax;
       }
-    };
-    fetch(0);
-    for (int64_t J0 = 0; J0 < jmax; J0 += kT) {
+      // kcb of the blocks J0 .. J0 + kT - 1 (zeros past jmax), 16 dims per (block, chunk), loaded
+      // a tile ahead: the loads of the next tile are in flight while this one is scored.
+      constexpr int kChunks = kT * (D / kDimsPerLane);
+      constexpr int kPerLane = (kChunks + 31) / 32;
+      float xn[kPerLane][kDimsPerLane];
+      auto fetch = [&](int64_t J0) {
 #pragma unroll
-      for (int v = 0; v < kPerLane; ++v) {
-        const int e = lane + 32 * v;
-        const int jj = e / (D / kDimsPerLane);
-        const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
-        if (e < kChunks) split_store16(xn[v], kb + jj * KS + c, kb + (kT + jj) * KS + c);
-      }
-      if (J0 + kT < jmax) fetch(J0 + kT);
-      __syncwarp();
-      // Scores of the warp's 32 rows (two m16 tiles) x kT blocks.
+        for (int v = 0; v < kPerLane; ++v) {
+          const int e = lane + 32 * v;
+          const int jj = e / (D / kDimsPerLane);
+          const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
+          if (e < kChunks && J0 + jj < jmax) {
+            load_kcb16<T>(p, b, g, J0 + jj, c, xn[v]);
+          } else {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        float acc[kT / 8][4];
-#pragma unroll
-        for (int n = 0; n < kT / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+            for (int k = 0; k < kDimsPerLane; ++k) xn[v][k] = 0.f;
+          }
         }
-        const __nv_bfloat16* arow = qa + (mt * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
-        const __nv_bfloat16* brow = kb + ((lane >> 4) * 8 + (lane & 7)) * KS + ((lane >> 3) & 1) * 8;
+      };
+      fetch(0);
+      for (int64_t J0 = 0; J0 < jmax; J0 += kT) {
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          uint32_t ahi[4], alo[4];
-          ldmatrix_x4(ahi, arow + ks * 16);
-          ldmatrix_x4(alo, arow + 32 * KS + ks * 16);
+        for (int v = 0; v < kPerLane; ++v) {
+          const int e = lane + 32 * v;
+          const int jj = e / (D / kDimsPerLane);
+          const int c = (e - jj * (D / kDimsPerLane)) * kDimsPerLane;
+          if (e < kChunks) split_store16(xn[v], kb + jj * KS + c, kb + (kT + jj) * KS + c);
+        }
+        if (J0 + kT < jmax) fetch(J0 + kT);
+        __syncwarp();
+        // Scores of the warp's 32 rows (two m16 tiles) x kT blocks.
 #pragma unroll
-          for (int np = 0; np < kT / 16; ++np) {
-            uint32_t bhi[4];
-            ldmatrix_x4(bhi, brow + np * 16 * KS + ks * 16);
-            Mma<__nv_bfloat16>::run(acc[2 * np], ahi, bhi[0], bhi[1]);
-            Mma<__nv_bfloat16>::run(acc[2 * np + 1], ahi, bhi[2], bhi[3]);
-            Mma<__nv_bfloat16>::run(acc[2 * np], alo, bhi[0], bhi[1]);
-            Mma<__nv_bfloat16>::run(acc[2 * np + 1], alo, bhi[2], bhi[3]);
-            if (!k_exact) {
-              uint32_t blo[4];
-              ldmatrix_x4(blo, brow + (kT + np * 16) * KS + ks * 16);
-              Mma<__nv_bfloat16>::run(acc[2 * np], ahi, blo[0], blo[1]);
-              Mma<__nv_bfloat16>::run(acc[2 * np + 1], ahi, blo[2], blo[3]);
+        for (int mt = 0; mt < 2; ++mt) {
+          float acc[kT / 8][4];
+#pragma unroll
+          for (int n = 0; n < kT / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+          }
+          const __nv_bfloat16* arow = qa + (mt * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
+          const __nv_bfloat16* brow = kb + ((lane >> 4) * 8 + (lane & 7)) * KS + ((lane >> 3) & 1) * 8;
+#pragma unroll
+          for (int ks = 0; ks < D / 16; ++ks) {
+            uint32_t ahi[4], alo[4];
+            ldmatrix_x4(ahi, arow + ks * 16);
+            ldmatrix_x4(alo, arow + 32 * KS + ks * 16);
+#pragma unroll
+            for (int np = 0; np < kT / 16; ++np) {
+              uint32_t bhi[4];
+              ldmatrix_x4(bhi, brow + np * 16 * KS + ks * 16);
+              Mma<__nv_bfloat16>::run(acc[2 * np], ahi, bhi[0], bhi[1]);
+              Mma<__nv_bfloat16>::run(acc[2 * np + 1], ahi, bhi[2], bhi[3]);
+              Mma<__nv_bfloat16>::run(acc[2 * np], alo, bhi[0], bhi[1]);
+              Mma<__nv_bfloat16>::run(acc[2 * np + 1], alo, bhi[2], bhi[3]);
+              if (!k_exact) {
+                uint32_t blo[4];
+                ldmatrix_x4(blo, brow + (kT + np * 16) * KS + ks * 16);
+                Mma<__nv_bfloat16>::run(acc[2 * np], ahi, blo[0], blo[1]);
+                Mma<__nv_bfloat16>::run(acc[2 * np + 1], ahi, blo[2], blo[3]);
+              }
+            }
+          }
+#pragma unroll
+          for (int n = 0; n < kT / 8; ++n) {
+            float* s0 = sc + (mt * 16 + gq) * SS + n * 8 + 2 * tq;
+            *reinterpret_cast<float2*>(s0) = make_float2(acc[n][0], acc[n][1]);
+            *reinterpret_cast<float2*>(s0 + 8 * SS) = make_float2(acc[n][2], acc[n][3]);
+          }
+        }
+        __syncwarp();
+        // The row's scores: its visible blocks of the tile as bits (the blocks below j_end, but
+        // its own when non-causal), then either the candidates above the row's threshold, in
+        // increasing J (rare once the top-n is full), or the terms of the normaliser.
+        if (mine && J0 < j_end) {
+          const int64_t lim = j_end - J0 < kT ? j_end - J0 : kT;
+          uint32_t vis = lim >= 32 ? ~0u : (1u << lim) - 1u;
+          if (!p.causal && own >= J0 && own < J0 + kT) vis &= ~(1u << (own - J0));
+          const float* srow = sc + lane * SS;
+          if constexpr (sum) {
+#pragma unroll
+            for (int jj = 0; jj < kT; ++jj) {
+              if ((vis >> jj) & 1u) S += exp2f(srow[jj] - M_row);
+            }
+          } else {
+            uint32_t cand = 0;
+#pragma unroll
+            for (int v = 0; v < kT / 4; ++v) {
+              const float4 x = reinterpret_cast<const float4*>(srow)[v];
+              cand |= (x.x > st.thresh ? 1u : 0u) << (4 * v);
+              cand |= (x.y > st.thresh ? 1u : 0u) << (4 * v + 1);
+              cand |= (x.z > st.thresh ? 1u : 0u) << (4 * v + 2);
+              cand |= (x.w > st.thresh ? 1u : 0u) << (4 * v + 3);
+            }
+            cand &= vis;
+            while (cand) {
+              const int jj = __ffs(cand) - 1;
+              cand &= cand - 1;
+              st.add(srow[jj], int32_t(J0 + jj), n_sel);
             }
           }
         }
-#pragma unroll
-        for (int n = 0; n < kT / 8; ++n) {
-          float* s0 = sc + (mt * 16 + gq) * (kT + 1) + n * 8 + 2 * tq;
-          s0[0] = acc[n][0];
-          s0[1] = acc[n][1];
-          s0[8 * (kT + 1)] = acc[n][2];
-          s0[8 * (kT + 1) + 1] = acc[n][3];
-        }
+        __syncwarp();  // kb and sc are refilled next step
       }
-      __syncwarp();
-      // The row's scores, eight blocks at a time up to its last visible block (short sequences
-      // see a few blocks of a tile).
-      if (mine) {
-#pragma unroll
-        for (int c8 = 0; c8 < kT; c8 += 8) {
-          if (J0 + c8 >= j_end) break;
-          float s8[8];
-          float tile_max = -INFINITY;
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj) {
-            const int64_t J = J0 + c8 + jj;
-            const bool visible = J < j_end && (p.causal || J != own);
-            s8[jj] = visible ? sc[lane * (kT + 1) + c8 + jj] : -INFINITY;
-            tile_max = fmaxf(tile_max, s8[jj]);
-          }
-          st.add_tile<8>(s8, tile_max, int32_t(J0 + c8), n_sel);
-        }
-      }
-      __syncwarp();  // kb and sc are refilled next step
     }
+  };
+  float S = 0.f;
+  scan(std::false_type{}, false, 0.f, S);
+  int kept = st.kept_by_bound(visible_blocks(j_end, own, p.causal));
+  // A second scan for the lanes that need their normaliser (warp-uniform: the warp scores).
+  if (__any_sync(~0u, kept < 0)) {
+    const float M_row = st.max_logit();
+    S = exp2f(kSelectNullLogit * kLog2e - M_row);
+    scan(std::true_type{}, kept < 0, M_row, S);
+    if (kept < 0) kept = st.kept_by_sum(S);
   }
   if (r >= rows) return;
-  write_selection(p, st, r, g);
+  write_selection(p, st, kept, r, g);
 }
 
-// float16 / bfloat16 at D >= 64 on the tensor cores, the rest on the FFMA kernel. Measured on an
-// H200 (docs/PERF_NOTES.md, v20): at D = 64 the tensor-core scores take S6 1.72 -> 1.28 ms, S5
-// 0.75 -> 0.53, S4 0.27 -> 0.25 (S1 67 -> 85 us); at D = 16 they were no faster (S6 0.94 ms both,
-// S5 0.39 -> 0.44, S1 25 -> 36 us): the dot product is a small part of the FFMA kernel's work there
-// (the normaliser and the top-n are the rest, the same in both). D = 32 was not measured.
+// float16 / bfloat16 on the tensor cores, float32 on the FFMA kernel. Measured on an H200
+// (docs/PERF_NOTES.md, v20, v22).
 template <typename T, int D>
 void launch_select(const SelectParams& p, int64_t rows, cudaStream_t stream) {
   const dim3 grid(unsigned(ceil_div(rows, kSelectThreads)), unsigned(p.KVH));
-  if constexpr (std::is_same<T, float>::value || D < 64) {
+  if constexpr (std::is_same<T, float>::value) {
     select_blocks_kernel<T, D><<<grid, kSelectThreads, 0, stream>>>(p);
   } else {
     constexpr int kSmem = mma_select_layout(D).total;
@@ -488,11 +562,11 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
   TORCH_CHECK_TYPE(q_in.scalar_type() != at::kDouble,
                    "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(q_in.device());
-  // float16 / bfloat16 at D >= 64 score on tensor cores (launch_select) where the card has the
-  // mma.sync and the kernel's shared memory (sm_80 on; sm_86 / sm_89 give a CTA at most 99 KiB,
-  // less than D = 128 takes); elsewhere those inputs are scored in float32 by the FFMA kernel.
+  // float16 / bfloat16 score on tensor cores (launch_select) where the card has the mma.sync and
+  // the kernel's shared memory (sm_80 on; sm_86 / sm_89 give a CTA at most 99 KiB, less than
+  // D = 128 takes); elsewhere those inputs are scored in float32 by the FFMA kernel.
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const bool upcast = q_in.scalar_type() != at::kFloat && q_in.size(-1) >= 64 &&
+  const bool upcast = q_in.scalar_type() != at::kFloat &&
                       (prop->major < 8 ||
                        mma_select_layout(int(q_in.size(-1))).total >
                            int64_t(prop->sharedMemPerBlockOptin));
