@@ -252,9 +252,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
   if (plan.row_kernels) {
     AttnParams pr = p;
     pr.skip_len = plan.max_len;
-    BR_DTYPE_SWITCH(q.scalar_type(), [&] {
-      BR_HEADDIM_SWITCH(d.D, [&] { launch_fwd_typed<scalar_t, kHeadDim>(pr, o, d, stream); });
-    });
+    if (long_forward_fits(d, q.scalar_type())) {
+      long_forward(pr, o, d, q.scalar_type(), stream);
+    } else {
+      BR_DTYPE_SWITCH(q.scalar_type(), [&] {
+        BR_HEADDIM_SWITCH(d.D, [&] { launch_fwd_typed<scalar_t, kHeadDim>(pr, o, d, stream); });
+      });
+    }
   }
   return {out, o_sel, o_win, lse};
 }
