@@ -411,27 +411,28 @@ FUSED_FWD = ("fused_fwd_kernel",)
 FUSED_BWD = ("fused_dq_kernel", "fused_dkdv_kernel")
 LONG_DKDV = ("long_dkdv_kernel",)
 LONG_FWD = ("long_fwd_kernel",)
+LONG_DQ = ("long_dq_kernel",)
 
 
-# expect: which kernel families run, as seven letters: fused forward, fused backward, row forward,
-# row dq, row dk/dv, tensor-core dk/dv of the longer sequences, tensor-core forward of the longer
-# sequences ("F" / "B" / "f" / "q" / "d" / "L" / "l" present, "-" absent).
+# expect: which kernel families run, as eight letters: fused forward, fused backward, row forward,
+# row dq, row dk/dv, tensor-core dk/dv of the longer sequences, tensor-core forward and dq of the
+# rows the fused kernels leave ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" present, "-" absent).
 @pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect", [
-    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB-----"),
-    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB-----"),
+    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB------"),
+    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB------"),
     # D = 16 past 256 tokens: the long forward, the fused backward (both use the same saved tensors)
-    (torch.bfloat16, 16, "right", [257], 257, 16, "-B----l"),
+    (torch.bfloat16, 16, "right", [257], 257, 16, "-B----l-"),
     # D = 16 backward over two K/V segments (672 and 336 keys), left padding
-    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-B----l"),
-    (torch.bfloat16, 16, "right", [1025], 1025, 16, "---q-Ll"),   # past 1024 tokens
-    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB-----"),
-    (torch.bfloat16, 64, "right", [1025], 1025, 16, "---q-Ll"),   # past 1024 tokens
-    (torch.bfloat16, 64, "right", [300], 300, 4, "---q-Ll"),      # past 64 selection blocks
-    (torch.bfloat16, 128, "right", [1025], 1025, 16, "--fq-L-"),  # D = 128: the row forward
-    (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd--"),  # float32: the row kernels
-    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FB-qd-l"),  # rows: the padding only
-    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FB-qd-l"),  # 300 forward, padding
-    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB-q-Ll"),  # rows: the long one
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-B----l-"),
+    (torch.bfloat16, 16, "right", [1025], 1025, 16, "-----Llm"),   # past 1024 tokens
+    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB------"),
+    (torch.bfloat16, 64, "right", [1025], 1025, 16, "-----Llm"),   # past 1024 tokens
+    (torch.bfloat16, 64, "right", [300], 300, 4, "-----Llm"),      # past 64 selection blocks
+    (torch.bfloat16, 128, "right", [1025], 1025, 16, "--fq-L--"),  # D = 128: the row kernels
+    (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd---"),  # float32: the row kernels
+    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FB--d-lm"),  # rows: the padding only
+    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FB--d-lm"),  # 300 forward, padding
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llm"),  # rows: the long one
 ])
 def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect):
     """Dispatch: each kernel family runs exactly where claimed (a fallback to the row kernels, or
@@ -464,7 +465,8 @@ def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect)
               ("row dq", bwd_names, ROW_DQ, expect[3]),
               ("row dk/dv", bwd_names, ROW_DKDV, expect[4]),
               ("fused long dk/dv", bwd_names, LONG_DKDV, expect[5]),
-              ("long forward", fwd_names, LONG_FWD, expect[6]))
+              ("long forward", fwd_names, LONG_FWD, expect[6]),
+              ("long dq", bwd_names, LONG_DQ, expect[7]))
     for what, names, kernels, letter in checks:
         want = letter != "-"
         if what.startswith("fused"):  # every kernel of the pass

@@ -51,16 +51,22 @@ void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const
                      at::ScalarType dtype, int64_t min_len, const at::Tensor& seq_len,
                      cudaStream_t stream);
 
-// Whether long_fwd_kernel (long_attention.cu: a warp per query row and kv group, the G heads as
-// the rows of the tensor-core products, the row's keys gathered 16 at a time) takes the forward of
-// the sequences the fused kernels leave: float16 / bfloat16, G <= 16, D <= 64, sm_80 and newer
-// (BLOSSOMREC_LONG_FWD=0: the row kernels).
-bool long_forward_fits(const Dims& d, at::ScalarType dtype);
+// Whether the tensor-core row kernels of long_attention.cu (a warp per query row and kv group, the
+// G heads as the rows of the products, the row's keys gathered 16 at a time) take the forward
+// (long_fwd_kernel) or the backward's dq pass (long_dq_kernel) of the rows the fused kernels
+// leave: float16 / bfloat16, G <= 16, D <= 64, sm_80 and newer (BLOSSOMREC_LONG_FWD=0 /
+// BLOSSOMREC_LONG_DQ=0: the row kernels).
+bool long_rows_fit(const Dims& d, at::ScalarType dtype, bool backward);
 
 // The forward of every valid row of a sequence longer than p.skip_len, and zeros in the padding
 // rows (what the row forward kernel does).
 void long_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
                   cudaStream_t stream);
+
+// dq, aux and the gate gradient of the same rows (what the row dq kernel does), zeros in padding
+// rows.
+void long_dq(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, const Dims& d,
+             at::ScalarType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace blossomrec

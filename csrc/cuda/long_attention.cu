@@ -70,6 +70,55 @@ __device__ __forceinline__ uint32_t half_of(const uint32_t (&w)[kWords], int e) 
   return (e & 1) ? (w[e >> 1] >> 16) : (w[e >> 1] & 0xffffu);
 }
 
+// The keys a warp's row attends to in one branch, packed 16 at a time: lane l < 16 holds the
+// key (position in the sequence) of slot l, -1 when empty; every 16 keys (and at the end of the
+// branch) the caller's product runs over them. Warp-uniform: every lane pushes the same ranges.
+struct Slots {
+  int slot = -1;
+  int pending = 0;  // slots filled
+
+  template <typename F>
+  __device__ __forceinline__ void push(int64_t lo, int64_t hi, int lane, F&& product) {
+    while (lo < hi) {
+      const int take = int(hi - lo < 16 - pending ? hi - lo : 16 - pending);
+      if (lane >= pending && lane < pending + take) slot = int(lo + (lane - pending));
+      pending += take;
+      lo += take;
+      if (pending == 16) {
+        product();
+        slot = -1;
+        pending = 0;
+      }
+    }
+  }
+  template <typename F>
+  __device__ __forceinline__ void flush(F&& product) {
+    if (pending > 0) product();
+    slot = -1;
+    pending = 0;
+  }
+  __device__ __forceinline__ int key(int s) const { return __shfl_sync(~0u, slot, s); }
+  // The keys of the C-fragment columns of lane t: slots 2t, 2t + 1, 2t + 8, 2t + 9 (the k rows of
+  // the next product's B fragments).
+  __device__ __forceinline__ void columns(int t, int (&jv)[4]) const {
+    jv[0] = key(2 * t);
+    jv[1] = key(2 * t + 1);
+    jv[2] = key(2 * t + 8);
+    jv[3] = key(2 * t + 9);
+  }
+};
+
+// B fragments (k = the 16 slots, n = output dim od of this lane) from the rows of the lane's four
+// column keys, kWords words each: b0 = (key 2t, key 2t + 1), b1 = (key 2t + 8, key 2t + 9).
+template <int kWords, int ND>
+__device__ __forceinline__ void column_pairs(const uint32_t (&w)[4][kWords], uint32_t (&b)[ND][2]) {
+#pragma unroll
+  for (int od = 0; od < ND; ++od) {
+    b[od][0] = half_of(w[0], od) | (half_of(w[1], od) << 16);
+    b[od][1] = half_of(w[2], od) | (half_of(w[3], od) << 16);
+  }
+}
+
 // Online softmax (base 2) and P V of one branch for the 16 query rows of a warp's product: rows g
 // and g + 8 of the C fragments live in this lane; m and l per row, l summed over the quad at the
 // end.
@@ -189,15 +238,13 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
   const T* vbase = static_cast<const T*>(p.v) + bq * p.v_sb + n0 * p.v_sn + grp * p.v_sh;
 
   LongBranch<T, D> br;
-  // Slot keys: lane l < 16 holds the key (position in the sequence) of slot l, -1 when empty.
-  int slot = -1;
-  int pending = 0;  // warp-uniform: slots filled
+  Slots slots;
   auto product = [&]() {
     // S = Q K^T over the 16 slots: keys of slots nt * 8 + g feed the B fragments.
     float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const int j = __shfl_sync(~0u, slot, nt * 8 + g);
+      const int j = slots.key(nt * 8 + g);
       uint32_t kw[KQ / 2];
       load_words<KQ / 2>(kw, kbase + int64_t(j < 0 ? 0 : j) * p.k_sn + t * KQ, j >= 0);
 #pragma unroll
@@ -207,10 +254,7 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
     }
     // This lane's columns: slots 2t, 2t + 1 of each n-tile, which are also its P V keys.
     int jv[4];
-    jv[0] = __shfl_sync(~0u, slot, 2 * t);
-    jv[1] = __shfl_sync(~0u, slot, 2 * t + 1);
-    jv[2] = __shfl_sync(~0u, slot, 2 * t + 8);
-    jv[3] = __shfl_sync(~0u, slot, 2 * t + 9);
+    slots.columns(t, jv);
     uint32_t vw[4][ND / 2];
 #pragma unroll
     for (int x = 0; x < 4; ++x) {
@@ -227,37 +271,16 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
       }
     }
     uint32_t vb[ND][2];
-#pragma unroll
-    for (int od = 0; od < ND; ++od) {
-      vb[od][0] = half_of(vw[0], od) | (half_of(vw[1], od) << 16);
-      vb[od][1] = half_of(vw[2], od) | (half_of(vw[3], od) << 16);
-    }
+    column_pairs<ND / 2, ND>(vw, vb);
     br.add(s, vb);
   };
-  auto push = [&](int64_t lo, int64_t hi) {  // warp-uniform: keys [lo, hi) into the slots
-    while (lo < hi) {
-      const int take = int(hi - lo < 16 - pending ? hi - lo : 16 - pending);
-      if (lane >= pending && lane < pending + take) slot = int(lo + (lane - pending));
-      pending += take;
-      lo += take;
-      if (pending == 16) {
-        product();
-        slot = -1;
-        pending = 0;
-      }
-    }
-  };
-  auto flush = [&]() {
-    if (pending > 0) product();
-    slot = -1;
-    pending = 0;
-  };
+  auto push = [&](int64_t lo, int64_t hi) { slots.push(lo, hi, lane, product); };
 
   // Selected branch, then STIS; o_sel stays in registers for the combine.
   float lse_sel[2], lse_win[2];
   br.reset();
   for_each_selected_range(p, r, grp, row.i, row.L, push);
-  flush();
+  slots.flush(product);
   br.finish(lse_sel);
   float sel[ND][4];
 #pragma unroll
@@ -267,7 +290,7 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
   }
   br.reset();
   for_each_stis_range(row.i, row.L, p.stis, push);
-  flush();
+  slots.flush(product);
   br.finish(lse_win);
 
   // Rows g and g + 8 (heads h0 + g, h0 + g + 8): dims [2t ND, (2t + 2) ND), gated combine.
@@ -299,15 +322,207 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
   }
 }
 
+// Pass 1 of the backward for the same rows (what bwd_dq_kernel does, on tensor cores): per head of
+// the group the gate gradients <dout, o_sel>, <dout, o_win> and each branch's aux row, then over
+// each branch's gathered keys S = Q K^T and dP = dout V^T (the fragments of V in the layout of
+// K's), dS = P (gate dP - delta) and dq += dS K, the B fragments of K for that last product read
+// in the layout of the forward's V (rows g D/8 ..).
+template <typename T, int D>
+__global__ void __launch_bounds__(kLongThreads, 4)
+    long_dq_kernel(const AttnParams p, const BwdIn in, Aux* aux, T* dq_out) {
+  constexpr int KQ = D / 4;
+  constexpr int KSTEPS = D / 16;
+  constexpr int ND = D / 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t rows = p.seq.Bq * p.seq.N;
+  const int64_t r = int64_t(blockIdx.x) * kLongWarps + warp;
+  if (r >= rows) return;  // warp-uniform
+  const int64_t grp = blockIdx.y;
+  const int64_t h0 = grp * p.G;
+  const RowInfo row = row_info(p.seq, r);
+  if (row.b < 0) {  // padding row: dq, aux and the gate gradient are zeros
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    constexpr int kVecs = D * int(sizeof(T)) / 16;
+    for (int64_t e = lane; e < p.G * kVecs; e += 32) {
+      reinterpret_cast<uint4*>(dq_out)[(r * p.H + h0) * kVecs + e] = z;
+    }
+    for (int64_t e = lane; e < p.G; e += 32) {
+      const int64_t rh = r * p.H + h0 + e;
+      aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
+    }
+    return;
+  }
+  if (row.L <= p.skip_len) return;  // the fused kernels' row
+  const int64_t bq = r / p.seq.N, n = r - bq * p.seq.N;
+  const int64_t n0 = row.base - bq * p.seq.N;
+
+  // Q and dout fragments of heads g and g + 8 (zeros past G), dims [t KQ, (t + 1) KQ); the dots
+  // <dout, o_sel>, <dout, o_win> summed over the quad; gate, lse (base 2), delta per row, branch.
+  uint32_t qa[KSTEPS][4], da[KSTEPS][4];
+  float gate[2][2], lse2[2][2], delta[2][2];
+  {
+    const T* qrow = static_cast<const T*>(p.q) + bq * p.q_sb + n * p.q_sn + t * KQ;
+    uint32_t qw[2][KQ / 2], dw[2][KQ / 2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t hl = g + 8 * hh;
+      const bool valid = hl < p.G;
+      const int64_t rh = r * p.H + h0 + (valid ? hl : 0);
+      load_words<KQ / 2>(qw[hh], qrow + (h0 + hl) * p.q_sh, valid);
+      load_words<KQ / 2>(dw[hh], static_cast<const T*>(in.dout) + rh * D + t * KQ, valid);
+      uint32_t sw[KQ / 2], ww[KQ / 2];
+      load_words<KQ / 2>(sw, static_cast<const T*>(in.o_sel) + rh * D + t * KQ, valid);
+      load_words<KQ / 2>(ww, static_cast<const T*>(in.o_win) + rh * D + t * KQ, valid);
+      float dot_sel = 0.f, dot_win = 0.f;
+#pragma unroll
+      for (int i = 0; i < KQ / 2; ++i) {
+        const float2 d2 = Mma<T>::unpack(dw[hh][i]), s2 = Mma<T>::unpack(sw[i]),
+                     w2 = Mma<T>::unpack(ww[i]);
+        dot_sel = fmaf(d2.x, s2.x, fmaf(d2.y, s2.y, dot_sel));
+        dot_win = fmaf(d2.x, w2.x, fmaf(d2.y, w2.y, dot_win));
+      }
+      dot_sel += __shfl_xor_sync(~0u, dot_sel, 1);
+      dot_sel += __shfl_xor_sync(~0u, dot_sel, 2);
+      dot_win += __shfl_xor_sync(~0u, dot_win, 1);
+      dot_win += __shfl_xor_sync(~0u, dot_win, 2);
+      const float2 gt = valid ? gate_pair<T>(p.gates, p.gates_f32, rh) : make_float2(0.f, 0.f);
+      const float2 ls = valid ? *reinterpret_cast<const float2*>(in.lse + rh * 2)
+                              : make_float2(0.f, 0.f);
+      gate[hh][0] = gt.x;
+      gate[hh][1] = gt.y;
+      lse2[hh][0] = ls.x * kLog2e;
+      lse2[hh][1] = ls.y * kLog2e;
+      delta[hh][0] = gt.x * dot_sel;
+      delta[hh][1] = gt.y * dot_win;
+      if (valid && t == 0) {
+        aux[rh * 2] = make_float4(gt.x, lse2[hh][0], delta[hh][0], dot_sel);
+        aux[rh * 2 + 1] = make_float4(gt.y, lse2[hh][1], delta[hh][1], dot_win);
+        store_gate_pair<T>(in.dgates, in.dgates_f32, rh, dot_sel, dot_win);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      qa[ks][0] = qw[0][2 * ks];
+      qa[ks][1] = qw[1][2 * ks];
+      qa[ks][2] = qw[0][2 * ks + 1];
+      qa[ks][3] = qw[1][2 * ks + 1];
+      da[ks][0] = dw[0][2 * ks];
+      da[ks][1] = dw[1][2 * ks];
+      da[ks][2] = dw[0][2 * ks + 1];
+      da[ks][3] = dw[1][2 * ks + 1];
+    }
+  }
+  const T* kbase = static_cast<const T*>(p.k) + bq * p.k_sb + n0 * p.k_sn + grp * p.k_sh;
+  const T* vbase = static_cast<const T*>(p.v) + bq * p.v_sb + n0 * p.v_sn + grp * p.v_sh;
+
+  float acc[ND][4];
+#pragma unroll
+  for (int od = 0; od < ND; ++od) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[od][e] = 0.f;
+  }
+  int b = 0;  // the branch of the keys being pushed: 0 selected, 1 STIS
+  Slots slots;
+  auto product = [&]() {
+    float s[2][4], dp[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int j = slots.key(nt * 8 + g);
+      const int64_t jr = int64_t(j < 0 ? 0 : j);
+      uint32_t kw[KQ / 2], vw[KQ / 2];
+      load_words<KQ / 2>(kw, kbase + jr * p.k_sn + t * KQ, j >= 0);
+      load_words<KQ / 2>(vw, vbase + jr * p.v_sn + t * KQ, j >= 0);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) {
+        Mma<T>::run(s[nt], qa[ks], kw[2 * ks], kw[2 * ks + 1]);
+        Mma<T>::run(dp[nt], da[ks], vw[2 * ks], vw[2 * ks + 1]);
+      }
+    }
+    int jv[4];
+    slots.columns(t, jv);
+    uint32_t kd[4][ND / 2];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      load_words<ND / 2>(kd[x], kbase + int64_t(jv[x] < 0 ? 0 : jv[x]) * p.k_sn + g * ND,
+                         jv[x] >= 0);
+    }
+    // dS = P (gate dP - delta), P = exp2(scale_log2 s - lse2); 0 in empty slots.
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const bool valid = jv[2 * nt + c] >= 0;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int e = 2 * hh + c;
+          const float pw = valid ? exp2f(s[nt][e] * p.scale_log2 - lse2[hh][b]) : 0.f;
+          s[nt][e] = pw * (gate[hh][b] * dp[nt][e] - delta[hh][b]);
+        }
+      }
+    }
+    const uint32_t a[4] = {Mma<T>::pack(s[0][0], s[0][1]), Mma<T>::pack(s[0][2], s[0][3]),
+                           Mma<T>::pack(s[1][0], s[1][1]), Mma<T>::pack(s[1][2], s[1][3])};
+    uint32_t kb[ND][2];
+    column_pairs<ND / 2, ND>(kd, kb);
+#pragma unroll
+    for (int od = 0; od < ND; ++od) Mma<T>::run(acc[od], a, kb[od][0], kb[od][1]);
+  };
+  auto push = [&](int64_t lo, int64_t hi) { slots.push(lo, hi, lane, product); };
+  b = 0;
+  for_each_selected_range(p, r, grp, row.i, row.L, push);
+  slots.flush(product);
+  b = 1;
+  for_each_stis_range(row.i, row.L, p.stis, push);
+  slots.flush(product);
+
+  // Rows g and g + 8: dims [2t ND, (2t + 2) ND), scaled by the softmax scale.
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t hl = g + 8 * hh;
+    if (hl >= p.G) continue;
+    const int64_t off = (r * p.H + h0 + hl) * D + 2 * t * ND;
+    using P2 = typename Pair2<T>::type;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+#pragma unroll
+      for (int e = 0; e < ND / 2; ++e) {
+        reinterpret_cast<P2*>(dq_out + off + c * ND)[e] = Vec16<T>::from_float2(
+            acc[2 * e][2 * hh + c] * p.scale, acc[2 * e + 1][2 * hh + c] * p.scale);
+      }
+    }
+  }
+}
+
 }  // namespace
 
-bool long_forward_fits(const Dims& d, at::ScalarType dtype) {
-  const char* e = std::getenv("BLOSSOMREC_LONG_FWD");
+bool long_rows_fit(const Dims& d, at::ScalarType dtype, bool backward) {
+  const char* e = std::getenv(backward ? "BLOSSOMREC_LONG_DQ" : "BLOSSOMREC_LONG_FWD");
   if (e != nullptr && e[0] == '0') return false;
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return half && prop->major >= 8 && d.G <= 16 && d.D <= 64 &&
          d.N < std::numeric_limits<int32_t>::max();
+}
+
+void long_dq(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, const Dims& d,
+             at::ScalarType dtype, cudaStream_t stream) {
+  const int64_t rows = d.Bq * d.N;
+  const dim3 grid(unsigned(ceil_div(rows, kLongWarps)), unsigned(d.KVH));
+  BR_HALF_DTYPE_SWITCH(dtype, [&] {
+    BR_HEADDIM_SWITCH(d.D, [&] {
+      if constexpr (kHeadDim <= 64) {
+        long_dq_kernel<scalar_t, kHeadDim>
+            <<<grid, kLongThreads, 0, stream>>>(p, in, aux, static_cast<scalar_t*>(dq));
+      } else {
+        TORCH_CHECK(false, "internal: long_dq at D = ", d.D);
+      }
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void long_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,

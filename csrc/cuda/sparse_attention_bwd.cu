@@ -423,7 +423,7 @@ struct BwdPlan {
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const BwdIn& in,
                 Aux* aux, const Inverted& inv, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                bool with_dkdv, cudaStream_t stream) {
+                bool with_dq, bool with_dkdv, cudaStream_t stream) {
   const dim3 grid = attn_grid<D / kDimsPerLane>(p);
   const int64_t rows_per_block = kAttnThreads / (p.G * (D / kDimsPerLane));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -431,7 +431,9 @@ void launch_bwd(const AttnParams& p, const Dims& d, const BwdPlan& plan, const B
   T* dq_p = static_cast<T*>(dq.data_ptr());
   T* dk_p = static_cast<T*>(dk.data_ptr());
   T* dv_p = static_cast<T*>(dv.data_ptr());
-  if (plan.dq_smem > 0) {
+  if (!with_dq) {
+    // long_dq ran instead
+  } else if (plan.dq_smem > 0) {
     auto kernel = bwd_dq_staged_kernel<T, D>;
     allow_dynamic_smem(kernel, plan.dq_smem);
     kernel<<<staged_grid, kAttnThreads, size_t(plan.dq_smem), stream>>>(p, in, aux, dq_p);
@@ -545,9 +547,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
                                    n_keys + 1);
       inv = Inverted{q_rows.data_ptr<int32_t>(), offsets.data_ptr<int32_t>()};
     }
+    // float16 / bfloat16 at D <= 64: dq on tensor cores too (long_dq: the row dq kernel's work).
+    const bool long_dq_pass = long_rows_fit(d, q.scalar_type(), /*backward=*/true);
+    if (long_dq_pass) long_dq(pr, in, aux_p, dq.data_ptr(), d, q.scalar_type(), stream);
     BR_DTYPE_SWITCH(q.scalar_type(), [&] {
       BR_HEADDIM_SWITCH(d.D, [&] {
-        launch_bwd<scalar_t, kHeadDim>(pr, d, plan, in, aux_p, inv, dq, dk, dv, !long_dkdv, stream);
+        launch_bwd<scalar_t, kHeadDim>(pr, d, plan, in, aux_p, inv, dq, dk, dv, !long_dq_pass,
+                                       !long_dkdv, stream);
       });
     });
     if (long_dkdv) {

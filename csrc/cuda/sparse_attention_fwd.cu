@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_fwd_
   if (plan.row_kernels) {
     AttnParams pr = p;
     pr.skip_len = plan.max_len;
-    if (long_forward_fits(d, q.scalar_type())) {
+    if (long_rows_fit(d, q.scalar_type(), /*backward=*/false)) {
       long_forward(pr, o, d, q.scalar_type(), stream);
     } else {
       BR_DTYPE_SWITCH(q.scalar_type(), [&] {
