@@ -1,6 +1,6 @@
 """One forward and backward of the CUDA op on each kind of input the tensor-core kernels take
 (the fused ones: padded right / left, packed with a sequence past their limit, D = 16 .. 128,
-G = 1 .. 12, causal and not, with the sink; the long sequences' forward and dk/dv, the selection
+G = 1 .. 8, causal and not, with the sink; the long sequences' forward and dk/dv, the selection
 on tensor cores): a short driver for compute-sanitizer, which checks memory
 accesses and races, not values (python_tests/test_ops_cuda.py checks those).
 
@@ -22,7 +22,7 @@ CASES = [  # lengths, N (None: packed), H, KVH, D, causal, select_block
     # zeroed there), the tensor-core selection at D = 128 with the sink
     ([1300, 200, 0], 1300, 8, 2, 16, True, 16),
     ([2100, 5], 2100, 4, 1, 128, False, 8),
-    ([1100, 3], 1100, 12, 1, 32, False, 16),  # G > 8: the long forward's heads g + 8
+    ([1100, 3], 1100, 6, 2, 32, False, 16),  # D = 32: the long forward and dq
 ]
 
 

@@ -416,22 +416,24 @@ LONG_DQ = ("long_dq_kernel",)
 
 # expect: which kernel families run, as eight letters: fused forward, fused backward, row forward,
 # row dq, row dk/dv, tensor-core dk/dv of the longer sequences, tensor-core forward and dq of the
-# rows the fused kernels leave ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" present, "-" absent).
+# rows the fused kernels leave (D = 32, 64) ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" present,
+# "-" absent).
 @pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect", [
     (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB------"),
     (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB------"),
-    # D = 16 past 256 tokens: the long forward, the fused backward (both use the same saved tensors)
-    (torch.bfloat16, 16, "right", [257], 257, 16, "-B----l-"),
+    # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
+    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-----"),
     # D = 16 backward over two K/V segments (672 and 336 keys), left padding
-    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-B----l-"),
-    (torch.bfloat16, 16, "right", [1025], 1025, 16, "-----Llm"),   # past 1024 tokens
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-----"),
+    (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fq-L--"),   # past 1024 tokens
     (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB------"),
+    (torch.float16, 32, "right", [1100, 7], 1100, 16, "-----Llm"),  # past 1024 tokens
     (torch.bfloat16, 64, "right", [1025], 1025, 16, "-----Llm"),   # past 1024 tokens
     (torch.bfloat16, 64, "right", [300], 300, 4, "-----Llm"),      # past 64 selection blocks
     (torch.bfloat16, 128, "right", [1025], 1025, 16, "--fq-L--"),  # D = 128: the row kernels
     (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd---"),  # float32: the row kernels
-    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FB--d-lm"),  # rows: the padding only
-    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FB--d-lm"),  # 300 forward, padding
+    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfqd---"),  # rows: the padding only
+    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfqd---"),  # 300 forward, padding
     (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llm"),  # rows: the long one
 ])
 def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect):
@@ -549,9 +551,8 @@ LONG_CASES = [  # N, G, D, (compress stride, select block, num_select, window, p
     (2047, 4, 16, (4, 4, 8, 8, 1, True)),
     (300, 4, 64, (4, 4, 4, 8, 1, True)),
     (1100, 5, 32, (16, 16, 0, 8, 1, True)),
-    # G > 8: the tensor-core forward's second 8 product rows (heads g + 8)
-    (1030, 16, 16, (16, 16, 4, 8, 1, True)),
-    (1200, 12, 64, (8, 16, 3, 5, 2, True)),
+    (1030, 8, 64, (16, 16, 4, 8, 1, True)),
+    (1200, 6, 32, (8, 16, 3, 5, 2, True)),
 ]
 
 
@@ -567,6 +568,22 @@ def test_long_dkdv_matches_reference(x, causal):
               use_power=power, use_sink=not causal, causal=causal)
     check_against_reference(lengths, N, G * KVH, KVH, D, hp, layout, dtype, device=DEV,
                             seed=400 + x)
+
+
+@pytest.mark.parametrize("x", [0, 3, 5])
+def test_long_rows_forced_at_d16_match_reference(x, monkeypatch):
+    """BLOSSOMREC_LONG_FWD=1 / BLOSSOMREC_LONG_DQ=1 run the tensor-core forward and dq of long
+    sequences at D = 16 too (a benchmark switch; the row kernels are the default there): the
+    D = 16 cases of LONG_CASES, causal and not, against the reference."""
+    monkeypatch.setenv("BLOSSOMREC_LONG_FWD", "1")
+    monkeypatch.setenv("BLOSSOMREC_LONG_DQ", "1")
+    N, G, D, (s, b, n, w, p, power) = LONG_CASES[x]
+    assert D == 16
+    for causal in (True, False):
+        hp = dict(compress_stride=s, select_block=b, num_select=n, window=w, power_block=p,
+                  use_power=power, use_sink=not causal, causal=causal)
+        check_against_reference([N, N // 2 + 1], N, G * (2 if G <= 4 else 1), 2 if G <= 4 else 1,
+                                D, hp, "right", torch.bfloat16, device=DEV, seed=450 + x)
 
 
 @pytest.mark.parametrize("D", [16, 64])

@@ -54,8 +54,8 @@ void fused_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, const
 // Whether the tensor-core row kernels of long_attention.cu (a warp per query row and kv group, the
 // G heads as the rows of the products, the row's keys gathered 16 at a time) take the forward
 // (long_fwd_kernel) or the backward's dq pass (long_dq_kernel) of the rows the fused kernels
-// leave: float16 / bfloat16, G <= 16, D <= 64, sm_80 and newer (BLOSSOMREC_LONG_FWD=0 /
-// BLOSSOMREC_LONG_DQ=0: the row kernels).
+// leave: float16 / bfloat16, D = 32 and 64, sm_80 and newer (BLOSSOMREC_LONG_FWD / _DQ = 0: the
+// row kernels; = 1: also at D = 16, where the row kernels are faster).
 bool long_rows_fit(const Dims& d, at::ScalarType dtype, bool backward);
 
 // The forward of every valid row of a sequence longer than p.skip_len, and zeros in the padding

@@ -2,7 +2,7 @@
 // tensor cores: long_fwd_kernel, a warp per (query row, kv group).
 //
 // The G heads of a row share its key sets (the group's selection, the STIS set), so they are the
-// rows of one m16n8k16 product: M = G heads (the other 16 - G rows are zeros), N = 16 keys of the
+// rows of one m16n8k16 product: M = G <= 8 heads (the other 16 - G rows are zeros), N = 16 keys of the
 // row's own list, K = head dims. A row's keys are gathered, not tiled: the ranges of each branch
 // (the own block, the selected blocks; the STIS window, one range per power of two, the sink)
 // are packed 16 keys at a time into "slots" (one slot per lane of the warp's first half), so a
@@ -35,6 +35,9 @@ namespace cuda {
 namespace {
 
 constexpr int kLongWarps = 4;  // warps (rows) per CTA: consecutive rows share keys in L1
+// Groups hold at most 8 heads (checks.h), so the products' rows g + 8 are zeros: a lane keeps the
+// state of row g only (kRowHalves = 1; the fragments' rows g + 8 stay 0).
+constexpr int kRowHalves = 1;
 constexpr int kLongThreads = 32 * kLongWarps;
 
 // n 16-bit elements (n * 2 bytes, a multiple of 4) of src as 32-bit words, or zeros.
@@ -141,7 +144,7 @@ struct LongBranch {
   // s: the two n-tiles' score fragments (base 2, -inf for empty slots); vb: the P V B fragments.
   __device__ __forceinline__ void add(float (&s)[2][4], const uint32_t (&vb)[ND][2]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // rows g (c0, c1) and g + 8 (c2, c3)
+    for (int h = 0; h < kRowHalves; ++h) {  // row g (c0, c1); g + 8 (c2, c3) unused
       float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, 2));
@@ -165,8 +168,7 @@ struct LongBranch {
         o[od][2 * h + 1] *= alpha;
       }
     }
-    const uint32_t a[4] = {Mma<T>::pack(s[0][0], s[0][1]), Mma<T>::pack(s[0][2], s[0][3]),
-                           Mma<T>::pack(s[1][0], s[1][1]), Mma<T>::pack(s[1][2], s[1][3])};
+    const uint32_t a[4] = {Mma<T>::pack(s[0][0], s[0][1]), 0u, Mma<T>::pack(s[1][0], s[1][1]), 0u};
 #pragma unroll
     for (int od = 0; od < ND; ++od) Mma<T>::run(o[od], a, vb[od][0], vb[od][1]);
   }
@@ -174,7 +176,7 @@ struct LongBranch {
   // The row sums over the quad and the branch's log-sum-exp (natural log) per row.
   __device__ __forceinline__ void finish(float (&lse)[2]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kRowHalves; ++h) {
       l[h] += __shfl_xor_sync(~0u, l[h], 1);
       l[h] += __shfl_xor_sync(~0u, l[h], 2);
       const float inv = 1.f / l[h];
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
     uint32_t w0[KQ / 2], w1[KQ / 2];
     const T* qrow = static_cast<const T*>(p.q) + bq * p.q_sb + n * p.q_sn + t * KQ;
     load_words<KQ / 2>(w0, qrow + (h0 + g) * p.q_sh, g < p.G);
-    load_words<KQ / 2>(w1, qrow + (h0 + g + 8) * p.q_sh, g + 8 < p.G);
+    load_words<KQ / 2>(w1, qrow + (h0 + g + 8) * p.q_sh, kRowHalves > 1 && g + 8 < p.G);
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       qa[ks][0] = w0[2 * ks];
@@ -293,9 +295,9 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
   slots.flush(product);
   br.finish(lse_win);
 
-  // Rows g and g + 8 (heads h0 + g, h0 + g + 8): dims [2t ND, (2t + 2) ND), gated combine.
+  // Row g (head h0 + g): dims [2t ND, (2t + 2) ND), gated combine.
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
+  for (int hh = 0; hh < kRowHalves; ++hh) {
     const int64_t hl = g + 8 * hh;
     if (hl >= p.G) continue;
     const int64_t rh = r * p.H + h0 + hl;
@@ -368,7 +370,7 @@ __global__ void __launch_bounds__(kLongThreads, 4)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int64_t hl = g + 8 * hh;
-      const bool valid = hl < p.G;
+      const bool valid = hh < kRowHalves && hl < p.G;
       const int64_t rh = r * p.H + h0 + (valid ? hl : 0);
       load_words<KQ / 2>(qw[hh], qrow + (h0 + hl) * p.q_sh, valid);
       load_words<KQ / 2>(dw[hh], static_cast<const T*>(in.dout) + rh * D + t * KQ, valid);
@@ -457,15 +459,14 @@ __global__ void __launch_bounds__(kLongThreads, 4)
       for (int c = 0; c < 2; ++c) {
         const bool valid = jv[2 * nt + c] >= 0;
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
+        for (int hh = 0; hh < kRowHalves; ++hh) {
           const int e = 2 * hh + c;
           const float pw = valid ? exp2f(s[nt][e] * p.scale_log2 - lse2[hh][b]) : 0.f;
           s[nt][e] = pw * (gate[hh][b] * dp[nt][e] - delta[hh][b]);
         }
       }
     }
-    const uint32_t a[4] = {Mma<T>::pack(s[0][0], s[0][1]), Mma<T>::pack(s[0][2], s[0][3]),
-                           Mma<T>::pack(s[1][0], s[1][1]), Mma<T>::pack(s[1][2], s[1][3])};
+    const uint32_t a[4] = {Mma<T>::pack(s[0][0], s[0][1]), 0u, Mma<T>::pack(s[1][0], s[1][1]), 0u};
     uint32_t kb[ND][2];
     column_pairs<ND / 2, ND>(kd, kb);
 #pragma unroll
@@ -479,9 +480,9 @@ __global__ void __launch_bounds__(kLongThreads, 4)
   for_each_stis_range(row.i, row.L, p.stis, push);
   slots.flush(product);
 
-  // Rows g and g + 8: dims [2t ND, (2t + 2) ND), scaled by the softmax scale.
+  // Row g: dims [2t ND, (2t + 2) ND), scaled by the softmax scale.
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
+  for (int hh = 0; hh < kRowHalves; ++hh) {
     const int64_t hl = g + 8 * hh;
     if (hl >= p.G) continue;
     const int64_t off = (r * p.H + h0 + hl) * D + 2 * t * ND;
@@ -500,11 +501,14 @@ __global__ void __launch_bounds__(kLongThreads, 4)
 }  // namespace
 
 bool long_rows_fit(const Dims& d, at::ScalarType dtype, bool backward) {
+  // BLOSSOMREC_LONG_FWD / _DQ: 0 off, 1 at every head dim up to 64 (benchmarks), unset: D >= 32
+  // (at D = 16 the row kernels were faster: docs/PERF_NOTES.md v23).
   const char* e = std::getenv(backward ? "BLOSSOMREC_LONG_DQ" : "BLOSSOMREC_LONG_FWD");
   if (e != nullptr && e[0] == '0') return false;
+  const bool forced = e != nullptr && e[0] == '1';
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return half && prop->major >= 8 && d.G <= 16 && d.D <= 64 &&
+  return half && prop->major >= 8 && d.G <= 8 && d.D <= 64 && (forced || d.D >= 32) &&
          d.N < std::numeric_limits<int32_t>::max();
 }
 
