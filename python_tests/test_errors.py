@@ -888,6 +888,34 @@ def test_raw_op_rejects_mixed_devices(op, name, other):
     assert_short(exc)
 
 
+# Checks whose messages carry numbers (sizes, head dims, group sizes): on the H200 device's
+# toolchain these crashed the process with a segfault in std::ostream's integer inserter until the
+# messages were built by blossomrec::msg (csrc/common/message.h); on CUDA tensors the same checks.h
+# runs first in every CUDA entry point, so the message is the CPU op's.
+NUMBER_CASES = ("q of rank 3", "head dim 24", "head dim 256", "4 heads over 3 kv heads",
+                "group of 16 heads", "k batch differs from q", "kc batch differs from seq_len",
+                "gates wrong shape")
+
+
+@pytest.mark.cuda
+@needs_cuda_build
+@pytest.mark.parametrize(
+    "op, case", [pytest.param(op, c, id=f"{op}-{c.name}") for c in RAW_CASES
+                 if c.name in NUMBER_CASES for op in c.ops])
+def test_raw_op_on_cuda_raises_messages_with_numbers(op, case):
+    x = raw_inputs()
+    x.update(case.change(x))
+    x = {name: t.to("cuda") if isinstance(t, torch.Tensor) else t for name, t in x.items()}
+    with pytest.raises(case.exc, match=case.match) as exc:
+        call_raw(op, x)
+    assert_short(exc)
+
+
+def test_number_cases_exist():
+    """Every name of NUMBER_CASES is a RAW_CASES entry (a renamed case would drop out silently)."""
+    assert set(NUMBER_CASES) <= {c.name for c in RAW_CASES}
+
+
 @pytest.mark.cuda
 @needs_cuda_build
 @pytest.mark.parametrize("op", RAW_OPS)

@@ -84,7 +84,7 @@ template <typename Fn>
 void dispatch_dtypes(const at::Tensor& q, const at::Tensor& gates, const char* name, Fn&& fn) {
   // The dispatch macro wants a constant name on some torch versions; `name` goes into the error.
   // An internal invariant: check_float_dtype has refused every other dtype.
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
+  BR_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
                   q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               name, ": unsupported dtype ", q.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "blossomrec_cpu", [&] {

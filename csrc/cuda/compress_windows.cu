@@ -118,7 +118,7 @@ at::Tensor compress_windows_cuda(const at::Tensor& k, const at::Tensor& seq_star
                  B * C * KVH * l * chunks, vec};
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = (p.total + kWindowThreads - 1) / kWindowThreads;
-  TORCH_CHECK_VALUE(blocks <= int64_t(0x7fffffff), "compress_windows: output too large (",
+  BR_CHECK_VALUE(blocks <= int64_t(0x7fffffff), "compress_windows: output too large (",
                     out.numel(), " elements)");
   const auto dtype = k.scalar_type();
   if (dtype == at::kDouble) {

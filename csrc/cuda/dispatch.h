@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/message.h"
+
 // The head dims the kernels are instantiated for (checks.h refuses the others first).
 #define BR_HEADDIM_SWITCH(HEADDIM, ...)                                          \
   [&] {                                                                          \
@@ -16,7 +18,7 @@
       case 32: { constexpr int kHeadDim = 32; return __VA_ARGS__(); }            \
       case 64: { constexpr int kHeadDim = 64; return __VA_ARGS__(); }            \
       case 128: { constexpr int kHeadDim = 128; return __VA_ARGS__(); }          \
-      default: TORCH_CHECK(false, "unsupported head dim ", HEADDIM);             \
+      default: BR_CHECK(false, "unsupported head dim ", HEADDIM);             \
     }                                                                            \
   }()
 
@@ -27,7 +29,7 @@
       case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }         \
       case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }         \
       case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
-      default: TORCH_CHECK(false, "unsupported dtype ", DTYPE);                  \
+      default: BR_CHECK(false, "unsupported dtype ", DTYPE);                  \
     }                                                                            \
   }()
 
@@ -37,6 +39,6 @@
     switch (DTYPE) {                                                             \
       case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }         \
       case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
-      default: TORCH_CHECK(false, "the tensor-core kernels take float16 or bfloat16, got ", DTYPE); \
+      default: BR_CHECK(false, "the tensor-core kernels take float16 or bfloat16, got ", DTYPE); \
     }                                                                            \
   }()

@@ -1505,7 +1505,7 @@ void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, cons
                         stream, nullptr, min_len);
   l.threads = int(32 * warps);
   l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/false);
-  TORCH_INTERNAL_ASSERT(fused_long_dkdv_fits(d), "long_dkdv_kernel launched where it does not fit");
+  BR_CHECK(fused_long_dkdv_fits(d), "long_dkdv_kernel launched where it does not fit");
   const LongArgs la{l.args, inv_rows, inv_offsets};
   auto kernel = long_dkdv_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);

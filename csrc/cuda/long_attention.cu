@@ -522,7 +522,7 @@ void long_dq(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, const Dim
         long_dq_kernel<scalar_t, kHeadDim>
             <<<grid, kLongThreads, 0, stream>>>(p, in, aux, static_cast<scalar_t*>(dq));
       } else {
-        TORCH_CHECK(false, "internal: long_dq at D = ", d.D);
+        BR_CHECK(false, "internal: long_dq at D = ", d.D);
       }
     });
   });
@@ -538,7 +538,7 @@ void long_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::Scala
       if constexpr (kHeadDim <= 64) {
         long_fwd_kernel<scalar_t, kHeadDim><<<grid, kLongThreads, 0, stream>>>(p, o);
       } else {
-        TORCH_CHECK(false, "internal: long_forward at D = ", d.D);
+        BR_CHECK(false, "internal: long_forward at D = ", d.D);
       }
     });
   });

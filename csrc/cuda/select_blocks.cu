@@ -559,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q_in, co
                                                       double scale) {
   Dims d;
   check_select_inputs(q_in, kc, seq_start, seq_len, compress_stride, select_block, num_select, &d);
-  TORCH_CHECK_TYPE(q_in.scalar_type() != at::kDouble,
+  BR_CHECK_TYPE(q_in.scalar_type() != at::kDouble,
                    "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(q_in.device());
   // float16 / bfloat16 score on tensor cores (launch_select) where the card has the mma.sync and

@@ -526,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
       // a stable 64-bit at::sort, a division and a searchsorted before).
       const int64_t entries = rows * d.KVH * p.width;
       const int64_t n_keys = d.KVH * rows;
-      TORCH_CHECK(n_keys < std::numeric_limits<int32_t>::max() &&
+      BR_CHECK(n_keys < std::numeric_limits<int32_t>::max() &&
                       entries <= std::numeric_limits<int32_t>::max(),
                   "sparse_attention_bwd: ", entries, " selection entries over ", n_keys,
                   " (kv head, row) keys do not fit the 32-bit inverted index");

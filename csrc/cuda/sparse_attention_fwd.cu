@@ -189,12 +189,12 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& seq_len, const Dims& d, int64_t select_block,
                             int64_t window, int64_t power_block, bool use_power, bool use_sink,
                             bool causal, double scale) {
-  TORCH_CHECK_TYPE(q.scalar_type() != at::kDouble,
+  BR_CHECK_TYPE(q.scalar_type() != at::kDouble,
                    "float64 runs on CPU only; the CUDA ops take float32, float16 or bfloat16");
-  TORCH_CHECK(sel_idx.stride(-1) == 1, "sel_idx must have a contiguous last dimension");
-  TORCH_CHECK(seq_start.is_contiguous() && seq_len.is_contiguous(),
+  BR_CHECK(sel_idx.stride(-1) == 1, "sel_idx must have a contiguous last dimension");
+  BR_CHECK(seq_start.is_contiguous() && seq_len.is_contiguous(),
               "seq_start and seq_len must be contiguous");
-  TORCH_CHECK(gates_k.is_contiguous() && (gates_k.scalar_type() == at::kFloat ||
+  BR_CHECK(gates_k.is_contiguous() && (gates_k.scalar_type() == at::kFloat ||
                                            gates_k.scalar_type() == q.scalar_type()),
               "internal: gates must be contiguous float32 or q's dtype (kernel_gates)");
   AttnParams p;
