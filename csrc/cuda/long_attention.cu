@@ -122,6 +122,31 @@ __device__ __forceinline__ void column_pairs(const uint32_t (&w)[4][kWords], uin
   }
 }
 
+// The rows of the lane's four column keys jv (-1: empty, zeros), kWords words each from element
+// `at` of a row: the B fragments of P V (value rows) and of dS K (key rows).
+template <int kWords, typename T>
+__device__ __forceinline__ void load_column_rows(uint32_t (&w)[4][kWords], const T* base,
+                                                 int64_t stride, const int (&jv)[4], int at) {
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    load_words<kWords>(w[x], base + int64_t(jv[x] < 0 ? 0 : jv[x]) * stride + at, jv[x] >= 0);
+  }
+}
+
+// The A fragments of a 16 x D product from the words of its rows g (w0) and g + 8 (w1), dims
+// [t D/4, (t + 1) D/4) in the permuted order of the file's header.
+template <int KSTEPS, int kWords>
+__device__ __forceinline__ void a_fragments(uint32_t (&a)[KSTEPS][4], const uint32_t (&w0)[kWords],
+                                            const uint32_t (&w1)[kWords]) {
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+    a[ks][0] = w0[2 * ks];
+    a[ks][1] = w1[2 * ks];
+    a[ks][2] = w0[2 * ks + 1];
+    a[ks][3] = w1[2 * ks + 1];
+  }
+}
+
 // Online softmax (base 2) and P V of one branch for the 16 query rows of a warp's product: rows g
 // and g + 8 of the C fragments live in this lane; m and l per row, l summed over the quad at the
 // end.
@@ -228,13 +253,7 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
     const T* qrow = static_cast<const T*>(p.q) + bq * p.q_sb + n * p.q_sn + t * KQ;
     load_words<KQ / 2>(w0, qrow + (h0 + g) * p.q_sh, g < p.G);
     load_words<KQ / 2>(w1, qrow + (h0 + g + 8) * p.q_sh, kRowHalves > 1 && g + 8 < p.G);
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-      qa[ks][0] = w0[2 * ks];
-      qa[ks][1] = w1[2 * ks];
-      qa[ks][2] = w0[2 * ks + 1];
-      qa[ks][3] = w1[2 * ks + 1];
-    }
+    a_fragments<KSTEPS>(qa, w0, w1);
   }
   const T* kbase = static_cast<const T*>(p.k) + bq * p.k_sb + n0 * p.k_sn + grp * p.k_sh;
   const T* vbase = static_cast<const T*>(p.v) + bq * p.v_sb + n0 * p.v_sn + grp * p.v_sh;
@@ -258,11 +277,7 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
     int jv[4];
     slots.columns(t, jv);
     uint32_t vw[4][ND / 2];
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      load_words<ND / 2>(vw[x], vbase + int64_t(jv[x] < 0 ? 0 : jv[x]) * p.v_sn + g * ND,
-                         jv[x] >= 0);
-    }
+    load_column_rows(vw, vbase, p.v_sn, jv, g * ND);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -404,17 +419,8 @@ __global__ void __launch_bounds__(kLongThreads, 4)
         store_gate_pair<T>(in.dgates, in.dgates_f32, rh, dot_sel, dot_win);
       }
     }
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-      qa[ks][0] = qw[0][2 * ks];
-      qa[ks][1] = qw[1][2 * ks];
-      qa[ks][2] = qw[0][2 * ks + 1];
-      qa[ks][3] = qw[1][2 * ks + 1];
-      da[ks][0] = dw[0][2 * ks];
-      da[ks][1] = dw[1][2 * ks];
-      da[ks][2] = dw[0][2 * ks + 1];
-      da[ks][3] = dw[1][2 * ks + 1];
-    }
+    a_fragments<KSTEPS>(qa, qw[0], qw[1]);
+    a_fragments<KSTEPS>(da, dw[0], dw[1]);
   }
   const T* kbase = static_cast<const T*>(p.k) + bq * p.k_sb + n0 * p.k_sn + grp * p.k_sh;
   const T* vbase = static_cast<const T*>(p.v) + bq * p.v_sb + n0 * p.v_sn + grp * p.v_sh;
@@ -447,11 +453,7 @@ __global__ void __launch_bounds__(kLongThreads, 4)
     int jv[4];
     slots.columns(t, jv);
     uint32_t kd[4][ND / 2];
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      load_words<ND / 2>(kd[x], kbase + int64_t(jv[x] < 0 ? 0 : jv[x]) * p.k_sn + g * ND,
-                         jv[x] >= 0);
-    }
+    load_column_rows(kd, kbase, p.k_sn, jv, g * ND);
     // dS = P (gate dP - delta), P = exp2(scale_log2 s - lse2); 0 in empty slots.
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
