@@ -325,7 +325,7 @@ constexpr MmaSelectLayout mma_select_layout(int D) {
 }
 
 // 16 floats as their bfloat16 high parts and the bfloat16 roundings of the remainders, stored at
-// hi and lo (32-byte aligned).
+// hi and lo (16-byte aligned).
 __device__ __forceinline__ void split_store16(const float (&x)[kDimsPerLane], __nv_bfloat16* hi,
                                               __nv_bfloat16* lo) {
   __align__(16) __nv_bfloat162 h[kDimsPerLane / 2], l[kDimsPerLane / 2];
