@@ -482,15 +482,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const BwdIn in{dout_c.data_ptr(), o_sel_c.data_ptr(), o_win_c.data_ptr(), lse_c.data_ptr<float>(),
                  dgates.data_ptr(), dgates.scalar_type() == at::kFloat};
 
-  at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
-  at::Tensor dk = alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options());
-  at::Tensor dv = alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options());
   const int64_t rows = d.Bq * d.N;
-  if (rows == 0) return {dq, dk, dv, dgates};
-  at::Tensor aux = at::empty({d.Bq, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
+  if (rows == 0) {
+    return {alloc_output({d.Bq, d.N, d.H, d.D}, q.options()),
+            alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options()),
+            alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options()), dgates};
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-  Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
   const FusedPlan fused = plan_fused(d, q.scalar_type(), select_block, /*backward=*/true);
   // float16 / bfloat16 (sm_80 on): the dk/dv of the sequences the fused kernels do not take run
   // on tensor cores (fused_long_dkdv) after the row kernels' dq pass. Not for a packed buffer no
@@ -499,6 +497,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const bool long_dkdv = fused.row_kernels && d.B > 0 &&
                          fused_max_len(q.scalar_type(), d.D, select_block, true) > 0 &&
                          !(fused.max_len > 0 && d.N <= fused.max_len) && fused_long_dkdv_fits(d);
+  AttnParams pr = p;
+  pr.skip_len = fused.max_len;
+  const int64_t elem = q.element_size();
+  const BwdPlan plan{staged_kv_bytes(d, elem),
+                     long_dkdv ? DkdvSmem{} : staged_dkdv_smem(d, elem, p.width, select_block)};
+  // Pass 2 (for the row kernels, unless pass 3 is staged and builds its lists itself, or every
+  // sequence is the fused kernels': a packed buffer no longer than fused_max_len): it only reads
+  // the selection, so it runs before dq, dk, dv and aux are allocated, and its keys, counts and
+  // sort buffers are freed before they exist (they were the backward's peak at S4-S6).
+  at::Tensor q_rows, offsets;
+  Inverted inv{nullptr, nullptr};
+  if (fused.row_kernels && plan.dkdv.total == 0 && !(fused.max_len > 0 && d.N <= fused.max_len)) {
+    // 32-bit keys (kv head, buffer row of the block's first token) and rows, a radix sort over
+    // the key's bits only (stable: the rows of a block stay in increasing order, the order the
+    // dk/dv passes sum in) and the block ranges from the keys' counts by an exclusive scan (v22:
+    // a stable 64-bit at::sort, a division and a searchsorted before).
+    const int64_t entries = rows * d.KVH * p.width;
+    const int64_t n_keys = d.KVH * rows;
+    BR_CHECK(n_keys < std::numeric_limits<int32_t>::max() &&
+                 entries <= std::numeric_limits<int32_t>::max(),
+             "sparse_attention_bwd: ", entries, " selection entries over ", n_keys,
+             " (kv head, row) keys do not fit the 32-bit inverted index");
+    const auto i32 = q.options().dtype(at::kInt);
+    at::Tensor keys = at::empty({entries}, i32), rows_in = at::empty({entries}, i32);
+    at::Tensor counts = at::zeros({n_keys + 1}, i32);
+    selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(
+        pr, keys.data_ptr<int32_t>(), rows_in.data_ptr<int32_t>(), counts.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor sorted_keys = at::empty_like(keys);
+    q_rows = at::empty_like(rows_in);
+    at::cuda::cub::radix_sort_pairs(keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
+                                    rows_in.data_ptr<int32_t>(), q_rows.data_ptr<int32_t>(),
+                                    entries, /*descending=*/false, /*begin_bit=*/0,
+                                    at::cuda::cub::get_num_bits(uint64_t(n_keys)));
+    offsets = at::empty({n_keys + 1}, i32);
+    at::cuda::cub::exclusive_sum(counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                                 n_keys + 1);
+    inv = Inverted{q_rows.data_ptr<int32_t>(), offsets.data_ptr<int32_t>()};
+  }
+
+  at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
+  at::Tensor dk = alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options());
+  at::Tensor dv = alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options());
+  at::Tensor aux = at::empty({d.Bq, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
+  Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
   // Packed buffers: the padding rows' dk / dv are the row dk/dv kernels' to zero, and with the
   // tensor-core dk/dv there are none of those (zeroed before the fused kernels write theirs).
   if (long_dkdv && d.Bq != d.B) {
@@ -510,43 +553,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
                    fused.max_len, ln, stream);
   }
   if (fused.row_kernels) {
-    AttnParams pr = p;
-    pr.skip_len = fused.max_len;
-    const int64_t elem = q.element_size();
-    const BwdPlan plan{staged_kv_bytes(d, elem),
-                       long_dkdv ? DkdvSmem{} : staged_dkdv_smem(d, elem, p.width, select_block)};
-    // Pass 2 (unless pass 3 is staged and builds its lists itself, or every sequence is the fused
-    // kernels': a packed buffer no longer than fused_max_len): it only reads the selection.
-    at::Tensor q_rows, offsets;
-    Inverted inv{nullptr, nullptr};
-    if (plan.dkdv.total == 0 && !(fused.max_len > 0 && d.N <= fused.max_len)) {
-      // 32-bit keys (kv head, buffer row of the block's first token) and rows, a radix sort over
-      // the key's bits only (stable: the rows of a block stay in increasing order, the order the
-      // dk/dv passes sum in) and the block ranges from the keys' counts by an exclusive scan (v22:
-      // a stable 64-bit at::sort, a division and a searchsorted before).
-      const int64_t entries = rows * d.KVH * p.width;
-      const int64_t n_keys = d.KVH * rows;
-      BR_CHECK(n_keys < std::numeric_limits<int32_t>::max() &&
-                      entries <= std::numeric_limits<int32_t>::max(),
-                  "sparse_attention_bwd: ", entries, " selection entries over ", n_keys,
-                  " (kv head, row) keys do not fit the 32-bit inverted index");
-      const auto i32 = q.options().dtype(at::kInt);
-      at::Tensor keys = at::empty({entries}, i32), rows_in = at::empty({entries}, i32);
-      at::Tensor counts = at::zeros({n_keys + 1}, i32);
-      selection_keys_kernel<<<unsigned(ceil_div(entries, 256)), 256, 0, stream>>>(
-          pr, keys.data_ptr<int32_t>(), rows_in.data_ptr<int32_t>(), counts.data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor sorted_keys = at::empty_like(keys);
-      q_rows = at::empty_like(rows_in);
-      at::cuda::cub::radix_sort_pairs(keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
-                                      rows_in.data_ptr<int32_t>(), q_rows.data_ptr<int32_t>(),
-                                      entries, /*descending=*/false, /*begin_bit=*/0,
-                                      at::cuda::cub::get_num_bits(uint64_t(n_keys)));
-      offsets = at::empty({n_keys + 1}, i32);
-      at::cuda::cub::exclusive_sum(counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
-                                   n_keys + 1);
-      inv = Inverted{q_rows.data_ptr<int32_t>(), offsets.data_ptr<int32_t>()};
-    }
     // float16 / bfloat16 at D <= 64: dq on tensor cores too (long_dq: the row dq kernel's work).
     const bool long_dq_pass = long_rows_fit(d, q.scalar_type(), /*backward=*/true);
     if (long_dq_pass) long_dq(pr, in, aux_p, dq.data_ptr(), d, q.scalar_type(), stream);
