@@ -827,13 +827,22 @@ constexpr int64_t dkdv_smem(int64_t warps, int D, int elem, bool with_needs) {
   return (with_needs ? 2 * kMaxTiles * 8 : 0) + warps * 2 * stage_bytes(D, elem);
 }
 
-// Q, dout and aux of query tile qt, head h, into one stage (rows past L zero-filled: no mask sees
-// them, and zeros keep every product finite).
-template <typename T, int D, int KS>
-__device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnParams& p,
-                                             const BwdIn& in, const Aux* aux, const uint32_t* wcol,
-                                             const Unit& u, int qt, int64_t h, int lane) {
+// A stage row's sequence position and whether it holds one (else it is zero-filled: no mask sees
+// it, and zeros keep every product finite).
+template <typename I>
+struct StageRow {
+  bool valid;
+  I i;
+};
+
+// The copies of one stage's Q, dout and aux rows of head h, row r < 16 at pos_of(r) (a StageRow).
+// All lanes (pos_of may shuffle).
+template <typename T, int D, int KS, typename Pos>
+__device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const AttnParams& p,
+                                                 const BwdIn& in, const Aux* aux, const Unit& u,
+                                                 int64_t h, int lane, Pos&& pos_of) {
   constexpr int kChunks = D / 8;
+  static_assert((2 * kTile * kChunks) % 32 == 0, "every lane takes the same number of copies");
   T* buf = reinterpret_cast<T*>(stage);
   Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
   const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
@@ -841,8 +850,7 @@ __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnPar
     const int mat = e >= kTile * kChunks ? 1 : 0;
     const int x = e - mat * kTile * kChunks;
     const int r = x / kChunks, c = x - r * kChunks;
-    const int i = qt * kTile + r;
-    const bool valid = i < u.L;
+    const auto [valid, i] = pos_of(r);
     const int64_t n = u.s + (valid ? i : 0);
     const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + n) * p.H + h) * D
                        : qb + n * p.q_sn;
@@ -850,14 +858,26 @@ __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnPar
   }
   {  // 32 float4: one per lane
     const int r = lane >> 1, br = lane & 1;
-    const int i = qt * kTile + r;
-    const bool valid = i < u.L;
+    const auto [valid, i] = pos_of(r);
     const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : 0)) * p.H + h;
     cp_async16(abuf + lane, aux + rh * 2 + br, valid);
   }
-  if (lane < kTile) {  // the words of the key tile (wcol[i]: query position i's)
+}
+
+// Q, dout and aux of query tile qt, head h, and the tile's words of the warp's key tile (wcol[i]:
+// query position i's), into one stage (rows past L zero-filled).
+template <typename T, int D, int KS>
+__device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnParams& p,
+                                             const BwdIn& in, const Aux* aux, const uint32_t* wcol,
+                                             const Unit& u, int qt, int64_t h, int lane) {
+  stage_q_dout_aux<T, D, KS>(stage, p, in, aux, u, h, lane, [&](int r) {
+    const int i = qt * kTile + r;
+    return StageRow<int>{i < u.L, i};
+  });
+  if (lane < kTile) {
     const int i = qt * kTile + lane;
     const bool valid = i < u.L;
+    Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
     cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + (valid ? i : 0), valid);
   }
   cp_async_commit();
@@ -1111,35 +1131,19 @@ __device__ __forceinline__ uint32_t contiguous_word(const AttnParams& p, int64_t
   return w;
 }
 
-// The copies of one stage: Q, dout and aux rows of the sequence's positions pos (lane r < 16 holds
-// row r's position, -1: none, zero-filled) and the rows' words (lane r's word). All lanes.
+// One stage of the long dk/dv kernel: Q, dout and aux rows of the sequence's positions pos (lane
+// r < 16 holds row r's position, -1: none, zero-filled) and the rows' words (lane r's word). All
+// lanes.
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_rows_long(unsigned char* stage, const AttnParams& p,
                                                 const BwdIn& in, const Aux* aux, const Unit& u,
                                                 int64_t pos, uint32_t word, int64_t h, int lane) {
-  constexpr int kChunks = D / 8;
-  static_assert((2 * kTile * kChunks) % 32 == 0, "every lane takes the same number of copies");
-  T* buf = reinterpret_cast<T*>(stage);
+  stage_q_dout_aux<T, D, KS>(stage, p, in, aux, u, h, lane,
+                             [&](int r) {
+                               const int64_t i = __shfl_sync(~0u, pos, r);
+                               return StageRow<int64_t>{i >= 0, i};
+                             });
   Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
-  const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
-  for (int e = lane; e < 2 * kTile * kChunks; e += 32) {
-    const int mat = e >= kTile * kChunks ? 1 : 0;
-    const int x = e - mat * kTile * kChunks;
-    const int r = x / kChunks, c = x - r * kChunks;
-    const int64_t i = __shfl_sync(~0u, pos, r);
-    const bool valid = i >= 0;
-    const int64_t n = u.s + (valid ? i : 0);
-    const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + n) * p.H + h) * D
-                       : qb + n * p.q_sn;
-    cp_async16(buf + (mat * kTile + r) * KS + c * 8, src + c * 8, valid);
-  }
-  {
-    const int r = lane >> 1, br = lane & 1;
-    const int64_t i = __shfl_sync(~0u, pos, r);
-    const bool valid = i >= 0;
-    const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : 0)) * p.H + h;
-    cp_async16(abuf + lane, aux + rh * 2 + br, valid);
-  }
   if (lane < kTile) reinterpret_cast<uint32_t*>(abuf + 2 * kTile)[lane] = word;
   cp_async_commit();
 }

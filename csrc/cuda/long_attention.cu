@@ -122,15 +122,20 @@ __device__ __forceinline__ void column_pairs(const uint32_t (&w)[4][kWords], uin
   }
 }
 
-// The rows of the lane's four column keys jv (-1: empty, zeros), kWords words each from element
-// `at` of a row: the B fragments of P V (value rows) and of dS K (key rows).
+// kWords words of key j's row from element `at` (j = -1, an empty slot: zeros).
+template <int kWords, typename T>
+__device__ __forceinline__ void load_key_row(uint32_t (&w)[kWords], const T* base, int64_t stride,
+                                             int j, int at) {
+  load_words<kWords>(w, base + int64_t(j < 0 ? 0 : j) * stride + at, j >= 0);
+}
+
+// The rows of the lane's four column keys jv: the B fragments of P V (value rows) and of dS K
+// (key rows), dims [g D/8, (g + 1) D/8).
 template <int kWords, typename T>
 __device__ __forceinline__ void load_column_rows(uint32_t (&w)[4][kWords], const T* base,
                                                  int64_t stride, const int (&jv)[4], int at) {
 #pragma unroll
-  for (int x = 0; x < 4; ++x) {
-    load_words<kWords>(w[x], base + int64_t(jv[x] < 0 ? 0 : jv[x]) * stride + at, jv[x] >= 0);
-  }
+  for (int x = 0; x < 4; ++x) load_key_row(w[x], base, stride, jv[x], at);
 }
 
 // The A fragments of a 16 x D product from the words of its rows g (w0) and g + 8 (w1), dims
@@ -145,6 +150,17 @@ __device__ __forceinline__ void a_fragments(uint32_t (&a)[KSTEPS][4], const uint
     a[ks][2] = w0[2 * ks + 1];
     a[ks][3] = w1[2 * ks + 1];
   }
+}
+
+// acc = A B over the head dims for one n-tile of S = Q K^T: B the words of the tile's key row held
+// by this lane.
+template <typename T, int KSTEPS>
+__device__ __forceinline__ void row_product(float (&acc)[4], const uint32_t (&a)[KSTEPS][4],
+                                            const uint32_t (&w)[2 * KSTEPS]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) Mma<T>::run(acc, a[ks], w[2 * ks], w[2 * ks + 1]);
 }
 
 // Online softmax (base 2) and P V of one branch for the 16 query rows of a warp's product: rows g
@@ -265,13 +281,9 @@ __global__ void __launch_bounds__(kLongThreads, 4) long_fwd_kernel(const AttnPar
     float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const int j = slots.key(nt * 8 + g);
       uint32_t kw[KQ / 2];
-      load_words<KQ / 2>(kw, kbase + int64_t(j < 0 ? 0 : j) * p.k_sn + t * KQ, j >= 0);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < KSTEPS; ++ks) Mma<T>::run(s[nt], qa[ks], kw[2 * ks], kw[2 * ks + 1]);
+      load_key_row(kw, kbase, p.k_sn, slots.key(nt * 8 + g), t * KQ);
+      row_product<T>(s[nt], qa, kw);
     }
     // This lane's columns: slots 2t, 2t + 1 of each n-tile, which are also its P V keys.
     int jv[4];
@@ -438,10 +450,9 @@ __global__ void __launch_bounds__(kLongThreads, 4)
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int j = slots.key(nt * 8 + g);
-      const int64_t jr = int64_t(j < 0 ? 0 : j);
       uint32_t kw[KQ / 2], vw[KQ / 2];
-      load_words<KQ / 2>(kw, kbase + jr * p.k_sn + t * KQ, j >= 0);
-      load_words<KQ / 2>(vw, vbase + jr * p.v_sn + t * KQ, j >= 0);
+      load_key_row(kw, kbase, p.k_sn, j, t * KQ);
+      load_key_row(vw, vbase, p.v_sn, j, t * KQ);
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
 #pragma unroll

@@ -490,25 +490,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const FusedPlan fused = plan_fused(d, q.scalar_type(), select_block, /*backward=*/true);
+  // A packed buffer no longer than fused_max_len: every sequence is the fused kernels' (the row
+  // kernels only zero its padding rows).
+  const bool fused_takes_all = fused.max_len > 0 && d.N <= fused.max_len;
   // float16 / bfloat16 (sm_80 on): the dk/dv of the sequences the fused kernels do not take run
-  // on tensor cores (fused_long_dkdv) after the row kernels' dq pass. Not for a packed buffer no
-  // longer than fused_max_len (no such sequence: the row kernels only zero its padding rows) nor
-  // one without sequences.
+  // on tensor cores (fused_long_dkdv) after the row kernels' dq pass; not where the fused kernels
+  // take every sequence, nor for a buffer without sequences.
   const bool long_dkdv = fused.row_kernels && d.B > 0 &&
                          fused_max_len(q.scalar_type(), d.D, select_block, true) > 0 &&
-                         !(fused.max_len > 0 && d.N <= fused.max_len) && fused_long_dkdv_fits(d);
+                         !fused_takes_all && fused_long_dkdv_fits(d);
   AttnParams pr = p;
   pr.skip_len = fused.max_len;
   const int64_t elem = q.element_size();
   const BwdPlan plan{staged_kv_bytes(d, elem),
                      long_dkdv ? DkdvSmem{} : staged_dkdv_smem(d, elem, p.width, select_block)};
-  // Pass 2 (for the row kernels, unless pass 3 is staged and builds its lists itself, or every
-  // sequence is the fused kernels': a packed buffer no longer than fused_max_len): it only reads
-  // the selection, so it runs before dq, dk, dv and aux are allocated, and its keys, counts and
+  // Pass 2 (for the row kernels, unless pass 3 is staged and builds its lists itself, or the fused
+  // kernels take every sequence): it only reads the selection, so it runs before dq, dk, dv and aux are allocated, and its keys, counts and
   // sort buffers are freed before they exist (they were the backward's peak at S4-S6).
   at::Tensor q_rows, offsets;
   Inverted inv{nullptr, nullptr};
-  if (fused.row_kernels && plan.dkdv.total == 0 && !(fused.max_len > 0 && d.N <= fused.max_len)) {
+  if (fused.row_kernels && plan.dkdv.total == 0 && !fused_takes_all) {
     // 32-bit keys (kv head, buffer row of the block's first token) and rows, a radix sort over
     // the key's bits only (stable: the rows of a block stay in increasing order, the order the
     // dk/dv passes sum in) and the block ranges from the keys' counts by an exclusive scan (v22:
