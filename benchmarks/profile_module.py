@@ -27,6 +27,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--host-lengths", action="store_true",
                    help="lengths on the host (as a data loader yields them) instead of the GPU")
+    p.add_argument("--cpu-ops", type=int, default=0, metavar="K",
+                   help="also list the K host operators with the most self CPU time per call "
+                        "(where the eager module's host time goes)")
     args = p.parse_args()
     device = torch.device("cuda")
     for N in (int(s) for s in args.sizes.split(",")):
@@ -60,6 +63,15 @@ def main() -> None:
             for name, times in rows[: args.top]:
                 print(f"  {sum(times) / args.iters:9.1f} us  {len(times) / args.iters:5.1f}x  "
                       f"{name[:110]}")
+            if args.cpu_ops:
+                host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+                host.sort(key=lambda e: -e.self_cpu_time_total)
+                total = sum(e.self_cpu_time_total for e in host) / args.iters
+                print(f"  host: {total / 1e3:.3f} ms self CPU per call (under the profiler); top "
+                      f"{args.cpu_ops} operators, self us per call, calls per call:")
+                for e in host[: args.cpu_ops]:
+                    print(f"  {e.self_cpu_time_total / args.iters:9.1f} us  "
+                          f"{e.count / args.iters:5.1f}x  {e.key[:100]}")
             del run
             torch.cuda.empty_cache()
 
