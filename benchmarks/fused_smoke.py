@@ -1,7 +1,7 @@
 """One forward and backward of the CUDA op on each kind of input the tensor-core kernels take
 (the fused ones: padded right / left, packed with a sequence past their limit, D = 16 .. 128,
 G = 1 .. 8, causal and not, with the sink; the long sequences' forward and dk/dv, the selection
-on tensor cores): a short driver for compute-sanitizer, which checks memory
+on tensor cores, the one-CTA backward of short sequences): a short driver for compute-sanitizer, which checks memory
 accesses and races, not values (python_tests/test_ops_cuda.py checks those).
 
     compute-sanitizer --tool memcheck python benchmarks/fused_smoke.py
@@ -23,6 +23,9 @@ CASES = [  # lengths, N (None: packed), H, KVH, D, causal, select_block
     ([1300, 200, 0], 1300, 8, 2, 16, True, 16),
     ([2100, 5], 2100, 4, 1, 128, False, 8),
     ([1100, 3], 1100, 6, 2, 32, False, 16),  # D = 32: the long forward and dq
+    # The one-CTA backward of sequences within 64 tokens: G = 8, the sink, power-of-two blocks
+    ([64, 33, 1], None, 8, 1, 16, False, 8),
+    ([48, 5], 48, 6, 2, 32, True, 16),
 ]
 
 

@@ -412,34 +412,47 @@ FUSED_BWD = ("fused_dq_kernel", "fused_dkdv_kernel")
 LONG_DKDV = ("long_dkdv_kernel",)
 LONG_FWD = ("long_fwd_kernel",)
 LONG_DQ = ("long_dq_kernel",)
+SEQ_BWD = ("fused_seq_bwd_kernel",)
 
 
-# expect: which kernel families run, as eight letters: fused forward, fused backward, row forward,
-# row dq, row dk/dv, tensor-core dk/dv of the longer sequences, tensor-core forward and dq of the
-# rows the fused kernels leave (D = 32, 64) ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" present,
-# "-" absent).
-@pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect", [
-    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB------"),
-    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB------"),
+# expect: which kernel families run, as nine letters: fused forward, fused backward (dq and dk/dv),
+# row forward, row dq, row dk/dv, tensor-core dk/dv of the longer sequences, tensor-core forward
+# and dq of the rows the fused kernels leave (D = 32, 64), the one-CTA backward of the sequences of
+# at most 64 tokens ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" / "s" present, "-" absent).
+@pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect,seq_bwd", [
+    (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB------s", None),
+    (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB------s", None),
+    # every sequence within 64 tokens: the one-CTA backward only (and the dq and dk/dv kernels
+    # where it is switched off)
+    (torch.bfloat16, 16, "right", [50, 9, 0], 50, 16, "F-------s", None),
+    (torch.float16, 64, "left", [64, 17, 1], 64, 16, "F-------s", None),
+    # packed: the dq and dk/dv kernels launch too (the host does not know the longest sequence;
+    # their units count none), the row kernels zero the padding rows
+    (torch.bfloat16, 16, "packed", [50, 9, 64], None, 16, "FBfqd---s", None),
+    (torch.bfloat16, 16, "right", [50, 9, 0], 50, 16, "FB-------", "0"),
     # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
-    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-----"),
+    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf------", None),
     # D = 16 backward over two K/V segments (672 and 336 keys), left padding
-    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-----"),
-    (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fq-L--"),   # past 1024 tokens
-    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB------"),
-    (torch.float16, 32, "right", [1100, 7], 1100, 16, "-----Llm"),  # past 1024 tokens
-    (torch.bfloat16, 64, "right", [1025], 1025, 16, "-----Llm"),   # past 1024 tokens
-    (torch.bfloat16, 64, "right", [300], 300, 4, "-----Llm"),      # past 64 selection blocks
-    (torch.bfloat16, 128, "right", [1025], 1025, 16, "--fq-L--"),  # D = 128: the row kernels
-    (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd---"),  # float32: the row kernels
-    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfqd---"),  # rows: the padding only
-    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfqd---"),  # 300 forward, padding
-    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llm"),  # rows: the long one
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf------", None),
+    (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fq-L---", None),   # past 1024 tokens
+    (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB------s", None),
+    (torch.float16, 32, "right", [1100, 7], 1100, 16, "-----Llm-", None),  # past 1024 tokens
+    (torch.bfloat16, 64, "right", [1025], 1025, 16, "-----Llm-", None),   # past 1024 tokens
+    (torch.bfloat16, 64, "right", [300], 300, 4, "-----Llm-", None),      # past 64 blocks
+    (torch.bfloat16, 128, "right", [1025], 1025, 16, "--fq-L---", None),  # D = 128: row kernels
+    (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd----", None),  # float32: row kernels
+    (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfqd---s", None),  # rows: padding
+    (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfqd---s", None),  # 300 fwd, padding
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llms", None),  # rows: the long
 ])
-def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect):
+def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect, seq_bwd,
+                             monkeypatch):
     """Dispatch: each kernel family runs exactly where claimed (a fallback to the row kernels, or
     the fused kernels running where they cannot, fails here), forward and backward separately;
-    results are the reference's (the packed buffers mix the kernel families)."""
+    results are the reference's (the packed buffers mix the kernel families). seq_bwd: the
+    BLOSSOMREC_SEQ_BWD switch ("0": the one-CTA backward off)."""
+    if seq_bwd is not None:
+        monkeypatch.setenv("BLOSSOMREC_SEQ_BWD", seq_bwd)
     N = N or max(lengths)
     H, KVH = 8, 2
     hp = _hp(dict(compress_stride=4, select_block=select_block, num_select=4), STIS[0], True)
@@ -468,7 +481,8 @@ def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect)
               ("row dk/dv", bwd_names, ROW_DKDV, expect[4]),
               ("fused long dk/dv", bwd_names, LONG_DKDV, expect[5]),
               ("long forward", fwd_names, LONG_FWD, expect[6]),
-              ("long dq", bwd_names, LONG_DQ, expect[7]))
+              ("long dq", bwd_names, LONG_DQ, expect[7]),
+              ("fused one-CTA backward", bwd_names, SEQ_BWD, expect[8]))
     for what, names, kernels, letter in checks:
         want = letter != "-"
         if what.startswith("fused"):  # every kernel of the pass

@@ -41,6 +41,7 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cstdlib>
 #include <limits>
 
 #include "cuda/dispatch.h"
@@ -99,6 +100,10 @@ struct FusedArgs {
   // or power block above 2^11 acts as 2^11 does.
   int b;                    // select_block (clamped)
   StisParams st;            // p.stis with window and power block clamped
+  // Padded batches: the units of the sequences with min_len < L <= max_len only (the one-CTA
+  // backward takes the short ones, empty ones included, dq and dk/dv the rest; packed batches
+  // count their units so).
+  int64_t min_len = -1, max_len = std::numeric_limits<int64_t>::max();
 };
 
 // One unit of work: a chunk of positions [c0, c0 + rows) of sequence b.
@@ -134,6 +139,7 @@ __device__ __forceinline__ bool find_unit(const FusedArgs& a, bool reverse, Unit
   if (reverse) c = count - 1 - c;
   int64_t s, L;
   seq_bounds(sp, b, &s, &L);
+  if (a.unit_end == nullptr && (L <= a.min_len || L > a.max_len)) return false;
   u->bq = sp.Bq == 1 ? 0 : b;
   u->s = s;
   u->b = b;
@@ -284,19 +290,35 @@ __device__ __forceinline__ void mma_abt(float (&c)[2][4], const uint32_t (&a)[D 
   }
 }
 
+// acc[16 x 16] += A[16 x 16] . B, with B[16][16] a column slice of a row-major shared-memory
+// matrix (row stride KS): one 16-column step of mma_ab.
+template <typename T, int KS>
+__device__ __forceinline__ void mma_ab16(float (&acc)[2][4], const uint32_t (&a)[4], const T* b,
+                                         int lane) {
+  uint32_t f[4];
+  ldmatrix_x4_trans(f, b + (((lane >> 3) & 1) * 8 + (lane & 7)) * KS + (lane >> 4) * 8);
+  Mma<T>::run(acc[0], a, f[0], f[1]);
+  Mma<T>::run(acc[1], a, f[2], f[3]);
+}
+
 // acc[16 x D] += A[16 x 16] . B, with B[16][D] row-major in shared memory: P V, dS K, Pg^T dout,
 // dS^T Q.
 template <typename T, int D, int KS>
 __device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* b,
                                        int lane) {
-  const T* row = b + (((lane >> 3) & 1) * 8 + (lane & 7)) * KS + (lane >> 4) * 8;
 #pragma unroll
   for (int np = 0; np < D / 16; ++np) {
-    uint32_t f[4];
-    ldmatrix_x4_trans(f, row + np * 16);
-    Mma<T>::run(acc[2 * np], a, f[0], f[1]);
-    Mma<T>::run(acc[2 * np + 1], a, f[2], f[3]);
+    mma_ab16<T, KS>(reinterpret_cast<float (&)[2][4]>(acc[2 * np]), a, b + np * 16, lane);
   }
+}
+
+// A fragments (16 rows x D) of a row-major shared-memory tile (row stride KS), as load_a_rows
+// lays them out.
+template <int D, int KS, typename T>
+__device__ __forceinline__ void load_a_smem(uint32_t (&f)[D / 16][4], const T* tile, int lane) {
+  const T* row = tile + (lane & 15) * KS + (lane >> 4) * 8;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(f[ks], row + ks * 16);
 }
 
 // Two C tiles (16 x 16) as the A fragment of the next product.
@@ -383,13 +405,13 @@ struct RowSmem {
 };
 
 // Issues (does not commit) the copies of the chunk's words, needs, gates and lse (lse: null for
-// the forward). blockDim.x is 2 G rows: every (row, head) has its thread.
+// the forward). key_tiles: the words' capacity in key tiles (the layout of row_smem_layout).
 __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_bytes,
                                               const FusedArgs& a, const Unit& u, int64_t g,
-                                              int kend, const float* lse) {
+                                              int kend, const float* lse, int key_tiles) {
   const AttnParams& p = a.p;
   const int rows = a.rows;
-  const RowSmemLayout l = row_smem_layout(kv_bytes, rows, a.tiles_cap, p.G, lse != nullptr);
+  const RowSmemLayout l = row_smem_layout(kv_bytes, rows, key_tiles, p.G, lse != nullptr);
   uint32_t* words = reinterpret_cast<uint32_t*>(smem + l.words);
   uint64_t* need = reinterpret_cast<uint64_t*>(smem + l.need);
   float2* gates = reinterpret_cast<float2*>(smem + l.gates);
@@ -411,18 +433,18 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
     cp_async16(need + 2 * t, tile_need(a, u, g, (u.c0 + (valid ? t * kTile : 0)) / kTile), valid);
   }
   const int G = int(p.G);
-  if (int(threadIdx.x) < rows * G) {
-    const int r = int(threadIdx.x) / G, hg = int(threadIdx.x) - r * G;
+  for (int x = int(threadIdx.x); x < rows * G; x += int(blockDim.x)) {
+    const int r = x / G, hg = x - r * G;
     const int i = u.c0 + r;
     const bool valid = i < u.L;
     const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : u.c0)) * p.H + g * p.G + hg;
     // A float32 pair fills the slot; a 16-bit one its first half (gate_pair<T> reads it back).
     if (p.gates_f32) {
-      cp_async8(gates + threadIdx.x, static_cast<const float*>(p.gates) + rh * 2, valid);
+      cp_async8(gates + x, static_cast<const float*>(p.gates) + rh * 2, valid);
     } else {
-      cp_async4(gates + threadIdx.x, static_cast<const uint32_t*>(p.gates) + rh, valid);
+      cp_async4(gates + x, static_cast<const uint32_t*>(p.gates) + rh, valid);
     }
-    if (lse != nullptr) cp_async8(lses + threadIdx.x, lse + rh * 2, valid);
+    if (lse != nullptr) cp_async8(lses + x, lse + rh * 2, valid);
   }
   return RowSmem{words, need, gates, lses};
 }
@@ -510,7 +532,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   T* vs = ks + a.seg * KS;
   // The first segment, the chunk's masks and gates and the warp's queries load together.
   const int kend = key_end(a, u);
-  const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, nullptr);
+  const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, nullptr,
+                                a.tiles_cap);
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -637,9 +660,40 @@ __device__ __forceinline__ void dq_zero_padding(const AttnParams& p, const BwdIn
     const int64_t rh = (u.bq * p.seq.N + (u.s + i) % p.seq.N) * p.H + g * p.G + hg;
     *reinterpret_cast<uint4*>(dq + rh * D + c * 8) = make_uint4(0, 0, 0, 0);
     if (c == 0) {
-      aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (aux != nullptr) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
       store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
     }
+  }
+}
+
+// dot[r][br] = <dout, o_branch> of the lane's rows r (g, g + 8) from the dout fragments df (A
+// layout, load_a_rows) and the saved branch outputs (rows rh[r], null rows: 0), summed over the
+// quad.
+template <typename T, int D>
+__device__ __forceinline__ void branch_dots(float (&dot)[2][2], const uint32_t (&df)[D / 16][4],
+                                            const BwdIn& in, const int64_t (&rh)[2],
+                                            const bool (&valid)[2], int tq) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    dot[r][0] = dot[r][1] = 0.f;
+    if (valid[r]) {
+#pragma unroll
+      for (int br = 0; br < 2; ++br) {
+        const T* o_row = static_cast<const T*>(br == 0 ? in.o_sel : in.o_win) + rh[r] * D;
+#pragma unroll
+        for (int ks_ = 0; ks_ < D / 16; ++ks_) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int c = ks_ * 16 + half * 8 + 2 * tq;
+            const float2 dv = Mma<T>::unpack(df[ks_][2 * half + r]);
+            const float2 ov = Mma<T>::unpack(*reinterpret_cast<const uint32_t*>(o_row + c));
+            dot[r][br] = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, dot[r][br]));
+          }
+        }
+      }
+    }
+    dot[r][0] = quad_sum(dot[r][0]);
+    dot[r][1] = quad_sum(dot[r][1]);
   }
 }
 
@@ -659,7 +713,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + a.seg * KS;
   const int kend = key_end(a, u);
-  const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, in.lse);
+  const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, in.lse,
+                                a.tiles_cap);
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -686,29 +741,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     }
     load_a_rows<T, D>(qf, row_q[0], row_q[1], tq);
     load_a_rows<T, D>(df, row_d[0], row_d[1], tq);
-    // <dout, o_branch> from the elements each lane holds of dout, then over the quad.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      dot[r][0] = dot[r][1] = 0.f;
-      if (row_d[r] != nullptr) {
-#pragma unroll
-        for (int br = 0; br < 2; ++br) {
-          const T* o_row = static_cast<const T*>(br == 0 ? in.o_sel : in.o_win) + rh[r] * D;
-#pragma unroll
-          for (int ks_ = 0; ks_ < D / 16; ++ks_) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const int c = ks_ * 16 + half * 8 + 2 * tq;
-              const float2 dv = Mma<T>::unpack(df[ks_][2 * half + r]);
-              const float2 ov = Mma<T>::unpack(*reinterpret_cast<const uint32_t*>(o_row + c));
-              dot[r][br] = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, dot[r][br]));
-            }
-          }
-        }
-      }
-      dot[r][0] = quad_sum(dot[r][0]);
-      dot[r][1] = quad_sum(dot[r][1]);
-    }
+    const bool valid[2] = {row_d[0] != nullptr, row_d[1] != nullptr};
+    branch_dots<T, D>(dot, df, in, rh, valid, tq);
   }
   float acc[D / 8][4];
 #pragma unroll
@@ -1088,6 +1122,261 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backward of the short sequences in one CTA: dgates, dq, dk and dv
+// ---------------------------------------------------------------------------------------------
+// A sequence of at most kSeqMaxLen tokens has at most 4 query and 4 key tiles: one CTA per
+// (sequence, kv group) keeps all of it in shared memory (K, V, and Q and dout of the group's
+// heads) and computes the backward in two phases instead of the dq and dk/dv kernels' two
+// launches, which both recompute S, P and dP:
+// - phase 1, a warp per (query tile, head): the gate gradients and deltas, then per key tile the
+//   tile's S, dP, dS and Pg = g_sel P_sel + g_win P_win, dQ += dS K (as fused_dq_kernel), and dS
+//   and Pg transposed in registers (movmatrix) into shared memory as the A fragments of the key
+//   side's products (512 bytes each per (head, query tile, key tile));
+// - phase 2, a warp per (key tile, 16 head dims): dK += dS^T Q and dV += Pg^T dout over the heads
+//   of the group in head order and, within a head, the query tiles in increasing order: each
+//   element is summed by one warp in a fixed order (deterministic, no atomics, the same whatever
+//   the batch's padding or the CTA's warp count).
+// No aux tensor: the deltas never leave phase 1.
+constexpr int kSeqMaxLen = 64;
+constexpr int kPairBytes = 2 * 32 * 16;  // dS^T and Pg^T of one (head, query tile, key tile)
+
+template <int D>
+struct SeqTraits {
+  // Shared memory at G = 4 (~100 KiB at D = 16) allows two CTAs per SM there, one above.
+  static constexpr int kMinBlocks = D <= 16 ? 2 : 1;
+};
+
+// The key tiles query tile qt (of T) can need: causal, those up to the end of its last row's
+// power block (p: the clamped power block); else all.
+__host__ __device__ __forceinline__ int seq_pair_tiles(int qt, int T, int p, bool causal) {
+  if (!causal) return T;
+  const int end = ((qt * kTile + kTile - 1) / p + 1) * p;
+  const int t = (end + kTile - 1) / kTile;
+  return t < T ? t : T;
+}
+// Pairs (query tile, key tile) before query tile qt's: its first pair's index (qt = T: all).
+__host__ __device__ __forceinline__ int seq_pair_base(int qt, int T, int p, bool causal) {
+  int n = 0;
+  for (int t = 0; t < qt; ++t) n += seq_pair_tiles(t, T, p, causal);
+  return n;
+}
+
+// K, V ([rows][KS] each), the row state of the query-outer kernels (row_smem_layout), Q and dout
+// of the G heads ([head][rows][KS] each), the pairs ([head][pair][dS^T, Pg^T][lane] uint4).
+struct SeqSmemLayout {
+  int64_t qd, pairs, total;
+};
+__host__ __device__ __forceinline__ SeqSmemLayout seq_smem_layout(int rows, int64_t G, int D,
+                                                                  int elem, int p, bool causal) {
+  const int T = rows / kTile;
+  const int64_t KS = D + 8;  // row_stride(D)
+  const int64_t kv = 2 * rows * KS * elem;
+  SeqSmemLayout l;
+  l.qd = (row_smem_layout(kv, rows, T, G, true).total + 15) / 16 * 16;
+  l.pairs = l.qd + 2 * G * rows * KS * elem;
+  l.total = l.pairs + G * seq_pair_base(T, T, p, causal) * kPairBytes;
+  return l;
+}
+
+// Q and dout rows of the group's heads (positions 0 .. rows - 1; past L zero-filled). Issues the
+// copies.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void stage_group_rows(T* qs, T* dos, const AttnParams& p,
+                                                 const BwdIn& in, const Unit& u, int64_t g,
+                                                 int rows) {
+  constexpr int kChunks = D / 8;
+  const int n = int(p.G) * rows * kChunks;
+  for (int e = threadIdx.x; e < 2 * n; e += blockDim.x) {
+    const int mat = e >= n ? 1 : 0;
+    const int x = e - mat * n;
+    const int rr = x / kChunks, c = x - rr * kChunks;  // rr = head * rows + position
+    const int hg = rr / rows, i = rr - hg * rows;
+    const bool valid = i < u.L;
+    const int64_t row = u.s + (valid ? i : 0), h = g * p.G + hg;
+    const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + row) * p.H + h) * D
+                       : static_cast<const T*>(p.q) + u.bq * p.q_sb + row * p.q_sn + h * p.q_sh;
+    cp_async16((mat ? dos : qs) + rr * KS + c * 8, src + c * 8, valid);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
+    fused_seq_bwd_kernel(const FusedArgs a, const BwdIn in, T* dq_out, T* dk_out, T* dv_out) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const AttnParams& p = a.p;
+  Unit u;
+  if (!find_unit(a, false, &u)) return;
+  const int64_t g = blockIdx.y;
+  const int G = int(p.G);
+  const int rows = a.rows, tiles = rows / kTile;
+  const int pb = int(a.st.power_block);
+  const bool causal = p.stis.causal;
+  if (a.unit_end == nullptr && u.L < p.seq.N) {
+    // Every padding position L .. N - 1 of the sequence (its one unit may be shorter than N).
+    dq_zero_padding<T, D>(p, in, nullptr, dq_out, u, int(p.seq.N), g);
+    dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, int(p.seq.N), g);
+  }
+  if (u.L == 0) return;
+
+  const SeqSmemLayout sl = seq_smem_layout(rows, p.G, D, int(sizeof(T)), pb, causal);
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + rows * KS;
+  T* qs = reinterpret_cast<T*>(smem + sl.qd);
+  T* dos = qs + G * rows * KS;
+  uint4* pairs = reinterpret_cast<uint4*>(smem + sl.pairs);
+  const int n_pairs = seq_pair_base(tiles, tiles, pb, causal);
+  const int kend = key_end(a, u);
+  const RowSmem rs = stage_rows(smem, 2 * int64_t(rows) * KS * sizeof(T), a, u, g, kend, in.lse,
+                                tiles);
+  stage_group_rows<T, D, KS>(qs, dos, p, in, u, g, rows);
+  stage_kv<T, D, KS>(ks, vs, p, u, g, 0, kend);  // commits every copy above
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int warps = int(blockDim.x) >> 5;
+
+  // Phase 1: units (query tile, head), the heaviest query tiles (the last, when causal) first,
+  // every other round in reverse so that the warps' loads even out.
+  const int units = G * tiles;
+  for (int round = 0; round * warps < units; ++round) {
+    const int x = round * warps + ((round & 1) ? warps - 1 - warp : warp);
+    if (x >= units) continue;
+    const int qt = tiles - 1 - x / G, hg = x % G;
+    const int i0 = qt * kTile;
+    if (i0 >= u.L) continue;
+    const int64_t h = g * p.G + hg;
+    uint32_t qf[D / 16][4], df[D / 16][4];
+    load_a_smem<D, KS>(qf, qs + (hg * rows + i0) * KS, lane);
+    load_a_smem<D, KS>(df, dos + (hg * rows + i0) * KS, lane);
+    const int rows_i[2] = {i0 + gq, i0 + gq + 8};
+    const bool valid[2] = {rows_i[0] < u.L, rows_i[1] < u.L};
+    const int64_t rh[2] = {(u.bq * p.seq.N + u.s + rows_i[0]) * p.H + h,
+                           (u.bq * p.seq.N + u.s + rows_i[1]) * p.H + h};
+    float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
+    branch_dots<T, D>(dot, df, in, rh, valid, tq);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int xr = rows_i[r] * G + hg;
+      const float2 gt = gate_pair<T>(rs.gates + xr, p.gates_f32, 0), ls = rs.lse[xr];
+      gate[r][0] = gt.x;
+      gate[r][1] = gt.y;
+      lse2[r][0] = ls.x * kLog2e;
+      lse2[r][1] = ls.y * kLog2e;
+      delta[r][0] = gate[r][0] * dot[r][0];
+      delta[r][1] = gate[r][1] * dot[r][1];
+      if (tq == 0 && valid[r]) store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    }
+    const uint64_t my_sel = rs.need[2 * qt], my_win = rs.need[2 * qt + 1];
+    uint64_t pending = (my_sel | my_win) & ((1ull << seq_pair_tiles(qt, tiles, pb, causal)) - 1);
+    const uint32_t* wq = rs.words + i0 + gq;
+    uint4* slot0 = pairs + int64_t(hg * n_pairs + seq_pair_base(qt, tiles, pb, causal)) * 64 + lane;
+    while (pending != 0) {
+      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+      pending &= pending - 1;
+      const uint32_t w[2] = {wq[kt * rows] >> (2 * tq), wq[kt * rows + 8] >> (2 * tq)};
+      const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
+      const T* kt_s = ks + kt * kTile * KS;
+      float s[2][4] = {}, dp[2][4] = {};
+      mma_abt<T, D, KS>(s, qf, kt_s, lane);
+      mma_abt<T, D, KS>(dp, df, vs + kt * kTile * KS, lane);
+      float ds[2][4], pg[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, c = nt * 2 + (e & 1);
+          float dsv = 0.f, pgv = 0.f;
+          if (do_sel && word_bit(w[r], col_bit(c))) {
+            const float pw = exp2f(fmaf(s[nt][e], p.scale_log2, -lse2[r][0]));
+            dsv += pw * (gate[r][0] * dp[nt][e] - delta[r][0]);
+            pgv += pw * gate[r][0];
+          }
+          if (do_win && word_bit(w[r], kTile + col_bit(c))) {
+            const float pw = exp2f(fmaf(s[nt][e], p.scale_log2, -lse2[r][1]));
+            dsv += pw * (gate[r][1] * dp[nt][e] - delta[r][1]);
+            pgv += pw * gate[r][1];
+          }
+          ds[nt][e] = dsv;
+          pg[nt][e] = pgv;
+        }
+      }
+      uint32_t dsa[4], pga[4];
+      c_to_a<T>(dsa, ds);
+      c_to_a<T>(pga, pg);
+      mma_ab<T, D, KS>(acc, dsa, kt_s, lane);
+      // The transposes as A fragments (keys x queries): the 8 x 8 blocks trade places across the
+      // diagonal and each is transposed.
+      uint4* slot = slot0 + kt * 64;
+      slot[0] = make_uint4(movmatrix_trans(dsa[0]), movmatrix_trans(dsa[2]),
+                           movmatrix_trans(dsa[1]), movmatrix_trans(dsa[3]));
+      slot[32] = make_uint4(movmatrix_trans(pga[0]), movmatrix_trans(pga[2]),
+                            movmatrix_trans(pga[1]), movmatrix_trans(pga[3]));
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!valid[r]) continue;
+      T* dq = dq_out + rh[r] * D;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(dq + n * 8 + 2 * tq) =
+            Mma<T>::pack(acc[n][2 * r] * p.scale, acc[n][2 * r + 1] * p.scale);
+      }
+    }
+  }
+  __syncthreads();  // every pair is in shared memory
+
+  // Phase 2: units (key tile, 16 head dims).
+  constexpr int kSlices = D / 16;
+  for (int x = warp; x < tiles * kSlices; x += warps) {
+    const int kt = x / kSlices, np = x - kt * kSlices;
+    if (kt * kTile >= u.L) continue;
+    uint64_t tlist = 0;  // the query tiles that need key tile kt
+    for (int t = 0; t < tiles; ++t) {
+      if ((((rs.need[2 * t] | rs.need[2 * t + 1]) >> kt) & 1) &&
+          kt < seq_pair_tiles(t, tiles, pb, causal)) {
+        tlist |= 1ull << t;
+      }
+    }
+    float dk[2][4] = {}, dv[2][4] = {};
+    for (int hg = 0; hg < G; ++hg) {
+      for (uint64_t bits = tlist; bits != 0; bits &= bits - 1) {
+        const int qt = __ffsll(static_cast<long long>(bits)) - 1;
+        const uint4* slot =
+            pairs + int64_t(hg * n_pairs + seq_pair_base(qt, tiles, pb, causal) + kt) * 64 + lane;
+        const uint4 dsv = slot[0], pgv = slot[32];
+        const uint32_t dsa[4] = {dsv.x, dsv.y, dsv.z, dsv.w};
+        const uint32_t pga[4] = {pgv.x, pgv.y, pgv.z, pgv.w};
+        const int64_t off = (hg * rows + qt * kTile) * KS + np * 16;
+        mma_ab16<T, KS>(dv, pga, dos + off, lane);
+        mma_ab16<T, KS>(dk, dsa, qs + off, lane);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int j = kt * kTile + gq + 8 * r;
+      if (j >= u.L) continue;
+      const int64_t off = ((u.bq * p.seq.N + u.s + j) * p.KVH + g) * D + np * 16;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int col = nt * 8 + 2 * tq;
+        *reinterpret_cast<uint32_t*>(dk_out + off + col) =
+            Mma<T>::pack(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dv_out + off + col) = Mma<T>::pack(dv[nt][2 * r], dv[nt][2 * r + 1]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward, key-outer, for the sequences longer than fused_max_len(): dk/dv
 // ---------------------------------------------------------------------------------------------
 // The row kernels' dk/dv pass walks, per (key row, head), every query that sees the key one at a
@@ -1437,14 +1726,24 @@ Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t
   return m;
 }
 
+// Units of the sequences of min_len < L <= max_len tokens: padded batches through FusedArgs'
+// min_len (the kernels skip the others), packed ones through their unit counts.
+Launch plan_units_above(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
+                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
+                        int64_t min_len) {
+  Launch l = plan_units(p, d, max_len, rows, seq_len, stream, &masks, min_len);
+  if (l.args.unit_end == nullptr && min_len > 0) l.args.min_len = min_len;
+  return l;
+}
+
 template <typename T, int D>
 Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
                         const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
-                        bool with_lse) {
+                        bool with_lse, int64_t min_len = 0) {
   constexpr int KS = FusedTraits<D>::kStride;
   const int64_t n_max = longest(d, max_len);
   const int64_t tpc = tiles_per_cta(d, n_max);
-  Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream, &masks);
+  Launch l = plan_units_above(p, d, max_len, int(tpc * kTile), seq_len, stream, masks, min_len);
   // K + V of a segment within the budget, and with the chunk's row state (words, needs, gates,
   // lse) within what kFwdMinBlocks CTAs per SM can each have: at G <= 2 a chunk has 64-128 rows
   // and up to 32 KiB of words, which on top of a full segment left one CTA per SM at D = 32, 64
@@ -1476,21 +1775,66 @@ void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The power block as the fused kernels clamp it (plan_units).
+int clamped_power_block(const AttnParams& p) {
+  return int(p.stis.power_block < 2 * kMaxLen ? p.stis.power_block : 2 * kMaxLen);
+}
+
+// The longest sequence fused_seq_bwd_kernel takes here (0: none): up to kSeqMaxLen tokens where
+// its shared memory fits one CTA (BLOSSOMREC_SEQ_BWD=0: none, the dq and dk/dv kernels take them).
+int64_t seq_bwd_len(const AttnParams& p, const Dims& d, int64_t max_len) {
+  const char* e = std::getenv("BLOSSOMREC_SEQ_BWD");
+  if (e != nullptr && e[0] == '0') return 0;
+  const int64_t n = longest(d, max_len) < kSeqMaxLen ? longest(d, max_len) : kSeqMaxLen;
+  if (n <= 0) return 0;
+  const int rows = int(ceil_div(n, kTile) * kTile);
+  const int64_t smem =
+      seq_smem_layout(rows, d.G, int(d.D), 2, clamped_power_block(p), p.stis.causal).total;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return smem <= int64_t(prop->sharedMemPerBlockOptin) ? n : 0;
+}
+
+template <typename T, int D>
+void launch_seq_bwd(const AttnParams& p, const BwdIn& in, T* dq, T* dk, T* dv, const Dims& d,
+                    int64_t short_len, const at::Tensor& seq_len, cudaStream_t stream,
+                    const Masks& masks) {
+  const int rows = int(ceil_div(short_len, kTile) * kTile);
+  Launch l = plan_units(p, d, short_len, rows, seq_len, stream, &masks);
+  if (l.args.unit_end == nullptr) {  // padded: one unit per short sequence
+    l.args.max_len = short_len;
+    l.args.per_seq = 1;
+    l.grid = dim3(unsigned(d.B), unsigned(d.KVH));
+  }
+  const int64_t warps = d.G * (rows / kTile) < kMaxWarps ? d.G * (rows / kTile) : kMaxWarps;
+  l.threads = int(32 * warps);
+  l.smem = seq_smem_layout(rows, d.G, D, int(sizeof(T)), clamped_power_block(p), p.stis.causal).total;
+  auto kernel = fused_seq_bwd_kernel<T, D>;
+  allow_dynamic_smem(kernel, l.smem);
+  kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, dq, dk, dv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T* dv, const Dims& d,
                 int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream) {
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
+  // The sequences of at most short_len tokens in one CTA each; the dq and dk/dv kernels take the
+  // longer ones.
+  const int64_t short_len = seq_bwd_len(p, d, max_len);
+  if (short_len > 0) launch_seq_bwd<T, D>(p, in, dq, dk, dv, d, short_len, seq_len, stream, masks);
+  const int64_t n_max = longest(d, max_len);
+  if (n_max <= short_len) return;
+  BR_CHECK(aux != nullptr, "fused_backward: the dq and dk/dv kernels need aux");
   {
-    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, true);
+    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, true, short_len);
     auto kernel = fused_dq_kernel<T, D>;
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t n_max = longest(d, max_len);
   const int64_t tiles = tiles_per_cta(d, n_max);
   const int64_t warps = d.G * tiles;
-  Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks);
+  Launch l = plan_units_above(p, d, max_len, int(tiles * kTile), seq_len, stream, masks, short_len);
   l.threads = int(32 * warps);
   l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
   auto kernel = fused_dkdv_kernel<T, D>;
@@ -1572,6 +1916,10 @@ void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, vo
                                      max_len, seq_len, stream);
     });
   });
+}
+
+bool fused_backward_needs_aux(const AttnParams& p, const Dims& d, int64_t max_len) {
+  return longest(d, max_len) > seq_bwd_len(p, d, max_len);
 }
 
 bool fused_long_dkdv_fits(const Dims& d) {

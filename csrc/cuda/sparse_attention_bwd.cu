@@ -541,8 +541,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
   at::Tensor dk = alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options());
   at::Tensor dv = alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options());
-  at::Tensor aux = at::empty({d.Bq, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
-  Aux* aux_p = reinterpret_cast<Aux*>(aux.data_ptr<float>());
+  // Per (row, head, branch) gate, lse, delta for the dk/dv passes: not where the one-CTA backward
+  // of the short sequences takes every sequence (it keeps them in shared memory).
+  const bool need_aux = fused.row_kernels || fused_backward_needs_aux(p, d, fused.max_len);
+  at::Tensor aux = at::empty({need_aux ? d.Bq : 0, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
+  Aux* aux_p = need_aux ? reinterpret_cast<Aux*>(aux.data_ptr<float>()) : nullptr;
   // Packed buffers: the padding rows' dk / dv are the row dk/dv kernels' to zero, and with the
   // tensor-core dk/dv there are none of those (zeroed before the fused kernels write theirs).
   if (long_dkdv && d.Bq != d.B) {
