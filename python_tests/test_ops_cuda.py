@@ -418,22 +418,26 @@ SEQ_BWD = ("fused_seq_bwd_kernel",)
 # expect: which kernel families run, as nine letters: fused forward, fused backward (dq and dk/dv),
 # row forward, row dq, row dk/dv, tensor-core dk/dv of the longer sequences, tensor-core forward
 # and dq of the rows the fused kernels leave (D = 32, 64), the one-CTA backward of the sequences of
-# at most 64 tokens ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" / "s" present, "-" absent).
+# at most 64 tokens at D <= 32 ("F" / "B" / "f" / "q" / "d" / "L" / "l" / "m" / "s" launched, "-"
+# not; a padded batch launches the one-CTA backward wherever N may hold short sequences, and the dq
+# and dk/dv kernels wherever it may hold longer ones: the host does not read the lengths).
 @pytest.mark.parametrize("dtype,D,layout,lengths,N,select_block,expect,seq_bwd", [
     (torch.bfloat16, 16, "right", [200, 37], 200, 16, "FB------s", None),
     (torch.bfloat16, 16, "right", [256, 37], 256, 16, "FB------s", None),
     # every sequence within 64 tokens: the one-CTA backward only (and the dq and dk/dv kernels
     # where it is switched off)
     (torch.bfloat16, 16, "right", [50, 9, 0], 50, 16, "F-------s", None),
-    (torch.float16, 64, "left", [64, 17, 1], 64, 16, "F-------s", None),
+    (torch.float16, 32, "left", [64, 17, 1], 64, 16, "F-------s", None),
+    (torch.float16, 64, "left", [64, 17, 1], 64, 16, "FB-------", None),  # D = 64: off unless forced
+    (torch.float16, 64, "left", [64, 17, 1], 64, 16, "F-------s", "1"),
     # packed: the dq and dk/dv kernels launch too (the host does not know the longest sequence;
     # their units count none), the row kernels zero the padding rows
     (torch.bfloat16, 16, "packed", [50, 9, 64], None, 16, "FBfqd---s", None),
     (torch.bfloat16, 16, "right", [50, 9, 0], 50, 16, "FB-------", "0"),
     # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
-    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf------", None),
+    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-----s", None),
     # D = 16 backward over two K/V segments (672 and 336 keys), left padding
-    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf------", None),
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-----s", None),
     (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fq-L---", None),   # past 1024 tokens
     (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB------s", None),
     (torch.float16, 32, "right", [1100, 7], 1100, 16, "-----Llm-", None),  # past 1024 tokens
@@ -443,7 +447,8 @@ SEQ_BWD = ("fused_seq_bwd_kernel",)
     (torch.float32, 16, "right", [200, 37], 200, 16, "--fqd----", None),  # float32: row kernels
     (torch.bfloat16, 16, "packed", [50, 200, 9], None, 16, "FBfqd---s", None),  # rows: padding
     (torch.bfloat16, 16, "packed", [50, 300, 9], None, 16, "FBfqd---s", None),  # 300 fwd, padding
-    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llms", None),  # rows: the long
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llm-", None),  # rows: the long
+    (torch.bfloat16, 64, "packed", [1100, 50, 300], None, 16, "FB---Llms", "1"),
 ])
 def test_fused_path_is_taken(dtype, D, layout, lengths, N, select_block, expect, seq_bwd,
                              monkeypatch):
@@ -524,6 +529,34 @@ def test_fused_matches_reference(x, causal):
     hp = dict(compress_stride=s, select_block=b, num_select=n, window=w, power_block=p,
               use_power=power, use_sink=not causal, causal=causal)
     check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=DEV, seed=200 + x)
+
+
+# The one-CTA backward forced at every head dim (BLOSSOMREC_SEQ_BWD=1; by default it runs at
+# D <= 32, which test_fused_matches_reference covers): sequences of 1 .. 64 tokens around the tile
+# edges, next to a longer one that the dq and dk/dv kernels take, every group size, the sink,
+# power blocks, and the shared-memory fallback (G = 8 at D = 128 does not fit: the dq and dk/dv
+# kernels then take everything).
+SEQ_CASES = [  # lengths, N (None: packed), G, D, causal, (s, b, n, w, p, power)
+    ([64, 1, 17], 64, 4, 64, True, (16, 16, 4, 8, 1, True)),
+    ([48, 49, 0], 49, 2, 128, False, (4, 8, 3, 1, 2, True)),
+    ([15, 64, 33, 200], None, 8, 32, True, (8, 16, 2, 17, 3, True)),
+    ([47, 16, 100], 100, 1, 64, False, (2, 16, 8, 3, 1, False)),
+    ([64, 30], 64, 8, 128, True, (16, 16, 1, 40, 1, True)),
+    ([31, 2], None, 3, 16, False, (4, 16, 16, 8, 2, True)),
+]
+
+
+@pytest.mark.parametrize("x", range(len(SEQ_CASES)))
+def test_seq_bwd_forced_matches_reference(x, monkeypatch):
+    monkeypatch.setenv("BLOSSOMREC_SEQ_BWD", "1")
+    lengths, N, G, D, causal, (s, b, n, w, p, power) = SEQ_CASES[x]
+    KVH = 2 if G <= 4 else 1
+    hp = dict(compress_stride=s, select_block=b, num_select=n, window=w, power_block=p,
+              use_power=power, use_sink=not causal, causal=causal)
+    layout = "packed" if N is None else ("right" if x % 2 == 0 else "left")
+    dtype = torch.bfloat16 if x % 2 == 0 else torch.float16
+    check_against_reference(lengths, N or max(lengths), G * KVH, KVH, D, hp, layout, dtype,
+                            device=DEV, seed=400 + x)
 
 
 @pytest.mark.parametrize("G,lengths,layout", [(1, [1023, 341], "right"),

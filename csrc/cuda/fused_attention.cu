@@ -1178,19 +1178,20 @@ __host__ __device__ __forceinline__ SeqSmemLayout seq_smem_layout(int rows, int6
   return l;
 }
 
-// Q and dout rows of the group's heads (positions 0 .. rows - 1; past L zero-filled). Issues the
-// copies.
+// Q and dout rows of the group's heads, positions 0 .. used - 1 (the sequence's tiles; past L
+// zero-filled) of each head's rows-row block. Issues the copies.
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_group_rows(T* qs, T* dos, const AttnParams& p,
                                                  const BwdIn& in, const Unit& u, int64_t g,
-                                                 int rows) {
+                                                 int rows, int used) {
   constexpr int kChunks = D / 8;
-  const int n = int(p.G) * rows * kChunks;
+  const int n = int(p.G) * used * kChunks;
   for (int e = threadIdx.x; e < 2 * n; e += blockDim.x) {
     const int mat = e >= n ? 1 : 0;
     const int x = e - mat * n;
-    const int rr = x / kChunks, c = x - rr * kChunks;  // rr = head * rows + position
-    const int hg = rr / rows, i = rr - hg * rows;
+    const int ru = x / kChunks, c = x - ru * kChunks;  // ru = head * used + position
+    const int hg = ru / used, i = ru - hg * used;
+    const int rr = hg * rows + i;
     const bool valid = i < u.L;
     const int64_t row = u.s + (valid ? i : 0), h = g * p.G + hg;
     const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + row) * p.H + h) * D
@@ -1229,7 +1230,7 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
   const int kend = key_end(a, u);
   const RowSmem rs = stage_rows(smem, 2 * int64_t(rows) * KS * sizeof(T), a, u, g, kend, in.lse,
                                 tiles);
-  stage_group_rows<T, D, KS>(qs, dos, p, in, u, g, rows);
+  stage_group_rows<T, D, KS>(qs, dos, p, in, u, g, rows, round_tile(u.L));
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, kend);  // commits every copy above
   cp_async_wait<0>();
   __syncthreads();
@@ -1781,10 +1782,13 @@ int clamped_power_block(const AttnParams& p) {
 }
 
 // The longest sequence fused_seq_bwd_kernel takes here (0: none): up to kSeqMaxLen tokens where
-// its shared memory fits one CTA (BLOSSOMREC_SEQ_BWD=0: none, the dq and dk/dv kernels take them).
+// its shared memory fits one CTA, at D <= 32 (v25, docs/PERF_NOTES.md: at D = 64 one CTA per SM
+// of 8 warps was slower than the dq and dk/dv kernels). BLOSSOMREC_SEQ_BWD=0: never, =1: at every
+// head dim (benchmarks, tests).
 int64_t seq_bwd_len(const AttnParams& p, const Dims& d, int64_t max_len) {
   const char* e = std::getenv("BLOSSOMREC_SEQ_BWD");
   if (e != nullptr && e[0] == '0') return 0;
+  if (d.D > 32 && !(e != nullptr && e[0] == '1')) return 0;
   const int64_t n = longest(d, max_len) < kSeqMaxLen ? longest(d, max_len) : kSeqMaxLen;
   if (n <= 0) return 0;
   const int rows = int(ceil_div(n, kTile) * kTile);
