@@ -1142,8 +1142,10 @@ constexpr int kPairBytes = 2 * 32 * 16;  // dS^T and Pg^T of one (head, query ti
 
 template <int D>
 struct SeqTraits {
-  // Shared memory at G = 4 (~100 KiB at D = 16) allows two CTAs per SM there, one above.
-  static constexpr int kMinBlocks = D <= 16 ? 2 : 1;
+  // D = 16: three CTAs per SM (80 registers; ~73 KiB of shared memory at G = 4, L <= 64, causal,
+  // power block 1), the dq kernel's occupancy: with two (96 registers) the kernel took as long as
+  // dq and dk/dv together (v25). D = 32: two (~95 KiB); above: one.
+  static constexpr int kMinBlocks = D <= 16 ? 3 : (D <= 32 ? 2 : 1);
 };
 
 // The key tiles query tile qt (of T) can need: causal, those up to the end of its last row's
@@ -1172,7 +1174,7 @@ __host__ __device__ __forceinline__ SeqSmemLayout seq_smem_layout(int rows, int6
   const int64_t KS = D + 8;  // row_stride(D)
   const int64_t kv = 2 * rows * KS * elem;
   SeqSmemLayout l;
-  l.qd = (row_smem_layout(kv, rows, T, G, true).total + 15) / 16 * 16;
+  l.qd = (row_smem_layout(kv, rows, T, G, false).total + 15) / 16 * 16;  // lse read from global
   l.pairs = l.qd + 2 * G * rows * KS * elem;
   l.total = l.pairs + G * seq_pair_base(T, T, p, causal) * kPairBytes;
   return l;
@@ -1228,7 +1230,7 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
   uint4* pairs = reinterpret_cast<uint4*>(smem + sl.pairs);
   const int n_pairs = seq_pair_base(tiles, tiles, pb, causal);
   const int kend = key_end(a, u);
-  const RowSmem rs = stage_rows(smem, 2 * int64_t(rows) * KS * sizeof(T), a, u, g, kend, in.lse,
+  const RowSmem rs = stage_rows(smem, 2 * int64_t(rows) * KS * sizeof(T), a, u, g, kend, nullptr,
                                 tiles);
   stage_group_rows<T, D, KS>(qs, dos, p, in, u, g, rows, round_tile(u.L));
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, kend);  // commits every copy above
@@ -1256,16 +1258,20 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     const bool valid[2] = {rows_i[0] < u.L, rows_i[1] < u.L};
     const int64_t rh[2] = {(u.bq * p.seq.N + u.s + rows_i[0]) * p.H + h,
                            (u.bq * p.seq.N + u.s + rows_i[1]) * p.H + h};
+    float2 ls[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      ls[r] = valid[r] ? *reinterpret_cast<const float2*>(in.lse + rh[r] * 2) : make_float2(0.f, 0.f);
+    }
     float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
     branch_dots<T, D>(dot, df, in, rh, valid, tq);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int xr = rows_i[r] * G + hg;
-      const float2 gt = gate_pair<T>(rs.gates + xr, p.gates_f32, 0), ls = rs.lse[xr];
+      const float2 gt = gate_pair<T>(rs.gates + rows_i[r] * G + hg, p.gates_f32, 0);
       gate[r][0] = gt.x;
       gate[r][1] = gt.y;
-      lse2[r][0] = ls.x * kLog2e;
-      lse2[r][1] = ls.y * kLog2e;
+      lse2[r][0] = ls[r].x * kLog2e;
+      lse2[r][1] = ls[r].y * kLog2e;
       delta[r][0] = gate[r][0] * dot[r][0];
       delta[r][1] = gate[r][1] * dot[r][1];
       if (tq == 0 && valid[r]) store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
