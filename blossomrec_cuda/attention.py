@@ -295,14 +295,47 @@ class BlossomAttention(_QKVAttention):
         if self.backend == "ops":
             # the same windows, bitwise, in one op (blossomrec::compress_windows) in place of the
             # ~6 kernels of the statement below
-            windows = _ops._compress_windows(k, seq_start.to(torch.int32),
-                                             self.compress_pos.to(k.dtype), l, s)
-            return self.compress_mlp(windows)
+            cast = self._compressor_cast(k)
+            if cast is None:
+                windows = _ops._compress_windows(k, seq_start.to(torch.int32),
+                                                 self.compress_pos.to(k.dtype), l, s)
+                return self.compress_mlp(windows)
+            pos, w1, b1, w2, b2 = cast
+            windows = _ops._compress_windows(k, seq_start.to(torch.int32), pos, l, s)
+            return F.linear(F.relu(F.linear(windows, w1, b1)), w2, b2)
         k = shift_to_start(k, seq_start)
         k = torch.cat([k.new_zeros(B, l - s, KVH, D), k[:, : C * s]], dim=1)
         windows = k.unfold(1, l, s).transpose(-1, -2)  # [B, C, KVH, l, D]
         windows = windows + self.compress_pos.to(k.dtype)
         return self.compress_mlp(windows.reshape(B, C, KVH, l * D))
+
+    def _compressor_cast(self, k: Tensor) -> Optional[tuple[Tensor, ...]]:
+        """Under autocast, in eager mode: the compressor's parameters (``compress_pos`` and the
+        MLP's weights and biases, in that order) in the autocast dtype, cast once and kept until a
+        parameter changes (its version counter, its identity, the device or the dtype), instead of
+        five cast kernels per forward (the eager module is host-bound at N <= 1024,
+        docs/PERF_NOTES.md). The compressor gets no gradient (the class doc) and runs under
+        no_grad, so detached copies compute the same values, bitwise, as autocast's own casts.
+        None: no autocast, the MLP is not two Linears around a ReLU, or tracing / capturing /
+        inference mode (the plain path)."""
+        device = k.device.type
+        if (not torch.is_autocast_enabled(device) or _ops._is_tracing()
+                or torch.is_inference_mode_enabled()):
+            return None
+        mlp = self.compress_mlp
+        if not (len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and isinstance(mlp[1], nn.ReLU)
+                and isinstance(mlp[2], nn.Linear)):
+            return None
+        params = (self.compress_pos, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+        if any(p is None for p in params):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        key = (dtype, k.device, tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params))
+        cached = self.__dict__.get("_compressor_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, tuple(p.detach().to(dtype) for p in params))
+            self.__dict__["_compressor_cache"] = cached  # a plain attribute: not in state_dict
+        return cached[1]
 
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, padding_side: str = "right") -> Tensor:

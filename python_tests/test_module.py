@@ -241,6 +241,48 @@ def test_autocast(cls, dtype):
     assert m.to_qkv.weight.grad is not None and torch.isfinite(m.to_qkv.weight.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_compressor_cache(dtype, monkeypatch):
+    """Under autocast the compressor's parameters are cast once and kept (eager): the compressed
+    keys equal autocast's own per-call casts bitwise, and a change to a parameter (in place, by
+    reassignment, or by load_state_dict) is seen at the next call."""
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    x = torch.randn(3, 45, DIM)
+    k = torch.randn(3, 45, 2, 16).to(dtype)
+    seq_start = torch.tensor([0, 0, 5])
+
+    def keys(module, plain):
+        if plain:  # autocast's casts per call (the path without the cache)
+            monkeypatch.setattr(module, "_compressor_cast", lambda k_: None)
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            out = module.compress_keys(k, seq_start)
+        if plain:
+            monkeypatch.delattr(module, "_compressor_cast")
+        return out
+
+    def check(step):
+        a, b = keys(m, plain=False), keys(m, plain=True)
+        assert a.dtype == dtype and torch.equal(a, b), f"cached compressor differs ({step})"
+        return a
+
+    first = check("first call")
+    assert torch.equal(check("second call"), first)
+    assert m.__dict__["_compressor_cache"][1][1].dtype == dtype
+    with torch.no_grad():
+        m.compress_mlp[0].weight.mul_(1.5)  # in place: a new version
+    assert not torch.equal(check("in-place change"), first)
+    m.compress_mlp[2].bias = nn.Parameter(torch.randn_like(m.compress_mlp[2].bias))
+    check("reassigned parameter")
+    other = make_module(seed=3, **SMALL, heads=4, kv_heads=2, dim_head=16)
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(check("load_state_dict"), keys(other, plain=True))
+    # not under autocast, nor while tracing: the plain path
+    assert m._compressor_cast(k) is None
+    with torch.autocast("cpu", dtype=dtype):
+        y = m(x, lengths=torch.tensor([45, 30, 2]))
+    assert y.dtype == dtype and "_compressor_cache" not in m.state_dict()
+
+
 def _left_padded_case() -> tuple[nn.Module, Tensor, Tensor]:
     """A small module and a left-padded batch (lengths 45, 20, 0) with its bool mask."""
     m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
