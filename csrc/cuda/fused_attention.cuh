@@ -32,9 +32,10 @@ FusedPlan plan_fused(const Dims& d, at::ScalarType dtype, int64_t select_block, 
 void fused_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::ScalarType dtype,
                    int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream);
 
-// The backward of the fused sequences: those of at most 64 tokens in one CTA each
-// (fused_seq_bwd_kernel: dgates, dq, dk, dv; no aux), the longer ones by the dq kernel (dgates,
-// dq, aux) and the dk/dv kernel. aux may be null when fused_backward_needs_aux says so.
+// The backward of the fused sequences: at D <= 32 those of at most 64 tokens in one CTA each
+// (fused_seq_bwd_kernel: dgates, dq, dk, dv; no aux; BLOSSOMREC_SEQ_BWD), the others by the dq
+// kernel (dgates, dq, aux) and the dk/dv kernel. aux may be null where fused_backward_needs_aux
+// says so.
 void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, void* dk, void* dv,
                     const Dims& d, at::ScalarType dtype, int64_t max_len, const at::Tensor& seq_len,
                     cudaStream_t stream);
