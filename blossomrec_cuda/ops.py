@@ -655,9 +655,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, sel_idx: Te
     ``use_sink`` is ignored when ``causal`` (the sink is a non-causal rule).
 
     ``sel_idx``/``sel_cnt`` should come from :func:`select_blocks` with the same ``select_block``
-    and layout. Other values are safe (nothing is read out of bounds: counts are clipped to
-    ``[0, n]``, blocks outside the sequence are skipped) but the CPU and CUDA kernels may treat
-    them differently (docs/DESIGN.md, "known gap")."""
+    and layout. Other values are safe and treated alike by every backend: counts are clipped to
+    ``[0, n]``, a block listed twice is attended once, and entries that are not visible whole
+    blocks of the sequence (negative, past its ``floor(L / select_block)`` whole blocks, the
+    query's own block, causal: not ending before the own block) are skipped (docs/DESIGN.md)."""
     _check_int_args(select_block=select_block, window=window, power_block=power_block)
     _check_attention_hparams(select_block, window, power_block)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)

@@ -154,14 +154,23 @@ def selected_mask(rows: Tensor, L: int, idx: Tensor, cnt: Tensor, select_block: 
     """``[KVH, R, L]`` bool: own block of each query plus its selected blocks (SPEC 1c).
 
     ``idx``/``cnt`` may carry leading batch dims (``[..., R, KVH, n]`` -> ``[..., KVH, R, L]``);
-    ``rows`` and ``L`` are shared by the batch.
+    ``rows`` and ``L`` are shared by the batch. The selection is a set of blocks: a block listed
+    twice counts once, and only visible whole blocks count (:func:`block_visible` over the
+    sequence's ``L // select_block`` whole blocks; what :func:`select_blocks` returns always is):
+    a hand-made entry that is not one is skipped, by every backend.
     """
     j = torch.arange(L, device=rows.device)
     lo = (rows // select_block) * select_block
     hi = rows + 1 if causal else torch.clamp(lo + select_block, max=L)
     own = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [R, L]
     key_block = j // select_block  # [L]
-    valid = torch.arange(idx.shape[-1], device=rows.device)[None, None, :] < cnt[..., None]
+    # block_visible entry by entry: a whole block of the sequence, not the own block, causal: one
+    # that ends before the query's own block
+    J, r = idx.long(), rows[:, None, None]  # r against the entries [..., R, KVH, n]
+    seen = (J + 1) * select_block <= r if causal else J != r // select_block
+    visible = (J >= 0) & (J < L // select_block) & seen
+    listed = torch.arange(idx.shape[-1], device=rows.device)[None, None, :] < cnt[..., None]
+    valid = listed & visible
     chosen = torch.where(valid, idx, torch.full_like(idx, -2)).long()  # -2 never matches a block
     in_sel = (key_block == chosen[..., None]).any(dim=-2)  # [..., R, KVH, L]
     return (own[:, None, :] | in_sel).transpose(-3, -2)

@@ -66,3 +66,60 @@ def test_gate_dtypes_and_float16(device, case, layout, stis, causal, dtype, gate
     hp = stis_hp(case_hp, STIS[stis], causal)
     check_against_reference(lengths, N, H, KVH, D, hp, layout, dtype, device=device, seed=90 + case,
                             gates_dtype=gates_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [0, 1])
+def test_invalid_selection_entries_are_skipped(device, causal, d):
+    """A hand-made selection with entries that are not visible whole blocks of the sequence (a
+    negative index, one past the last whole block (the partial last block), far out of range, the
+    query's own block, causal: the next block) gives bitwise what the selection without them gives,
+    forward and every gradient, on every backend (CPU; CUDA's fused and row kernels), and the
+    reference skips them too."""
+    from helpers import make_batch, reference_given_selection
+
+    import blossomrec_cuda
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dtype = DTYPES[device][d]
+    lengths, N, b = [45, 30, 0], 45, 8
+    batch = make_batch(lengths, H=4, KVH=2, D=16, N=N, dtype=dtype, device=device,
+                       compress_stride=4, seed=5)
+    kw = dict(lengths=batch.seq_len, select_block=b, causal=causal, use_sink=not causal)
+    idx, cnt = blossomrec_cuda.select_blocks(batch.q, batch.kc, compress_stride=4, num_select=3,
+                                             **{k_: kw[k_] for k_ in ("lengths", "select_block",
+                                                                       "causal")})
+    i = torch.arange(N, device=device)[None, :, None]
+    L = batch.seq_len.to(device).long()[:, None, None]
+    junk = [torch.full_like(cnt, -5), (L // b).expand_as(cnt), torch.full_like(cnt, 10 ** 6),
+            (i // b).expand_as(cnt)]
+    if causal:  # the next block (visible, hence no junk, when not causal)
+        junk.append((i // b + 1).expand_as(cnt))
+    junk = torch.stack([j.to(torch.int32) for j in junk], dim=-1)  # [B, N, KVH, 4 or 5]
+    # the valid entries first, then the junk; counts cover both (padding rows keep 0)
+    width = idx.shape[-1] + junk.shape[-1]
+    wide = torch.full((*cnt.shape, width), -1, dtype=torch.int32, device=device)
+    for c in range(idx.shape[-1]):
+        wide[..., c] = torch.where(c < cnt, idx[..., c], wide[..., c])
+    for c in range(junk.shape[-1]):
+        wide.scatter_(-1, (cnt + c).long()[..., None], junk[..., c:c + 1])
+    valid_row = i < L  # [B, N, 1]: padding rows keep their count 0
+    wide_cnt = torch.where(valid_row, cnt + junk.shape[-1], cnt)
+    names = ("q", "k", "v", "gates")
+    results = []
+    for sel_idx, sel_cnt in ((idx, cnt), (wide, wide_cnt)):
+        t = {n: getattr(batch, n).detach().clone().requires_grad_(True) for n in names}
+        out = blossomrec_cuda.sparse_attention(t["q"], t["k"], t["v"], t["gates"], sel_idx,
+                                               sel_cnt, **kw)
+        dout = torch.ones_like(out)
+        results.append([out.detach(), *torch.autograd.grad(out, [t[n] for n in names], dout)])
+    for name, a, b_ in zip(("out",) + names, *results):
+        assert torch.equal(a, b_), f"{name}: invalid entries changed the result"
+    hp = dict(select_block=b, window=8, power_block=1, use_power=True, use_sink=not causal,
+              causal=causal)
+    t = {n: getattr(batch, n).detach() for n in (*names, "kc")}
+    ref_clean = reference_given_selection(t, batch.seq_start, batch.seq_len, idx, cnt, hp)
+    ref_junk = reference_given_selection(t, batch.seq_start, batch.seq_len, wide, wide_cnt, hp)
+    assert torch.equal(ref_clean["out"], ref_junk["out"]), "the reference attends an invalid entry"

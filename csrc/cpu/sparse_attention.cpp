@@ -35,8 +35,10 @@ inline void push_range(std::vector<int64_t>& keys, int64_t lo, int64_t hi) {
 }
 
 // SPEC 1c: own(i) united with the selected blocks, as increasing positions without repeats. The
-// selection is taken as given (duplicates, the own block or out-of-range entries are tolerated the
-// way a key *set* would: a block counts once, and only its positions below L).
+// selection is read as a set of blocks: a block listed twice counts once, and entries that are not
+// visible whole blocks of the sequence (block_visible of common/mask.h: out of range, a partial
+// last block, the own block, causal: not ending before the own block) are skipped, as every CUDA
+// kernel skips them.
 inline void selected_keys(int64_t i, int64_t L, const int32_t* sel, int64_t sel_stride,
                           int64_t cnt, const AttnArgs& a, std::vector<int64_t>& blocks,
                           std::vector<int64_t>& keys) {
@@ -44,27 +46,22 @@ inline void selected_keys(int64_t i, int64_t L, const int32_t* sel, int64_t sel_
   blocks.clear();
   for (int64_t c = 0; c < cnt; ++c) {
     const int64_t J = sel[c * sel_stride];
-    if (J >= 0 && J * bs < L) blocks.push_back(J);
+    if (block_visible(J, i, L / bs, bs, a.causal)) blocks.push_back(J);
   }
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
 
   int64_t own_lo, own_hi;
   own_block_range(i, L, bs, a.causal, &own_lo, &own_hi);
-  const int64_t own = i / bs;
+  const int64_t own = i / bs;  // never among the blocks (block_visible)
   bool own_done = false;
   keys.clear();
   for (const int64_t J : blocks) {
-    if (!own_done && J >= own) {
+    if (!own_done && J > own) {
       own_done = true;
-      // A selected own block is the whole block (own(i) is a part of it).
-      if (J == own) {
-        push_range(keys, J * bs, std::min((J + 1) * bs, L));
-        continue;
-      }
       push_range(keys, own_lo, own_hi);
     }
-    push_range(keys, J * bs, std::min((J + 1) * bs, L));
+    push_range(keys, J * bs, (J + 1) * bs);  // a whole block of the sequence
   }
   if (!own_done) push_range(keys, own_lo, own_hi);
 }
