@@ -144,6 +144,13 @@ class _QKVAttention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int, causal: bool,
                  rope_theta: float) -> None:
         super().__init__()
+        _ops._check_int_args(dim=dim, heads=heads, kv_heads=kv_heads, dim_head=dim_head)
+        _ops._check_bool_args(causal=causal)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        rope_theta = _ops._real(rope_theta, "rope_theta")
+        if rope_theta <= 0:
+            raise ValueError(f"rope_theta (RoPE's base) must be > 0, got {rope_theta}")
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads != 0:
             raise ValueError(f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
         if dim_head % 2 != 0:
@@ -155,9 +162,18 @@ class _QKVAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, N, dim] with dim = {self.dim}, got shape "
                              f"{list(x.shape)}")
+        # The projections need x in the parameters' dtype, unless autocast casts both.
+        weight = self.to_qkv.weight
+        if not x.is_floating_point() or (x.dtype != weight.dtype and
+                                         not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x must have the module's dtype ({_ops._dtype_name(weight.dtype)}), "
+                            f"got {_ops._dtype_name(x.dtype)}: convert it with x.to(...) or "
+                            "run under torch.autocast")
 
     @property
     def _rope_op(self) -> bool:
@@ -235,6 +251,9 @@ class BlossomAttention(_QKVAttention):
                  causal: bool = True, rope_theta: float = 10000.0, *, use_power: bool = True,
                  use_sink: bool = True, backend: str = "ops") -> None:
         super().__init__(dim, heads, kv_heads, dim_head, causal, rope_theta)
+        _ops._check_int_args(compress_block_size=compress_block_size,
+                             compress_stride=compress_stride)
+        _ops._check_bool_args(use_power=use_power, use_sink=use_sink)
         if compress_stride <= 0 or compress_block_size < compress_stride:
             raise ValueError(f"need 0 < compress_stride <= compress_block_size, got "
                              f"compress_stride={compress_stride}, "

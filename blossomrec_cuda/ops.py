@@ -19,6 +19,7 @@ few offending entries (``"... and N more"``), so their length does not grow with
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -434,6 +435,15 @@ def _check_int_args(**args: int) -> None:
             raise ValueError(f"{name} must be within int32 (|{name}| <= {_INT32_MAX}), got {v}")
 
 
+def _check_bool_args(**args: bool) -> None:
+    """Switches (causal, use_power, use_sink) must be bools: ``causal=None`` would otherwise read as
+    False, non-causal attention that sees future keys, without an error."""
+    for name, value in args.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                            f"{_short_repr(value)}")
+
+
 def _check_hparam_max(**args: int) -> None:
     """The ops' bound on positions (checks.h's check_hparam_max): the wrappers' _check_int_args has
     run first, so this fires for the fake kernels only."""
@@ -461,8 +471,19 @@ def _check_attention_hparams(select_block: int, window: int, power_block: int) -
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def _real(value: object, name: str) -> float:
+    """A finite real number (int, float, numpy or 0-dim tensor values) as a float."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
 def _scale(q: Tensor, scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5) if scale is None else float(scale)
+    """The softmax scale: ``D ** -0.5`` by default, else a finite real number."""
+    return float(q.shape[-1] ** -0.5) if scale is None else _real(scale, "scale")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,13 +653,15 @@ def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_sid
     num_select, causal, scale as :func:`blossom_attention` describes them."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select)
+    _check_bool_args(causal=causal)
     _check_select_hparams(compress_stride, select_block, num_select)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
     _check_inputs(q, layout.row_names, layout.seq_len.shape[0], kc=kc)
     _check_kc_rows(kc, layout, compress_stride)
+    sc = _scale(q, scale)
     idx, cnt = torch.ops.blossomrec.select_blocks(
         layout.to_rows(q), kc, layout.seq_start, layout.seq_len, compress_stride, select_block,
-        num_select, causal, _scale(q, scale))
+        num_select, causal, sc)
     return layout.from_rows(idx), layout.from_rows(cnt)
 
 
@@ -660,12 +683,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, sel_idx: Te
     blocks of the sequence (negative, past its ``floor(L / select_block)`` whole blocks, the
     query's own block, causal: not ending before the own block) are skipped (docs/DESIGN.md)."""
     _check_int_args(select_block=select_block, window=window, power_block=power_block)
+    _check_bool_args(use_power=use_power, use_sink=use_sink, causal=causal)
     _check_attention_hparams(select_block, window, power_block)
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
     _check_inputs(q, layout.row_names, layout.seq_len.shape[0], k=k, v=v, gates=gates,
                   sel_idx=sel_idx, sel_cnt=sel_cnt)
+    sc = _scale(q, scale)
     return _sparse_attention(layout, q, k, v, gates, sel_idx, sel_cnt, select_block, window,
-                             power_block, use_power, use_sink, causal, _scale(q, scale))
+                             power_block, use_power, use_sink, causal, sc)
 
 
 def _sparse_attention(layout: SeqLayout, q, k, v, gates, sel_idx, sel_cnt, select_block, window,
@@ -723,6 +748,7 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
     Errors: ValueError for values and shapes, TypeError for types (docs/ERRORS.md)."""
     _check_int_args(compress_stride=compress_stride, select_block=select_block,
                     num_select=num_select, window=window, power_block=power_block)
+    _check_bool_args(use_power=use_power, use_sink=use_sink, causal=causal)
     _check_select_hparams(compress_stride, select_block, num_select)
     _check_attention_hparams(select_block, window, power_block)
     if layout is None:
@@ -772,4 +798,7 @@ def rope(x: Tensor, seq_start: Optional[Tensor] = None, theta: float = 10000.0) 
     if not isinstance(seq_start, Tensor):
         raise TypeError(f"seq_start must be an integer tensor, got {type(seq_start).__name__}")
     _check_rope(x, seq_start)
-    return torch.ops.blossomrec.rope(x, seq_start, float(theta), False)
+    theta = _real(theta, "theta")
+    if theta <= 0:
+        raise ValueError(f"theta (RoPE's base) must be > 0, got {theta}")
+    return torch.ops.blossomrec.rope(x, seq_start, theta, False)

@@ -65,7 +65,8 @@ def as_packed(x: dict, cu_seqlens: list[int]) -> dict:
 def call(op: str, x: dict):
     attn = dict(window=x["window"], power_block=x["power_block"], use_power=x["use_power"],
                 use_sink=x["use_sink"])
-    common = dict(select_block=x["select_block"], causal=x["causal"], **x["layout"])
+    common = dict(select_block=x["select_block"], causal=x["causal"], scale=x.get("scale"),
+                  **x["layout"])
     if op == "select_blocks":
         return br.select_blocks(x["q"], x["kc"], compress_stride=x["compress_stride"],
                                 num_select=x["num_select"], **common)
@@ -244,6 +245,20 @@ WRAPPER_CASES = [
          r"window must be an int, got float"),
     Case("num_select None", SEL, lambda x: dict(num_select=None), TypeError,
          r"num_select must be an int, got NoneType"),
+    # switches: bools only (causal=None read as False: non-causal, future keys, no error)
+    Case("causal None", ALL, lambda x: dict(causal=None), TypeError,
+         r"causal must be a bool \(True or False\), got NoneType None"),
+    Case("causal 'no'", ALL, lambda x: dict(causal="no"), TypeError,
+         r"causal must be a bool \(True or False\), got str 'no'"),
+    Case("use_power 1", ATTN, lambda x: dict(use_power=1), TypeError,
+         r"use_power must be a bool \(True or False\), got int 1"),
+    Case("use_sink None", ATTN, lambda x: dict(use_sink=None), TypeError,
+         r"use_sink must be a bool"),
+    # the softmax scale: a finite real number
+    Case("scale a string", ALL, lambda x: dict(scale="x"), TypeError,
+         r"scale must be a real number, got str"),
+    Case("scale NaN", ALL, lambda x: dict(scale=float("nan")), ValueError,
+         r"scale must be finite, got nan"),
     # padded lengths (ranges: ValueError)
     Case("a length above N", ALL, _lengths([18, 9]), ValueError,
          r"lengths must be <= the sequence dimension N = 17, got lengths\[0\] = 18$"),
@@ -777,6 +792,43 @@ def test_module_rejects_x_of_the_wrong_width_or_rank(kind):
         m(torch.randn(MN, DIM))
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(compress_stride=2.5), TypeError, r"compress_stride must be an int, got float"),
+    (dict(compress_block_size=32.5), TypeError, r"compress_block_size must be an int, got float"),
+    (dict(causal=None), TypeError, r"causal must be a bool"),
+    (dict(use_power="yes"), TypeError, r"use_power must be a bool"),
+    (dict(rope_theta=0.0), ValueError, r"rope_theta \(RoPE's base\) must be > 0, got 0.0"),
+    (dict(rope_theta=float("inf")), ValueError, r"rope_theta must be finite"),
+])
+def test_module_rejects_bad_hyper_parameters(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        br.BlossomAttention(DIM, 4, 2, 16, **kwargs)
+
+
+@pytest.mark.parametrize("cls", ["BlossomAttention", "DenseAttention"])
+def test_module_rejects_a_width_of_zero_and_x_of_another_dtype(cls):
+    with pytest.raises(ValueError, match=r"dim must be >= 1, got 0"):
+        getattr(br, cls)(0, 4, 2, 16)
+    m = getattr(br, cls)(DIM, 4, 2, 16)
+    for dtype in (torch.float64, torch.float16, torch.int64):
+        x = torch.ones(2, MN, DIM, dtype=dtype)
+        with pytest.raises(TypeError, match=r"x must have the module's dtype \(float32\), got "):
+            m(x)
+    with pytest.raises(TypeError, match=r"x must be a tensor, got list"):
+        m([[0.0] * DIM])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both: accepted
+        assert m(torch.randn(2, MN, DIM).bfloat16()).shape == (2, MN, DIM)
+
+
+def test_rope_rejects_a_base_that_is_not_positive():
+    x = torch.randn(2, 5, 3, 8)
+    for theta in (0.0, -10.0):
+        with pytest.raises(ValueError, match=r"theta \(RoPE's base\) must be > 0"):
+            br.rope(x, theta=theta)
+    with pytest.raises(ValueError, match=r"theta must be finite"):
+        br.rope(x, theta=float("nan"))
+
+
 @pytest.mark.parametrize("size", [0, -16])
 def test_module_rejects_a_selection_block_that_is_not_positive(size):
     # (0 and -16 are multiples of the stride; the op refused them only at the first forward)
@@ -843,6 +895,12 @@ def _config_error(tmp_path) -> list:
         (dict(checkpoint_dir=str(tmp_path / "file")), r"exists and is not a directory"),
         (dict(out=str(tmp_path / "file" / "r.json")), r"file'? is not a directory"),
         (dict(out=str(tmp_path)), r"is a directory; give a file name"),
+        (dict(max_len=-5), r"max_len must be >= 1, got -5"),
+        (dict(epochs=0), r"epochs must be >= 1, got 0"),
+        (dict(lr=-1.0), r"lr must be a positive number, got -1.0"),  # was torch's Adam error
+        (dict(lr=float("nan")), r"lr must be a positive number, got nan"),
+        (dict(resume=True), r"--resume needs --checkpoint-dir"),
+        (dict(device="tpu"), r"device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ]
 
 
@@ -861,6 +919,22 @@ def test_rec_command_line_rejects_a_zero_batch(tmp_path, capsys):
         main(["--batch-size", "0", "--device", "cpu", "--no-progress"])
     assert exc.value.code == 2
     assert "error: batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_rec_command_line_bad_data_and_a_new_results_folder(tmp_path, capsys):
+    """Errors found once the data is read (here a malformed file) are one error: line and exit
+    status 2 too, not a traceback; --jsonl into a folder that does not exist yet creates it (the
+    run used to train and then fail writing its result)."""
+    from blossomrec_cuda.rec.train import main
+    bad = tmp_path / "bad.inter"
+    bad.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\n")
+    assert main(["--data", str(bad), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "bad.inter" in err and "Traceback" not in err
+    jsonl = tmp_path / "new" / "dir" / "runs.jsonl"
+    assert main(["--max-users", "30", "--epochs", "1", "--max-len", "10", "--device", "cpu",
+                 "--no-progress", "--jsonl", str(jsonl)]) == 0
+    assert jsonl.is_file() and len(jsonl.read_text().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------------

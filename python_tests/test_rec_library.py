@@ -252,6 +252,9 @@ def test_recommend_errors_and_a_model_without_item_ids():
         model.recommend([[]], k=3)
     with pytest.raises(ValueError, match=r"k must be in 1\.\.30"):
         model.recommend([["i1"]], k=31)
+    for k in (2.5, "10", None):  # were torch's topk() or a comparison error
+        with pytest.raises(TypeError, match=r"k must be an int, got "):
+            model.recommend([["i1"]], k=k)
     with pytest.raises(ValueError, match="names 2 items, the model has 30"):
         model.set_item_ids(["a", "b"])
 

@@ -603,6 +603,7 @@ def _report(result: dict, cfg: TrainConfig) -> None:
             json.dump(result, f, indent=1)
             f.write("\n")
     if cfg.jsonl:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.jsonl)), exist_ok=True)
         with open(cfg.jsonl, "a") as f:
             f.write(json.dumps(result) + "\n")
     print(format_summary(result), flush=True)
@@ -618,8 +619,18 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"amp must be off, bf16 or fp16, got {cfg.amp!r}")
     if cfg.valid_protocol not in ("sampled", "full"):
         raise ValueError(f"valid_protocol must be 'sampled' or 'full', got {cfg.valid_protocol!r}")
-    if cfg.epochs < 1 or cfg.eval_every < 1 or cfg.patience < 1 or cfg.max_len < 1:
-        raise ValueError("epochs, eval_every, patience and max_len must all be >= 1")
+    for name in ("epochs", "eval_every", "patience", "max_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+    if cfg.resume and not cfg.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir (where the checkpoint is)")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but no GPU is visible; use --device cpu")
     for name in ("batch_size", "eval_batch_size", "num_negatives"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -790,7 +801,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run(parse_args(argv))
+    """The command: 0 on success; 2 and one ``error:`` line for bad arguments (parse_args) and for
+    bad inputs found once the data is read (a malformed file, too few users, more negatives than
+    items): ValueError is the project's bad-input error (docs/ERRORS.md)."""
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except ValueError as e:
+        print(f"{os.path.basename(sys.argv[0]) or 'train'}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,11 +1,15 @@
 """Train and test BlossomRec on a RecBole dataset with the example config.
 
     python examples/recbole/run.py --dataset=ml-100k
-    python examples/recbole/run.py --dataset=ml-1m --attention=dense --eval_args="{'mode': 'full'}"
+    python examples/recbole/run.py --dataset=ml-1m --attention=dense \
+        --eval_args="{'split': {'LS': 'valid_and_test'}, 'order': 'TO', 'group_by': 'user', 'mode': 'full'}"
 
 RecBole downloads its named datasets into ``--data_path`` (default ``dataset/``) on first use; a local
 dataset is a folder ``<data_path>/<name>/`` with ``<name>.inter``. Every ``--key=value`` overrides the
-config file (RecBole reads them from the command line itself, so write them with ``=``).
+config file (RecBole reads them from the command line itself, so write them with ``=``). A dict-valued
+key replaces the file's whole dict: ``--eval_args="{'mode': 'full'}"`` alone would drop the
+leave-one-out split and time order of the example config for RecBole's defaults (a random 80/10/10
+split), so give every entry, as above, to change only the ranking mode.
 """
 from __future__ import annotations
 
