@@ -427,6 +427,8 @@ def _check_int_args(**args: int) -> None:
     before anything else sees them (a value past int64 would fail in torch's argument parser with
     a confusing message)."""
     for name, value in args.items():
+        if isinstance(value, bool):  # an int to operator.index: window=True would read as 1
+            raise TypeError(f"{name} must be an int, got bool")
         try:
             v = operator.index(value)
         except TypeError:

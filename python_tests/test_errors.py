@@ -243,6 +243,8 @@ WRAPPER_CASES = [
          r"compress_stride must be within int32"),
     Case("float window", ATTN, lambda x: dict(window=2.5), TypeError,
          r"window must be an int, got float"),
+    Case("bool window", ATTN, lambda x: dict(window=True), TypeError,
+         r"window must be an int, got bool"),
     Case("num_select None", SEL, lambda x: dict(num_select=None), TypeError,
          r"num_select must be an int, got NoneType"),
     # switches: bools only (causal=None read as False: non-causal, future keys, no error)
@@ -897,8 +899,8 @@ def _config_error(tmp_path) -> list:
         (dict(out=str(tmp_path)), r"is a directory; give a file name"),
         (dict(max_len=-5), r"max_len must be >= 1, got -5"),
         (dict(epochs=0), r"epochs must be >= 1, got 0"),
-        (dict(lr=-1.0), r"lr must be a positive number, got -1.0"),  # was torch's Adam error
-        (dict(lr=float("nan")), r"lr must be a positive number, got nan"),
+        (dict(lr=-1.0), r"lr must be a finite number >= 0, got -1.0"),  # was torch's Adam error
+        (dict(lr=float("nan")), r"lr must be a finite number >= 0, got nan"),
         (dict(resume=True), r"--resume needs --checkpoint-dir"),
         (dict(device="tpu"), r"device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ]

@@ -335,7 +335,7 @@ def test_short_run_on_real_data_beats_popularity(shared_data):
 
 @pytest.mark.parametrize("argv,message", [
     (["--data", "missing.txt"], "error: no dataset at 'missing.txt'"),
-    (["--epochs", "0"], "error: epochs, eval_every, patience and max_len must all be >= 1"),
+    (["--epochs", "0"], "error: epochs must be >= 1, got 0"),
     (["--dropout", "1.5"], "error: dropout must be in [0, 1)"),
 ])
 def test_command_line_errors_are_argparse_errors(argv, message, capsys):

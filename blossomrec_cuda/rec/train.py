@@ -575,7 +575,7 @@ def format_summary(result: dict) -> str:
         f"{result['interactions']} interactions",
         f"{result['model']} ({kind}, {result['parameters']} parameters) on {result['device']} "
         f"x{result['world_size']}: "
-        f"{result['epochs_run']} epochs in {result['seconds']:.0f} s, best validation "
+        f"{result['epochs_run']} epoch{'' if result['epochs_run'] == 1 else 's'} in {result['seconds']:.0f} s, best validation "
         f"NDCG@{K} ({cfg['valid_protocol']}) {result[f'valid_best_ndcg@{K}']:.4f} at epoch "
         f"{result['best_epoch']}"
         + (f", {result['examples_per_s']:.0f} training examples/s"
@@ -622,8 +622,8 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("epochs", "eval_every", "patience", "max_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {cfg.lr}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (where the checkpoint is)")
     dev = cfg.device
