@@ -69,8 +69,11 @@ def sequence_bounds(x: Tensor, attention_mask: Optional[Tensor] = None,
     _ops._check_padding_side(padding_side)
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
+            hint = ("; for per-row lengths pass them as lengths=... (the second positional "
+                    "argument is attention_mask)" if attention_mask.dim() == 1
+                    else "; convert it with `mask.bool()`")
             raise TypeError(f"attention_mask must be a bool tensor (True = valid token), got "
-                            f"{attention_mask.dtype}; convert it with `mask.bool()`")
+                            f"{attention_mask.dtype}{hint}")
         if tuple(attention_mask.shape) != (B, N):
             raise ValueError(f"attention_mask must be [B, N] = [{B}, {N}], got "
                              f"{list(attention_mask.shape)}")

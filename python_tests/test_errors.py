@@ -757,7 +757,9 @@ MODULE_CASES = [
                                                 lengths=torch.tensor([20, 20])),
                ValueError, r"pass either attention_mask or lengths, not both"),
     ModuleCase("integer mask", lambda: dict(attention_mask=_holes().long()), TypeError,
-               r"attention_mask must be a bool tensor"),
+               r"attention_mask must be a bool tensor .*convert it with `mask.bool\(\)`"),
+    ModuleCase("lengths passed as the mask", lambda: dict(attention_mask=torch.tensor([20, 5])),
+               TypeError, r"attention_mask must be a bool tensor .*pass them as lengths="),
     ModuleCase("mask of rank 3", lambda: dict(attention_mask=_holes()[..., None]), ValueError,
                r"attention_mask must be \[B, N\] = \[2, 20\], got \[2, 20, 1\]"),
 ]
