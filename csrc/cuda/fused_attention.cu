@@ -1672,8 +1672,9 @@ struct Launch {
   at::Tensor unit_end;  // keeps the packed prefix alive until the launch
 };
 
-// Units of `rows` positions of the sequences of min_len < L <= max_len tokens (padded batches: of
-// every sequence; the kernels skip the others and zero their own sequences' padding rows).
+// Units of `rows` positions of the sequences of min_len < L <= max_len tokens: packed batches
+// count them (unit_count_kernel); padded ones get units for every sequence and the kernels skip
+// the others' (FusedArgs::min_len, max_len), each zeroing its own sequences' padding rows.
 Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
                   const at::Tensor& seq_len, cudaStream_t stream, const Masks* masks,
                   int64_t min_len = 0) {
@@ -1695,6 +1696,10 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
     a.unit_end = nullptr;
     a.per_seq = ceil_div(d.N, rows);
     l.grid = dim3(unsigned(d.B * a.per_seq), unsigned(d.KVH));
+    // the kernels skip the other sequences' units (min_len 0: empty sequences are units too, to
+    // zero their padding rows)
+    if (min_len > 0) a.min_len = min_len;
+    a.max_len = max_len;
   } else {
     at::Tensor count = at::empty({d.B}, seq_len.options());
     unit_count_kernel<<<unsigned(ceil_div(d.B, 256)), 256, 0, stream>>>(
@@ -1733,16 +1738,6 @@ Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t
   return m;
 }
 
-// Units of the sequences of min_len < L <= max_len tokens: padded batches through FusedArgs'
-// min_len (the kernels skip the others), packed ones through their unit counts.
-Launch plan_units_above(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
-                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
-                        int64_t min_len) {
-  Launch l = plan_units(p, d, max_len, rows, seq_len, stream, &masks, min_len);
-  if (l.args.unit_end == nullptr && min_len > 0) l.args.min_len = min_len;
-  return l;
-}
-
 template <typename T, int D>
 Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
                         const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
@@ -1750,7 +1745,7 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   constexpr int KS = FusedTraits<D>::kStride;
   const int64_t n_max = longest(d, max_len);
   const int64_t tpc = tiles_per_cta(d, n_max);
-  Launch l = plan_units_above(p, d, max_len, int(tpc * kTile), seq_len, stream, masks, min_len);
+  Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream, &masks, min_len);
   // K + V of a segment within the budget, and with the chunk's row state (words, needs, gates,
   // lse) within what kFwdMinBlocks CTAs per SM can each have: at G <= 2 a chunk has 64-128 rows
   // and up to 32 KiB of words, which on top of a full segment left one CTA per SM at D = 32, 64
@@ -1810,8 +1805,7 @@ void launch_seq_bwd(const AttnParams& p, const BwdIn& in, T* dq, T* dk, T* dv, c
                     const Masks& masks) {
   const int rows = int(ceil_div(short_len, kTile) * kTile);
   Launch l = plan_units(p, d, short_len, rows, seq_len, stream, &masks);
-  if (l.args.unit_end == nullptr) {  // padded: one unit per short sequence
-    l.args.max_len = short_len;
+  if (l.args.unit_end == nullptr) {  // padded: one unit per sequence (the longer ones skip it)
     l.args.per_seq = 1;
     l.grid = dim3(unsigned(d.B), unsigned(d.KVH));
   }
@@ -1844,7 +1838,7 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
   }
   const int64_t tiles = tiles_per_cta(d, n_max);
   const int64_t warps = d.G * tiles;
-  Launch l = plan_units_above(p, d, max_len, int(tiles * kTile), seq_len, stream, masks, short_len);
+  Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks, short_len);
   l.threads = int(32 * warps);
   l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
   auto kernel = fused_dkdv_kernel<T, D>;
