@@ -559,6 +559,38 @@ def test_seq_bwd_forced_matches_reference(x, monkeypatch):
                             device=DEV, seed=400 + x)
 
 
+# The forward's query tiles per warp (BLOSSOMREC_FWD_REPS; by default two up to 256 tokens where
+# a sequence has more tiles than one CTA's warps take, fused_attention.cu fwd_reps): each (query
+# tile, head) is computed the same way whichever warp takes it, so one and two give the same bits,
+# also where two is forced past one shared-memory segment (D = 64, G = 1 at 1000 tokens: the first
+# segment is staged again for the second tile). The reference checks the forced two as well.
+FWD_REPS_CASES = [  # lengths, N, G, D, causal, layout
+    ([50, 17, 1, 0], 50, 4, 16, True, "right"),
+    ([200, 64, 33], 200, 2, 32, False, "packed"),
+    ([255, 97], 255, 1, 64, True, "left"),
+    ([1000, 300], 1000, 1, 64, True, "right"),
+    ([49, 48], 49, 8, 128, False, "right"),
+]
+
+
+@pytest.mark.parametrize("x", range(len(FWD_REPS_CASES)))
+def test_fwd_reps_bitwise_equal(x, monkeypatch):
+    lengths, N, G, D, causal, layout = FWD_REPS_CASES[x]
+    KVH = 2 if G <= 4 else 1
+    hp = dict(compress_stride=4, select_block=16, num_select=4, window=8, power_block=1,
+              use_power=True, use_sink=not causal, causal=causal)
+    dtype = torch.bfloat16 if x % 2 == 0 else torch.float16
+    t, seq_start, seq_len = gpu_batch(lengths, N, G * KVH, KVH, D, dtype, layout, s=4, seed=500 + x)
+    got = {}
+    for reps in ("1", "2"):
+        monkeypatch.setenv("BLOSSOMREC_FWD_REPS", reps)
+        got[reps] = run_op(t, seq_start, seq_len, hp)
+    for name, a, b in zip(("idx", "cnt", "out", "o_sel", "o_win", "lse"), got["1"], got["2"]):
+        assert torch.equal(a, b), f"{name} differs between one and two query tiles per warp"
+    check_against_reference(lengths, N, G * KVH, KVH, D, hp, layout, dtype, device=DEV,
+                            seed=500 + x)
+
+
 @pytest.mark.parametrize("G,lengths,layout", [(1, [1023, 341], "right"),
                                             (2, [700, 233, 1], "packed")])
 def test_fused_backward_d16_past_one_segment(G, lengths, layout):

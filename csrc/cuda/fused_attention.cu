@@ -530,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const int tiles = a.rows / kTile;
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + a.seg * KS;
-  // The first segment, the chunk's masks and gates and the warp's queries load together.
+  // The first segment, the chunk's masks and gates and the first queries load together.
   const int kend = key_end(a, u);
   const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, nullptr,
                                 a.tiles_cap);
@@ -538,108 +538,115 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int tl = warp / int(p.G), hg = warp - tl * int(p.G);
+  const int G = int(p.G);
+  // A warp serves one head of the group for `reps` of the chunk's query tiles (the chunk's rows
+  // are reps x the CTA's warps / G tiles; v26: two per warp at short lengths, so that the
+  // prologue, one per CTA, serves twice the tiles): in rep r the tiles r * per .. r * per + per - 1,
+  // every other rep in reverse (causal: the warps' key counts even out).
+  const int per = int(blockDim.x >> 5) / G, reps = tiles / per;
+  const int wt = warp / G, hg = warp - wt * G;
   const int64_t h = g * p.G + hg;
-  const int i0 = u.c0 + tl * kTile;  // the warp's first row
-  const bool active = i0 < u.L;
-  const int ia = i0 + gq, ib = ia + 8;
-  uint32_t qf[D / 16][4];
-  {
-    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+  const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+  uint64_t all = 0;  // the tiles any query tile of the chunk needs (CTA-uniform)
+  for (int rep = 0; rep < reps; ++rep) {
+    const int tl = rep * per + ((rep & 1) ? wt : per - 1 - wt);
+    const int i0 = u.c0 + tl * kTile;  // the warp's first row
+    const int ia = i0 + gq, ib = ia + 8;
+    uint32_t qf[D / 16][4];
     load_a_rows<T, D>(qf, ia < u.L ? qb + (u.s + ia) * p.q_sn : nullptr,
                       ib < u.L ? qb + (u.s + ib) * p.q_sn : nullptr, tq);
-  }
-  float m[2][2], l[2][2], acc[2][D / 8][4];
+    float m[2][2], l[2][2], acc[2][D / 8][4];
 #pragma unroll
-  for (int br = 0; br < 2; ++br) {
+    for (int br = 0; br < 2; ++br) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m[br][r] = -INFINITY;
+        l[br][r] = 0.f;
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[br][n][e] = 0.f;
+      }
+    }
+    if (rep == 0) {
+      cp_async_wait<0>();
+      __syncthreads();  // the first segment and the masks are in shared memory
+      for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];  // zeros past L
+    }
+    const uint64_t my_sel = rs.need[2 * tl], my_win = rs.need[2 * tl + 1];
+    // The warp's key tiles in increasing order; its rows' words of key tile kt at wq[kt * rows].
+    uint64_t pending = my_sel | my_win;
+    const uint32_t* wq = rs.words + tl * kTile + gq;
+
+    for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
+      const int seg1 = min(seg0 + a.seg, kend);
+      const uint64_t seg_mask = tile_bits(seg0, seg1);
+      // A later segment, or the first again in a later rep when the keys took several.
+      if (seg0 > 0 || (rep > 0 && kend > a.seg)) {
+        if ((all & seg_mask) == 0) continue;  // CTA-uniform
+        __syncthreads();  // the previous segment is consumed
+        stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+      // The lowest pending tile lies in this segment while any does (lower ones are done).
+      while ((pending & seg_mask) != 0) {
+        const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+        pending &= pending - 1;
+        const uint32_t w[2] = {wq[kt * a.rows] >> (2 * tq), wq[kt * a.rows + 8] >> (2 * tq)};
+        const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
+        const T* kt_s = ks + (kt * kTile - seg0) * KS;
+        const T* vt_s = vs + (kt * kTile - seg0) * KS;
+        float s[2][4] = {};
+        mma_abt<T, D, KS>(s, qf, kt_s, lane);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+        }
+        uint32_t pa_sel[4], pa_win[4];
+        if (do_sel) {
+          softmax_tile<T, D>(s, [&](int r, int c) { return word_bit(w[r], col_bit(c)); }, m[0],
+                             l[0], acc[0], pa_sel);
+        }
+        if (do_win) {
+          softmax_tile<T, D>(s, [&](int r, int c) { return word_bit(w[r], kTile + col_bit(c)); },
+                             m[1], l[1], acc[1], pa_win);
+        }
+        if (do_sel) mma_ab<T, D, KS>(acc[0], pa_sel, vt_s, lane);
+        if (do_win) mma_ab<T, D, KS>(acc[1], pa_win, vt_s, lane);
+      }
+    }
+
+    // Epilogue: normalise, combine with the gates, store out, both branch outputs and both lse.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      m[br][r] = -INFINITY;
-      l[br][r] = 0.f;
-    }
+      const int i = r == 0 ? ia : ib;
+      const float l_sel = quad_sum(l[0][r]), l_win = quad_sum(l[1][r]);
+      if (i >= u.L) continue;
+      const int64_t rr = u.bq * p.seq.N + u.s + i;
+      const int64_t rh = rr * p.H + h;
+      const float2 gt = gate_pair<T>(rs.gates + (tl * kTile + gq + 8 * r) * G + hg, p.gates_f32, 0);
+      const float g_sel = gt.x, g_win = gt.y;
+      const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
+      T* out = static_cast<T*>(o.out) + rh * D;
+      T* osel = static_cast<T*>(o.o_sel) + rh * D;
+      T* owin = static_cast<T*>(o.o_win) + rh * D;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[br][n][e] = 0.f;
-    }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the first segment and the masks are in shared memory
-  uint64_t all = 0;  // zeros for the tiles past L
-  for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];
-  const uint64_t my_sel = rs.need[2 * tl], my_win = rs.need[2 * tl + 1];
-  // The warp's key tiles in increasing order; its rows' words of key tile kt at wq[kt * rows].
-  uint64_t pending = my_sel | my_win;
-  const uint32_t* wq = rs.words + tl * kTile + gq;
-
-  for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
-    const int seg1 = min(seg0 + a.seg, kend);
-    const uint64_t seg_mask = tile_bits(seg0, seg1);
-    if (seg0 > 0) {
-      if ((all & seg_mask) == 0) continue;  // CTA-uniform
-      __syncthreads();  // the previous segment is consumed
-      stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
-      cp_async_wait<0>();
-      __syncthreads();
-    }
-    // The lowest pending tile lies in this segment while any does (lower ones are done).
-    while ((pending & seg_mask) != 0) {
-      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-      pending &= pending - 1;
-      const uint32_t w[2] = {wq[kt * a.rows] >> (2 * tq), wq[kt * a.rows + 8] >> (2 * tq)};
-      const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
-      const T* kt_s = ks + (kt * kTile - seg0) * KS;
-      const T* vt_s = vs + (kt * kTile - seg0) * KS;
-      float s[2][4] = {};
-      mma_abt<T, D, KS>(s, qf, kt_s, lane);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+      for (int n = 0; n < D / 8; ++n) {
+        const int col = n * 8 + 2 * tq;
+        const float s0 = acc[0][n][2 * r] * inv_sel, s1 = acc[0][n][2 * r + 1] * inv_sel;
+        const float w0 = acc[1][n][2 * r] * inv_win, w1 = acc[1][n][2 * r + 1] * inv_win;
+        *reinterpret_cast<uint32_t*>(out + col) =
+            Mma<T>::pack(g_sel * s0 + g_win * w0, g_sel * s1 + g_win * w1);
+        *reinterpret_cast<uint32_t*>(osel + col) = Mma<T>::pack(s0, s1);
+        *reinterpret_cast<uint32_t*>(owin + col) = Mma<T>::pack(w0, w1);
       }
-      uint32_t pa_sel[4], pa_win[4];
-      if (do_sel) {
-        softmax_tile<T, D>(s, [&](int r, int c) { return word_bit(w[r], col_bit(c)); }, m[0], l[0],
-                           acc[0], pa_sel);
+      if (tq == 0) {
+        *reinterpret_cast<float2*>(o.lse + rh * 2) =
+            make_float2((m[0][r] + log2f(l_sel)) * kLn2, (m[1][r] + log2f(l_win)) * kLn2);
       }
-      if (do_win) {
-        softmax_tile<T, D>(s, [&](int r, int c) { return word_bit(w[r], kTile + col_bit(c)); },
-                           m[1], l[1], acc[1], pa_win);
-      }
-      if (do_sel) mma_ab<T, D, KS>(acc[0], pa_sel, vt_s, lane);
-      if (do_win) mma_ab<T, D, KS>(acc[1], pa_win, vt_s, lane);
-    }
-  }
-  if (!active) return;
-
-  // Epilogue: normalise, combine with the gates, store out, both branch outputs and both lse.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = r == 0 ? ia : ib;
-    const float l_sel = quad_sum(l[0][r]), l_win = quad_sum(l[1][r]);
-    if (i >= u.L) continue;
-    const int64_t rr = u.bq * p.seq.N + u.s + i;
-    const int64_t rh = rr * p.H + h;
-    const float2 gt =
-        gate_pair<T>(rs.gates + (tl * kTile + gq + 8 * r) * int(p.G) + hg, p.gates_f32, 0);
-    const float g_sel = gt.x, g_win = gt.y;
-    const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
-    T* out = static_cast<T*>(o.out) + rh * D;
-    T* osel = static_cast<T*>(o.o_sel) + rh * D;
-    T* owin = static_cast<T*>(o.o_win) + rh * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = n * 8 + 2 * tq;
-      const float s0 = acc[0][n][2 * r] * inv_sel, s1 = acc[0][n][2 * r + 1] * inv_sel;
-      const float w0 = acc[1][n][2 * r] * inv_win, w1 = acc[1][n][2 * r + 1] * inv_win;
-      *reinterpret_cast<uint32_t*>(out + col) =
-          Mma<T>::pack(g_sel * s0 + g_win * w0, g_sel * s1 + g_win * w1);
-      *reinterpret_cast<uint32_t*>(osel + col) = Mma<T>::pack(s0, s1);
-      *reinterpret_cast<uint32_t*>(owin + col) = Mma<T>::pack(w0, w1);
-    }
-    if (tq == 0) {
-      *reinterpret_cast<float2*>(o.lse + rh * 2) =
-          make_float2((m[0][r] + log2f(l_sel)) * kLn2, (m[1][r] + log2f(l_win)) * kLn2);
     }
   }
 }
@@ -666,34 +673,50 @@ __device__ __forceinline__ void dq_zero_padding(const AttnParams& p, const BwdIn
   }
 }
 
-// dot[r][br] = <dout, o_branch> of the lane's rows r (g, g + 8) from the dout fragments df (A
-// layout, load_a_rows) and the saved branch outputs (rows rh[r], null rows: 0), summed over the
-// quad.
+// The saved branch outputs at the lane's A-fragment columns (load_a_rows) of its rows g and g + 8:
+// o[r][br][2 ks + half] holds columns 16 ks + 8 half + 2 tq, + 1 of row r, branch br (0 past L).
+// Loaded apart from branch_dots so that a kernel can issue the loads ahead of their use.
+template <int D>
+struct BranchRows {
+  uint32_t o[2][2][D / 8];
+};
+
 template <typename T, int D>
-__device__ __forceinline__ void branch_dots(float (&dot)[2][2], const uint32_t (&df)[D / 16][4],
-                                            const BwdIn& in, const int64_t (&rh)[2],
-                                            const bool (&valid)[2], int tq) {
+__device__ __forceinline__ void load_branch_rows(BranchRows<D>& b, const BwdIn& in,
+                                                 const int64_t (&rh)[2], const bool (&valid)[2],
+                                                 int tq) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    dot[r][0] = dot[r][1] = 0.f;
-    if (valid[r]) {
 #pragma unroll
-      for (int br = 0; br < 2; ++br) {
-        const T* o_row = static_cast<const T*>(br == 0 ? in.o_sel : in.o_win) + rh[r] * D;
+    for (int br = 0; br < 2; ++br) {
+      const T* o_row = static_cast<const T*>(br == 0 ? in.o_sel : in.o_win) + rh[r] * D;
 #pragma unroll
-        for (int ks_ = 0; ks_ < D / 16; ++ks_) {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int c = ks_ * 16 + half * 8 + 2 * tq;
-            const float2 dv = Mma<T>::unpack(df[ks_][2 * half + r]);
-            const float2 ov = Mma<T>::unpack(*reinterpret_cast<const uint32_t*>(o_row + c));
-            dot[r][br] = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, dot[r][br]));
-          }
-        }
+      for (int x = 0; x < D / 8; ++x) {
+        const int c = (x >> 1) * 16 + (x & 1) * 8 + 2 * tq;
+        b.o[r][br][x] = valid[r] ? *reinterpret_cast<const uint32_t*>(o_row + c) : 0u;
       }
     }
-    dot[r][0] = quad_sum(dot[r][0]);
-    dot[r][1] = quad_sum(dot[r][1]);
+  }
+}
+
+// dot[r][br] = <dout, o_branch> of the lane's rows r (g, g + 8) from the dout fragments df (A
+// layout, load_a_rows) and the saved branch outputs b, summed over the quad.
+template <typename T, int D>
+__device__ __forceinline__ void branch_dots(float (&dot)[2][2], const uint32_t (&df)[D / 16][4],
+                                            const BranchRows<D>& b) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int br = 0; br < 2; ++br) {
+      float d = 0.f;
+#pragma unroll
+      for (int x = 0; x < D / 8; ++x) {
+        const float2 dv = Mma<T>::unpack(df[x >> 1][2 * (x & 1) + r]);
+        const float2 ov = Mma<T>::unpack(b.o[r][br][x]);
+        d = fmaf(dv.x, ov.x, fmaf(dv.y, ov.y, d));
+      }
+      dot[r][br] = quad_sum(d);
+    }
   }
 }
 
@@ -742,7 +765,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     load_a_rows<T, D>(qf, row_q[0], row_q[1], tq);
     load_a_rows<T, D>(df, row_d[0], row_d[1], tq);
     const bool valid[2] = {row_d[0] != nullptr, row_d[1] != nullptr};
-    branch_dots<T, D>(dot, df, in, rh, valid, tq);
+    BranchRows<D> ob;
+    load_branch_rows<T, D>(ob, in, rh, valid, tq);
+    branch_dots<T, D>(dot, df, ob);
   }
   float acc[D / 8][4];
 #pragma unroll
@@ -1234,37 +1259,76 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
                                 tiles);
   stage_group_rows<T, D, KS>(qs, dos, p, in, u, g, rows, round_tile(u.L));
   stage_kv<T, D, KS>(ks, vs, p, u, g, 0, kend);  // commits every copy above
-  cp_async_wait<0>();
-  __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int warps = int(blockDim.x) >> 5;
 
   // Phase 1: units (query tile, head), the heaviest query tiles (the last, when causal) first,
-  // every other round in reverse so that the warps' loads even out.
+  // every other round in reverse so that the warps' loads even out. A warp's unit of round r:
   const int units = G * tiles;
-  for (int round = 0; round * warps < units; ++round) {
-    const int x = round * warps + ((round & 1) ? warps - 1 - warp : warp);
-    if (x >= units) continue;
-    const int qt = tiles - 1 - x / G, hg = x % G;
+  auto unit_of = [&](int r, int* qt, int* hg) {
+    const int x = r * warps + ((r & 1) ? warps - 1 - warp : warp);
+    *qt = tiles - 1 - x / G;
+    *hg = x % G;
+    return x < units && *qt * kTile < u.L;
+  };
+  auto next_round = [&](int r) {  // the warp's first round >= r with a unit, -1: none
+    for (int qt, hg; r * warps < units; ++r) {
+      if (unit_of(r, &qt, &hg)) return r;
+    }
+    return -1;
+  };
+  // What a unit reads from global memory outside the staged batch (the branch outputs and lse
+  // of its rows) is loaded one unit ahead, the first unit's before the prologue's barrier: waited
+  // for at the unit's start, these loads held 17% of the kernel's stall samples (v26).
+  struct Ahead {
+    BranchRows<D> ob;
+    float2 ls[2];
+  } ahead;
+  auto rows_of = [&](int qt, int hg, int64_t (&rh)[2], bool (&valid)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = qt * kTile + gq + 8 * r;
+      valid[r] = i < u.L;
+      rh[r] = (u.bq * p.seq.N + u.s + i) * p.H + g * p.G + hg;
+    }
+  };
+  auto load_ahead = [&](int r) {
+    int qt, hg;
+    unit_of(r, &qt, &hg);
+    int64_t rh[2];
+    bool valid[2];
+    rows_of(qt, hg, rh, valid);
+    load_branch_rows<T, D>(ahead.ob, in, rh, valid, tq);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      ahead.ls[k] = valid[k] ? *reinterpret_cast<const float2*>(in.lse + rh[k] * 2)
+                             : make_float2(0.f, 0.f);
+    }
+  };
+  int round = next_round(0);
+  if (round >= 0) load_ahead(round);
+  cp_async_wait<0>();
+  __syncthreads();
+
+  while (round >= 0) {
+    int qt, hg;
+    unit_of(round, &qt, &hg);
     const int i0 = qt * kTile;
-    if (i0 >= u.L) continue;
-    const int64_t h = g * p.G + hg;
+    int64_t rh[2];
+    bool valid[2];
+    rows_of(qt, hg, rh, valid);
+    const int rows_i[2] = {i0 + gq, i0 + gq + 8};
+    const BranchRows<D> ob = ahead.ob;
+    const float2 ls[2] = {ahead.ls[0], ahead.ls[1]};
+    round = next_round(round + 1);
+    if (round >= 0) load_ahead(round);
     uint32_t qf[D / 16][4], df[D / 16][4];
     load_a_smem<D, KS>(qf, qs + (hg * rows + i0) * KS, lane);
     load_a_smem<D, KS>(df, dos + (hg * rows + i0) * KS, lane);
-    const int rows_i[2] = {i0 + gq, i0 + gq + 8};
-    const bool valid[2] = {rows_i[0] < u.L, rows_i[1] < u.L};
-    const int64_t rh[2] = {(u.bq * p.seq.N + u.s + rows_i[0]) * p.H + h,
-                           (u.bq * p.seq.N + u.s + rows_i[1]) * p.H + h};
-    float2 ls[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      ls[r] = valid[r] ? *reinterpret_cast<const float2*>(in.lse + rh[r] * 2) : make_float2(0.f, 0.f);
-    }
     float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
-    branch_dots<T, D>(dot, df, in, rh, valid, tq);
+    branch_dots<T, D>(dot, df, ob);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float2 gt = gate_pair<T>(rs.gates + rows_i[r] * G + hg, p.gates_f32, 0);
@@ -1328,6 +1392,7 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
       slot[32] = make_uint4(movmatrix_trans(pga[0]), movmatrix_trans(pga[2]),
                             movmatrix_trans(pga[1]), movmatrix_trans(pga[3]));
     }
+    rows_of(qt, hg, rh, valid);  // recomputed: fewer registers live across the tiles
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!valid[r]) continue;
@@ -1738,20 +1803,15 @@ Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t
   return m;
 }
 
+// Keys per shared-memory segment of a query-outer CTA of `rows` positions: K + V within the
+// budget, and with the chunk's row state (words, needs, gates, lse) within what kFwdMinBlocks CTAs
+// per SM can each have: at G <= 2 a chunk has 64-128 rows and up to 32 KiB of words, which on top
+// of a full segment left one CTA per SM at D = 32, 64 (found in review, docs/PERF_NOTES.md v18d).
 template <typename T, int D>
-Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
-                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
-                        bool with_lse, int64_t min_len = 0) {
+int64_t segment_keys(const Dims& d, int64_t n_max, int rows, int tiles_cap, bool with_lse) {
   constexpr int KS = FusedTraits<D>::kStride;
-  const int64_t n_max = longest(d, max_len);
-  const int64_t tpc = tiles_per_cta(d, n_max);
-  Launch l = plan_units(p, d, max_len, int(tpc * kTile), seq_len, stream, &masks, min_len);
-  // K + V of a segment within the budget, and with the chunk's row state (words, needs, gates,
-  // lse) within what kFwdMinBlocks CTAs per SM can each have: at G <= 2 a chunk has 64-128 rows
-  // and up to 32 KiB of words, which on top of a full segment left one CTA per SM at D = 32, 64
-  // (found in review, docs/PERF_NOTES.md v18d; not yet measured).
   const int64_t kv_row = 2 * KS * int64_t(sizeof(T));
-  const int64_t row_state = row_smem_layout(0, l.args.rows, l.args.tiles_cap, d.G, with_lse).total;
+  const int64_t row_state = row_smem_layout(0, rows, tiles_cap, d.G, with_lse).total;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t per_cta = int64_t(prop->sharedMemPerMultiprocessor) / FusedTraits<D>::kFwdMinBlocks -
                           int64_t(prop->reservedSharedMemPerBlock);
@@ -1760,17 +1820,50 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   int64_t seg_cap = kv_budget / kv_row / kTile * kTile;
   if (seg_cap < kTile) seg_cap = kTile;
   const int64_t keys = ceil_div(n_max, kTile) * kTile;
-  l.args.seg = int(keys < seg_cap ? keys : seg_cap);
+  return keys < seg_cap ? keys : seg_cap;
+}
+
+// reps: query tiles per warp (the forward's, fused_fwd_kernel; dq takes one): a chunk is reps x
+// tiles_per_cta tiles.
+template <typename T, int D>
+Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
+                        const at::Tensor& seq_len, cudaStream_t stream, const Masks& masks,
+                        bool with_lse, int64_t min_len = 0, int reps = 1) {
+  constexpr int KS = FusedTraits<D>::kStride;
+  const int64_t n_max = longest(d, max_len);
+  const int64_t tpc = tiles_per_cta(d, n_max);
+  Launch l = plan_units(p, d, max_len, int(reps * tpc * kTile), seq_len, stream, &masks, min_len);
+  l.args.seg = int(segment_keys<T, D>(d, n_max, l.args.rows, l.args.tiles_cap, with_lse));
   l.threads = int(32 * d.G * tpc);
-  l.smem = l.args.seg * kv_row + row_state;  // row_smem_layout(kv bytes, ...).total
+  l.smem = l.args.seg * 2 * KS * int64_t(sizeof(T)) +
+           row_smem_layout(0, l.args.rows, l.args.tiles_cap, d.G, with_lse).total;
   return l;
+}
+
+// Query tiles per forward warp: two where a sequence has at most kFwdRepsMaxLen tokens and
+// more tiles than one CTA's warps take, so that a CTA's prologue (finding its unit, one wait on
+// the staged K, V and row state) serves twice the tiles (v26, docs/PERF_NOTES.md), provided the
+// keys still fit one segment. BLOSSOMREC_FWD_REPS=1 or 2 forces it (benchmarks, tests).
+constexpr int64_t kFwdRepsMaxLen = 256;
+
+template <typename T, int D>
+int fwd_reps(const Dims& d, int64_t max_len, const Masks& masks) {
+  const char* e = std::getenv("BLOSSOMREC_FWD_REPS");
+  const int64_t n_max = longest(d, max_len);
+  if (e != nullptr && (e[0] == '1' || e[0] == '2')) return e[0] - '0';
+  const int64_t tpc = tiles_per_cta(d, n_max);
+  if (n_max > kFwdRepsMaxLen || ceil_div(n_max, kTile) <= tpc) return 1;
+  const int rows = int(2 * tpc * kTile);
+  const int64_t seg = segment_keys<T, D>(d, n_max, rows, int(masks.need.size(2)), false);
+  return seg >= ceil_div(n_max, kTile) * kTile ? 2 : 1;
 }
 
 template <typename T, int D>
 void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max_len,
                 const at::Tensor& seq_len, cudaStream_t stream) {
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
-  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false);
+  const int reps = fwd_reps<T, D>(d, max_len, masks);
+  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false, 0, reps);
   auto kernel = fused_fwd_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, o);
