@@ -1280,8 +1280,12 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     return -1;
   };
   // What a unit reads from global memory outside the staged batch (the branch outputs and lse
-  // of its rows) is loaded one unit ahead, the first unit's before the prologue's barrier: waited
-  // for at the unit's start, these loads held 17% of the kernel's stall samples (v26).
+  // of its rows; waited for at the unit's start, these loads held 17% of the kernel's stall
+  // samples at S1, D = 16) is loaded ahead from D = 32: the first unit's before the prologue's
+  // barrier, each next unit's at the start of the one before (v26: S1, D = 32 329 -> 311 us per
+  // call). At D = 16 (80 registers) the values held ahead spilled 16 bytes and the kernel got
+  // slower (219 -> 225 us), so there each unit loads its own at its start.
+  constexpr bool kAheadAll = D > 16;
   struct Ahead {
     BranchRows<D> ob;
     float2 ls[2];
@@ -1308,11 +1312,12 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     }
   };
   int round = next_round(0);
-  if (round >= 0) load_ahead(round);
+  if (kAheadAll && round >= 0) load_ahead(round);
   cp_async_wait<0>();
   __syncthreads();
 
   while (round >= 0) {
+    if (!kAheadAll) load_ahead(round);
     int qt, hg;
     unit_of(round, &qt, &hg);
     const int i0 = qt * kTile;
@@ -1322,8 +1327,8 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     const int rows_i[2] = {i0 + gq, i0 + gq + 8};
     const BranchRows<D> ob = ahead.ob;
     const float2 ls[2] = {ahead.ls[0], ahead.ls[1]};
-    round = next_round(round + 1);
-    if (round >= 0) load_ahead(round);
+    round = next_round(round + 1);  // the warp's next unit (-1: none) for the loop's next turn
+    if (kAheadAll && round >= 0) load_ahead(round);
     uint32_t qf[D / 16][4], df[D / 16][4];
     load_a_smem<D, KS>(qf, qs + (hg * rows + i0) * KS, lane);
     load_a_smem<D, KS>(df, dos + (hg * rows + i0) * KS, lane);
