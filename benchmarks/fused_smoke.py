@@ -1,8 +1,8 @@
 """One forward and backward of the CUDA op on each kind of input the tensor-core kernels take
 (the fused ones: padded right / left, packed with a sequence past their limit, D = 16 .. 128,
 G = 1 .. 8, causal and not, with the sink; the long sequences' forward and dk/dv, the selection
-on tensor cores, the one-CTA backward of short sequences): a short driver for compute-sanitizer, which checks memory
-accesses and races, not values (python_tests/test_ops_cuda.py checks those).
+on tensor cores, the one-CTA backward of short sequences): a short driver for compute-sanitizer,
+which checks memory accesses and races, not values (python_tests/test_ops_cuda.py checks those).
 
     compute-sanitizer --tool memcheck python benchmarks/fused_smoke.py
 """

@@ -660,7 +660,7 @@ def select_blocks(q: Tensor, kc: Tensor, *, lengths: Lengths = None, padding_sid
     layout = seq_layout(q, lengths, padding_side, cu_seqlens)
     _check_inputs(q, layout.row_names, layout.seq_len.shape[0], kc=kc)
     _check_kc_rows(kc, layout, compress_stride)
-    sc = _scale(q, scale)
+    sc = _scale(q, scale)  # checked before the op is looked up: no call with a bad scale
     idx, cnt = torch.ops.blossomrec.select_blocks(
         layout.to_rows(q), kc, layout.seq_start, layout.seq_len, compress_stride, select_block,
         num_select, causal, sc)

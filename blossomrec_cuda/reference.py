@@ -164,11 +164,13 @@ def selected_mask(rows: Tensor, L: int, idx: Tensor, cnt: Tensor, select_block: 
     hi = rows + 1 if causal else torch.clamp(lo + select_block, max=L)
     own = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [R, L]
     key_block = j // select_block  # [L]
-    # block_visible entry by entry: a whole block of the sequence, not the own block, causal: one
-    # that ends before the query's own block
-    J, r = idx.long(), rows[:, None, None]  # r against the entries [..., R, KVH, n]
-    seen = (J + 1) * select_block <= r if causal else J != r // select_block
-    visible = (J >= 0) & (J < L // select_block) & seen
+    # each entry looked up in block_visible's [R, NB] table (entries outside 0 .. NB - 1 are no
+    # whole block of the sequence)
+    J, NB = idx.long(), L // select_block
+    visible = (J >= 0) & (J < NB)
+    if NB > 0:
+        table = block_visible(rows, NB, select_block, causal)[:, None, :]  # [R, 1, NB]
+        visible &= table.expand(*J.shape[:-1], NB).gather(-1, J.clamp(0, NB - 1))
     listed = torch.arange(idx.shape[-1], device=rows.device)[None, None, :] < cnt[..., None]
     valid = listed & visible
     chosen = torch.where(valid, idx, torch.full_like(idx, -2)).long()  # -2 never matches a block

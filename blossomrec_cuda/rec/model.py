@@ -237,9 +237,7 @@ class BlossomRec(nn.Module):
         holds fewer than ``k`` ids only if fewer than ``k`` items remain). Runs in eval mode on the
         model's device, without gradients; the model's train/eval mode is restored afterwards.
         """
-        for name, value in (("k", k), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        _ops._check_int_args(k=k, batch_size=batch_size)
         if not 1 <= k <= self.num_items:
             raise ValueError(f"k must be in 1..{self.num_items} (the number of items), got {k}")
         if batch_size < 1:

@@ -575,7 +575,8 @@ def format_summary(result: dict) -> str:
         f"{result['interactions']} interactions",
         f"{result['model']} ({kind}, {result['parameters']} parameters) on {result['device']} "
         f"x{result['world_size']}: "
-        f"{result['epochs_run']} epoch{'' if result['epochs_run'] == 1 else 's'} in {result['seconds']:.0f} s, best validation "
+        f"{result['epochs_run']} epoch{'' if result['epochs_run'] == 1 else 's'} in "
+        f"{result['seconds']:.0f} s, best validation "
         f"NDCG@{K} ({cfg['valid_protocol']}) {result[f'valid_best_ndcg@{K}']:.4f} at epoch "
         f"{result['best_epoch']}"
         + (f", {result['examples_per_s']:.0f} training examples/s"
@@ -619,7 +620,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"amp must be off, bf16 or fp16, got {cfg.amp!r}")
     if cfg.valid_protocol not in ("sampled", "full"):
         raise ValueError(f"valid_protocol must be 'sampled' or 'full', got {cfg.valid_protocol!r}")
-    for name in ("epochs", "eval_every", "patience", "max_len"):
+    for name in ("epochs", "eval_every", "patience", "max_len", "batch_size", "eval_batch_size",
+                 "num_negatives"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
@@ -631,9 +633,6 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for but no GPU is visible; use --device cpu")
-    for name in ("batch_size", "eval_batch_size", "num_negatives"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_users is not None and cfg.max_users < 1:
         raise ValueError(f"max_users must be >= 1 (or left out for all users), got {cfg.max_users}")
     if not 0.0 <= cfg.dropout < 1.0:

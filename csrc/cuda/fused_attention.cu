@@ -376,6 +376,32 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
   cp_async_commit();
 }
 
+// A later segment of keys [seg0, seg1) into ks / vs for the query-outer kernels (forward, dq):
+// all threads, a barrier before (the previous segment is consumed) and after. False, staging
+// nothing, when no query tile of the chunk needs these keys (`all`: CTA-uniform, so every warp
+// skips the segment alike).
+template <typename T, int D, int KS>
+__device__ __forceinline__ bool restage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
+                                           int64_t g, int seg0, int seg1, uint64_t all) {
+  if ((all & tile_bits(seg0, seg1)) == 0) return false;
+  __syncthreads();
+  stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+  cp_async_wait<0>();
+  __syncthreads();
+  return true;
+}
+
+// A query tile's next key tile: the lowest of `pending` (taken off it), with the lane's rows'
+// mask words of it in w, shifted to the lane's columns (col_bit).
+__device__ __forceinline__ int next_key_tile(uint64_t& pending, const uint32_t* wq, int rows,
+                                             int tq, uint32_t (&w)[2]) {
+  const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+  pending &= pending - 1;
+  w[0] = wq[kt * rows] >> (2 * tq);
+  w[1] = wq[kt * rows + 8] >> (2 * tq);
+  return kt;
+}
+
 // Shared memory of the query-outer kernels (forward, dq) after the K and V segment: for the chunk's
 // rows the mask words of every key tile up to key_end ([key tile][row], zeros past L), the needs
 // of its query tiles ([tile][branch]), and per (row, head of the group) the gates and, in dq, the
@@ -583,18 +609,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       const int seg1 = min(seg0 + a.seg, kend);
       const uint64_t seg_mask = tile_bits(seg0, seg1);
       // A later segment, or the first again in a later rep when the keys took several.
-      if (seg0 > 0 || (rep > 0 && kend > a.seg)) {
-        if ((all & seg_mask) == 0) continue;  // CTA-uniform
-        __syncthreads();  // the previous segment is consumed
-        stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
-        cp_async_wait<0>();
-        __syncthreads();
+      if ((seg0 > 0 || (rep > 0 && kend > a.seg)) &&
+          !restage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all)) {
+        continue;
       }
       // The lowest pending tile lies in this segment while any does (lower ones are done).
       while ((pending & seg_mask) != 0) {
-        const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-        pending &= pending - 1;
-        const uint32_t w[2] = {wq[kt * a.rows] >> (2 * tq), wq[kt * a.rows + 8] >> (2 * tq)};
+        uint32_t w[2];
+        const int kt = next_key_tile(pending, wq, a.rows, tq, w);
         const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
         const T* kt_s = ks + (kt * kTile - seg0) * KS;
         const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -802,18 +824,11 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
     const int seg1 = min(seg0 + a.seg, kend);
     const uint64_t seg_mask = tile_bits(seg0, seg1);
-    if (seg0 > 0) {
-      if ((all & seg_mask) == 0) continue;
-      __syncthreads();
-      stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
-      cp_async_wait<0>();
-      __syncthreads();
-    }
+    if (seg0 > 0 && !restage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all)) continue;
     // The lowest pending tile lies in this segment while any does (lower ones are done).
     while ((pending & seg_mask) != 0) {
-      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-      pending &= pending - 1;
-      const uint32_t w[2] = {wq[kt * a.rows] >> (2 * tq), wq[kt * a.rows + 8] >> (2 * tq)};
+      uint32_t w[2];
+      const int kt = next_key_tile(pending, wq, a.rows, tq, w);
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + (kt * kTile - seg0) * KS;
       const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -1356,9 +1371,8 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     const uint32_t* wq = rs.words + i0 + gq;
     uint4* slot0 = pairs + int64_t(hg * n_pairs + seq_pair_base(qt, tiles, pb, causal)) * 64 + lane;
     while (pending != 0) {
-      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-      pending &= pending - 1;
-      const uint32_t w[2] = {wq[kt * rows] >> (2 * tq), wq[kt * rows + 8] >> (2 * tq)};
+      uint32_t w[2];
+      const int kt = next_key_tile(pending, wq, rows, tq, w);
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + kt * kTile * KS;
       float s[2][4] = {}, dp[2][4] = {};
@@ -1840,8 +1854,8 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   Launch l = plan_units(p, d, max_len, int(reps * tpc * kTile), seq_len, stream, &masks, min_len);
   l.args.seg = int(segment_keys<T, D>(d, n_max, l.args.rows, l.args.tiles_cap, with_lse));
   l.threads = int(32 * d.G * tpc);
-  l.smem = l.args.seg * 2 * KS * int64_t(sizeof(T)) +
-           row_smem_layout(0, l.args.rows, l.args.tiles_cap, d.G, with_lse).total;
+  l.smem = row_smem_layout(l.args.seg * 2 * KS * int64_t(sizeof(T)), l.args.rows, l.args.tiles_cap,
+                           d.G, with_lse).total;
   return l;
 }
 
