@@ -16,7 +16,10 @@ Methods (PERF.md names; one JSON line each, keys of PERF.md plus ``dim``):
   call: what the GPU takes; the training step with ``Adam(capturable=True)``).
 
 Inputs: ``x [B, N, dim]`` with right-padded lengths drawn uniformly from N/4..N (the training path),
-bf16 autocast over float32 parameters. B x N = 102400 tokens up to N = 4096, then B = 4.
+bf16 autocast over float32 parameters. B x N = 102400 tokens up to N = 4096, then B = 4. The lengths
+stay on the host for the eager methods, as the training command keeps them (``--lengths gpu``: on
+the GPU, where the range check reads them back: a device sync per call); compiled and captured
+calls take them on the GPU. Each row says which (``lengths``).
 
     python benchmarks/bench_module.py                      # N = 50, 200, 1024, 4096, 16384
     python benchmarks/bench_module.py --sizes 50,200 --methods module_blossom,module_dense_fair
@@ -76,7 +79,7 @@ def build_module(method: str, B: int, N: int, device: torch.device, autocast: Op
 
 
 def build_step(method: str, B: int, N: int, device: torch.device, autocast: Optional[torch.dtype],
-               seed: int) -> Callable[[int], object]:
+               seed: int, host_lengths: bool = False) -> Callable[[int], object]:
     from blossomrec_cuda.rec.model import build_model
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -93,7 +96,8 @@ def build_step(method: str, B: int, N: int, device: torch.device, autocast: Opti
     items = torch.randint(1, NUM_ITEMS + 1, (B, N), generator=g)
     items[torch.arange(N)[None, :] >= lengths[:, None]] = 0
     targets = torch.randint(1, NUM_ITEMS + 1, (B,), generator=g)
-    items, lengths, targets = items.to(device), lengths.to(device), targets.to(device)
+    items, targets = items.to(device), targets.to(device)
+    lengths = lengths if host_lengths else lengths.to(device)
 
     def run(_i: int) -> object:
         opt.zero_grad(set_to_none=not graph)  # a graph keeps its gradient buffers
@@ -107,9 +111,9 @@ def build_step(method: str, B: int, N: int, device: torch.device, autocast: Opti
 
 
 def row(info: RunInfo, method: str, B: int, N: int, ms: Optional[float], peak: Optional[float],
-        status: str, dtype: str) -> dict:
+        status: str, dtype: str, lengths: str) -> dict:
     return dict(method=method, shape=f"M{N}", B=B, N=N, H=HEADS, KVH=KV_HEADS, D=DIM // HEADS,
-                dim=DIM, dtype=dtype, **{"pass": "fwd+bwd"}, ms=ms, peak_mib=peak,
+                dim=DIM, dtype=dtype, **{"pass": "fwd+bwd"}, lengths=lengths, ms=ms, peak_mib=peak,
                 device=info.device, torch=info.torch, commit=info.commit, status=status,
                 run=info.run)
 
@@ -122,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--run-id", default=None)
     p.add_argument("--warmup-ms", type=float, default=100.0)
     p.add_argument("--rep-ms", type=float, default=400.0)
+    p.add_argument("--lengths", choices=("host", "gpu"), default="host",
+                   help="where the eager methods take the lengths (compiled and graph: the GPU)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, float32")
     a = p.parse_args(argv)
     import_error = import_package()
@@ -147,17 +153,20 @@ def main(argv=None) -> int:
     for B, N in sizes:
         for method in methods:
             builder = build_step if method in STEP_METHODS else build_module
+            eager = not method.endswith(("_compiled", "_graph"))
+            host = eager and (a.lengths == "host" or device.type == "cpu")
+            where = "host" if host else "gpu"
             try:
-                fn = builder(method, B, N, device, autocast, seed=0)
+                fn = builder(method, B, N, device, autocast, seed=0, host_lengths=host)
                 fn(0)  # compile / load outside the measurements
                 peak = peak_extra_mib(fn, device)
                 ms, _ = time_ms(fn, 1, device, a.warmup_ms, a.rep_ms, 3)
-                r = row(info, method, B, N, ms, peak, "ok", dtype)
+                r = row(info, method, B, N, ms, peak, "ok", dtype, where)
             except torch.cuda.OutOfMemoryError:
-                r = row(info, method, B, N, None, None, "oom", dtype)
+                r = row(info, method, B, N, None, None, "oom", dtype, where)
             except Exception as e:  # a failing method must not end the sweep
                 r = row(info, method, B, N, None, None, f"error: {type(e).__name__}: {e}"[:300],
-                        dtype)
+                        dtype, where)
             fn = None
             _free(device)
             emit(info, r, out)

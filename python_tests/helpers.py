@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+import blossomrec_cuda  # noqa: F401  (registers torch.ops.blossomrec: a test file may run alone)
+
 LAYOUTS = ("right", "left", "packed")
 
 
@@ -367,30 +369,34 @@ def stis_hp(case_hp: dict, stis: dict, causal: bool) -> dict:
 def check_against_reference(lengths: Sequence[int], N: Optional[int], H: int, KVH: int, D: int,
                             hp: dict, layout: str, dtype: torch.dtype, *, device: str = "cpu",
                             seed: int = 0, sel_fn=None,
-                            gates_dtype: Optional[torch.dtype] = None) -> None:
+                            gates_dtype: Optional[torch.dtype] = None,
+                            scale: Optional[float] = None) -> None:
     """The op on ``device`` against the reference: its selection against the reference's (sets,
     outside near-ties), then, given that selection, out, o_sel, o_win and lse (forward, padding
     rows exactly 0) and the gradients of out w.r.t. q, k, v and gates (FlashAttention's criterion:
     :func:`assert_fa_close` with :func:`tolerance`), q, k, v strided views of one buffer and kc
     strided too. ``sel_fn(idx, cnt)`` may edit
     the selection first (hand-made input). ``gates_dtype``: gates in float32 with low-precision q;
-    every gradient comes back in its input's dtype."""
+    every gradient comes back in its input's dtype. ``scale``: the attention's softmax scale
+    (default ``D ** -0.5``, which the selection keeps)."""
     batch = make_batch(lengths, H=H, KVH=KVH, D=D, N=N, layout=layout, dtype=dtype, device=device,
                        compress_stride=hp["compress_stride"], fused_qkv=True, seed=seed,
                        gates_dtype=gates_dtype, strided_kc=True)
     t = leaves_like(batch)
     t64 = leaves_like(batch, torch.float64)
-    scale = D ** -0.5
+    sel_scale = D ** -0.5
     ops = torch.ops.blossomrec
     idx, cnt = ops.select_blocks(batch.q.detach(), batch.kc, batch.seq_start, batch.seq_len,
                                  hp["compress_stride"], hp["select_block"], hp["num_select"],
-                                 hp["causal"], scale)
+                                 hp["causal"], sel_scale)
     st, ln = batch.seq_start, batch.seq_len
     check_selection(idx, cnt, t64, st, ln, hp)
     if sel_fn is not None:
         idx, cnt = sel_fn(idx, cnt)
+    scale = sel_scale if scale is None else scale
     attn = (hp["select_block"], hp["window"], hp["power_block"], hp["use_power"], hp["use_sink"],
             hp["causal"], scale)
+    hp = dict(hp, scale=scale)
     # One forward (its autograd is the op's own, csrc/autograd.cpp): every output it saves for the
     # backward is checked, and out's gradients; the low-precision reference shares t's leaves.
     saved = ops.sparse_attention_fwd(t["q"], t["k"], t["v"], t["gates"], idx, cnt, st, ln, *attn)

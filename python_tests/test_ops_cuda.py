@@ -591,6 +591,27 @@ def test_fwd_reps_bitwise_equal(x, monkeypatch):
                             seed=500 + x)
 
 
+# Sharp softmaxes (eight times the default scale): the fused forward raises a row's running base
+# only when a tile's scores pass it by more than its slack (kRescaleSlack in fused_attention.cu);
+# here later key tiles pass it often, as well as the first, so both of its paths run, over one and
+# over two K/V segments (D = 32, 700 tokens), and the one-CTA and the dq / dk/dv backward follow.
+SHARP_CASES = [  # lengths, N (None: packed), G, D, causal, layout
+    ([50, 33, 1], 50, 4, 16, True, "right"),
+    ([200, 120], 200, 4, 64, False, "left"),
+    ([700, 64, 9], None, 2, 32, True, "packed"),
+]
+
+
+@pytest.mark.parametrize("x", range(len(SHARP_CASES)))
+def test_fused_sharp_softmax_matches_reference(x):
+    lengths, N, G, D, causal, layout = SHARP_CASES[x]
+    KVH = 2
+    hp = dict(compress_stride=16, select_block=16, num_select=4, window=8, power_block=1,
+              use_power=True, use_sink=not causal, causal=causal)
+    check_against_reference(lengths, N or max(lengths), G * KVH, KVH, D, hp, layout,
+                            torch.bfloat16, device=DEV, seed=520 + x, scale=8 * D ** -0.5)
+
+
 @pytest.mark.parametrize("G,lengths,layout", [(1, [1023, 341], "right"),
                                             (2, [700, 233, 1], "packed")])
 def test_fused_backward_d16_past_one_segment(G, lengths, layout):
