@@ -591,10 +591,11 @@ def test_fwd_reps_bitwise_equal(x, monkeypatch):
                             seed=500 + x)
 
 
-# Sharp softmaxes (eight times the default scale): the fused forward raises a row's running base
-# only when a tile's scores pass it by more than its slack (kRescaleSlack in fused_attention.cu);
-# here later key tiles pass it often, as well as the first, so both of its paths run, over one and
-# over two K/V segments (D = 32, 700 tokens), and the one-CTA and the dq / dk/dv backward follow.
+# Sharp softmaxes (eight times the default scale): later key tiles raise the rows' running maxima
+# by many units, so the online softmax's rescale of l and of the accumulators carries most of the
+# result (a slack before rescaling, tried in v27, docs/PERF_NOTES.md, would be checked here), over
+# one and over two K/V segments (D = 32, 700 tokens), and the one-CTA and the dq / dk/dv backward
+# follow.
 SHARP_CASES = [  # lengths, N (None: packed), G, D, causal, layout
     ([50, 33, 1], 50, 4, 16, True, "right"),
     ([200, 120], 200, 4, 64, False, "left"),

@@ -476,15 +476,7 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
 }
 
 // Online softmax of one branch over one S tile (already scaled to base 2): masks it with vis(row,
-// col), rescales the running state and the accumulator, and returns P as an A fragment. The
-// running base m of a row is raised only when some row of the warp's tile sees a score more than
-// kRescaleSlack above its own base; otherwise the tile's probabilities are taken against the old
-// base (each at most 2^kRescaleSlack: exact in float32 and in the 16-bit P) and the rescale of l
-// and of the accumulator is skipped (v27, docs/PERF_NOTES.md; l and the accumulator are relative
-// to the same base, so the normalised result and lse = m + log2 l do not depend on it). Call with
-// every lane of the warp (a vote).
-constexpr float kRescaleSlack = 8.f;
-
+// col), rescales the running state and the accumulator, and returns P as an A fragment.
 template <typename T, int D, typename Vis>
 __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, float (&m)[2],
                                              float (&l)[2], float (&acc)[D / 8][4],
@@ -499,32 +491,15 @@ __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, 
       mx[e >> 1] = fmaxf(mx[e >> 1], x[nt][e]);
     }
   }
-  bool raise = false;
+  float base[2], corr[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    mx[r] = quad_max(mx[r]);
-    raise |= mx[r] > m[r] + kRescaleSlack;  // a row's first visible key: m = -inf
+    const float m_new = fmaxf(m[r], quad_max(mx[r]));
+    base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
+    corr[r] = exp2f(m[r] - base[r]);
+    m[r] = m_new;
+    l[r] *= corr[r];
   }
-  if (__any_sync(0xffffffffu, raise)) {
-    float corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], mx[r]);
-      corr[r] = exp2f(m[r] - (m_new == -INFINITY ? 0.f : m_new));
-      m[r] = m_new;
-      l[r] *= corr[r];
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc[n][0] *= corr[0];
-      acc[n][1] *= corr[0];
-      acc[n][2] *= corr[1];
-      acc[n][3] *= corr[1];
-    }
-  }
-  float base[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) base[r] = m[r] == -INFINITY ? 0.f : m[r];  // nothing visible yet: 0
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -532,6 +507,13 @@ __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, 
       x[nt][e] = exp2f(x[nt][e] - base[e >> 1]);
       l[e >> 1] += x[nt][e];
     }
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    acc[n][0] *= corr[0];
+    acc[n][1] *= corr[0];
+    acc[n][2] *= corr[1];
+    acc[n][3] *= corr[1];
   }
   c_to_a<T>(pa, x);
 }
@@ -1194,11 +1176,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 //   of the group in head order and, within a head, the query tiles in increasing order: each
 //   element is summed by one warp in a fixed order (deterministic, no atomics, the same whatever
 //   the batch's padding or the CTA's warp count).
-// No aux tensor: the deltas never leave the CTA. They are computed in the prologue, a thread per
-// (row, head of the group), from the branch outputs and lse loaded while the staged batch is in
-// flight (v27: at the start of each unit those loads were 19% of the kernel's stall samples at S1,
-// D = 16, docs/PERF_NOTES.md), and left for the unit in the first of its pair slots, which the unit
-// overwrites only after reading them.
+// No aux tensor: the deltas never leave phase 1.
 constexpr int kSeqMaxLen = 64;
 constexpr int kPairBytes = 2 * 32 * 16;  // dS^T and Pg^T of one (head, query tile, key tile)
 
@@ -1264,71 +1242,6 @@ __device__ __forceinline__ void stage_group_rows(T* qs, T* dos, const AttnParams
   }
 }
 
-// The prologue's loads for item x = (row r, head hg) = (x / G, x % G): the row's branch outputs
-// and lse (zeros past L). Issued before the staged batch is waited for.
-template <typename T, int D>
-struct SeqPrepLoads {
-  uint4 o[2][D / 8];
-  float2 lse;
-};
-
-template <typename T, int D>
-__device__ __forceinline__ void seq_prep_load(SeqPrepLoads<T, D>& pl, const AttnParams& p,
-                                              const BwdIn& in, const Unit& u, int64_t g, int x) {
-  const int G = int(p.G);
-  const int r = x / G, hg = x - r * G;
-  const bool valid = r < u.L;
-  const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? r : 0)) * p.H + g * p.G + hg;
-#pragma unroll
-  for (int br = 0; br < 2; ++br) {
-    const uint4* row = reinterpret_cast<const uint4*>(
-        static_cast<const T*>(br == 0 ? in.o_sel : in.o_win) + rh * D);
-#pragma unroll
-    for (int c = 0; c < D / 8; ++c) pl.o[br][c] = valid ? row[c] : make_uint4(0, 0, 0, 0);
-  }
-  pl.lse = valid ? *reinterpret_cast<const float2*>(in.lse + rh * 2) : make_float2(0.f, 0.f);
-}
-
-// <a, b> of 8 packed 16-bit values each, added to acc in column order.
-template <typename T>
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
-  const uint32_t x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 u = Mma<T>::unpack(x[k]), v = Mma<T>::unpack(y[k]);
-    acc = fmaf(u.x, v.x, acc);
-    acc = fmaf(u.y, v.y, acc);
-  }
-  return acc;
-}
-
-// Item x's gate gradients (to dgates) and its SeqRowPrep entry, from the loads, the staged dout
-// row (dos: [head][rows][KS]) and the staged gates. After the prologue's barrier.
-template <typename T, int D, int KS>
-__device__ __forceinline__ void seq_prep_store(const SeqPrepLoads<T, D>& pl, const AttnParams& p,
-                                               const BwdIn& in, const Unit& u, int64_t g, int x,
-                                               const T* dos, const RowSmem& rs, float4* slots,
-                                               int rows, int n_pairs, int pb, bool causal) {
-  const int G = int(p.G);
-  const int r = x / G, hg = x - r * G;
-  const uint4* drow = reinterpret_cast<const uint4*>(dos + (hg * rows + r) * KS);
-  float dot[2] = {0.f, 0.f};
-#pragma unroll
-  for (int c = 0; c < D / 8; ++c) {
-    const uint4 dv = drow[c];
-    dot[0] = dot8<T>(dv, pl.o[0][c], dot[0]);
-    dot[1] = dot8<T>(dv, pl.o[1][c], dot[1]);
-  }
-  const float2 gt = gate_pair<T>(rs.gates + x, p.gates_f32, 0);  // zeros past L
-  const int qt = r / kTile;
-  slots[int64_t(hg * n_pairs + seq_pair_base(qt, rows / kTile, pb, causal)) * 64 + (r & (kTile - 1))] =
-      make_float4(pl.lse.x * kLog2e, pl.lse.y * kLog2e, gt.x * dot[0], gt.y * dot[1]);
-  if (r < u.L) {
-    store_gate_pair<T>(in.dgates, in.dgates_f32, (u.bq * p.seq.N + u.s + r) * p.H + g * p.G + hg,
-                       dot[0], dot[1]);
-  }
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     fused_seq_bwd_kernel(const FusedArgs a, const BwdIn in, T* dq_out, T* dk_out, T* dv_out) {
@@ -1381,45 +1294,72 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     }
     return -1;
   };
-  // The prologue's second half: per (row, head of the group) the gate gradients and what the
-  // unit of those rows reads (seq_prep_store), the loads issued before the wait for the batch.
-  float4* slots = reinterpret_cast<float4*>(pairs);
-  {
-    SeqPrepLoads<T, D> pl;
-    const int items = rows * G, x0 = int(threadIdx.x);
-    if (x0 < items) seq_prep_load<T, D>(pl, p, in, u, g, x0);
-    cp_async_wait<0>();
-    __syncthreads();
-    for (int x = x0; x < items; x += int(blockDim.x)) {
-      if (x != x0) seq_prep_load<T, D>(pl, p, in, u, g, x);
-      seq_prep_store<T, D, KS>(pl, p, in, u, g, x, dos, rs, slots, rows, n_pairs, pb, causal);
+  // What a unit reads from global memory outside the staged batch (the branch outputs and lse
+  // of its rows; waited for at the unit's start, these loads held 17% of the kernel's stall
+  // samples at S1, D = 16) is loaded ahead from D = 32: the first unit's before the prologue's
+  // barrier, each next unit's at the start of the one before (v26: S1, D = 32 329 -> 311 us per
+  // call). At D = 16 (80 registers) the values held ahead spilled 16 bytes and the kernel got
+  // slower (219 -> 225 us), so there each unit loads its own at its start.
+  constexpr bool kAheadAll = D > 16;
+  struct Ahead {
+    BranchRows<D> ob;
+    float2 ls[2];
+  } ahead;
+  auto rows_of = [&](int qt, int hg, int64_t (&rh)[2], bool (&valid)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = qt * kTile + gq + 8 * r;
+      valid[r] = i < u.L;
+      rh[r] = (u.bq * p.seq.N + u.s + i) * p.H + g * p.G + hg;
     }
-    __syncthreads();
-  }
+  };
+  auto load_ahead = [&](int r) {
+    int qt, hg;
+    unit_of(r, &qt, &hg);
+    int64_t rh[2];
+    bool valid[2];
+    rows_of(qt, hg, rh, valid);
+    load_branch_rows<T, D>(ahead.ob, in, rh, valid, tq);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      ahead.ls[k] = valid[k] ? *reinterpret_cast<const float2*>(in.lse + rh[k] * 2)
+                             : make_float2(0.f, 0.f);
+    }
+  };
+  int round = next_round(0);
+  if (kAheadAll && round >= 0) load_ahead(round);
+  cp_async_wait<0>();
+  __syncthreads();
 
-  for (int round = next_round(0); round >= 0; round = next_round(round + 1)) {
+  while (round >= 0) {
+    if (!kAheadAll) load_ahead(round);
     int qt, hg;
     unit_of(round, &qt, &hg);
     const int i0 = qt * kTile;
+    int64_t rh[2];
+    bool valid[2];
+    rows_of(qt, hg, rh, valid);
     const int rows_i[2] = {i0 + gq, i0 + gq + 8};
-    // The unit's pair slots; its rows' prologue entries in the first (kt = 0).
-    const int64_t slot_base = int64_t(hg * n_pairs + seq_pair_base(qt, tiles, pb, causal)) * 64;
-    float gate[2][2], lse2[2][2], delta[2][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float2 gt = gate_pair<T>(rs.gates + rows_i[r] * G + hg, p.gates_f32, 0);
-      const float4 pr = slots[slot_base + gq + 8 * r];
-      gate[r][0] = gt.x;
-      gate[r][1] = gt.y;
-      lse2[r][0] = pr.x;
-      lse2[r][1] = pr.y;
-      delta[r][0] = pr.z;
-      delta[r][1] = pr.w;
-    }
-    __syncwarp();  // every lane has its rows' entries before any lane writes the slot
+    const BranchRows<D> ob = ahead.ob;
+    const float2 ls[2] = {ahead.ls[0], ahead.ls[1]};
+    round = next_round(round + 1);  // the warp's next unit (-1: none) for the loop's next turn
+    if (kAheadAll && round >= 0) load_ahead(round);
     uint32_t qf[D / 16][4], df[D / 16][4];
     load_a_smem<D, KS>(qf, qs + (hg * rows + i0) * KS, lane);
     load_a_smem<D, KS>(df, dos + (hg * rows + i0) * KS, lane);
+    float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
+    branch_dots<T, D>(dot, df, ob);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 gt = gate_pair<T>(rs.gates + rows_i[r] * G + hg, p.gates_f32, 0);
+      gate[r][0] = gt.x;
+      gate[r][1] = gt.y;
+      lse2[r][0] = ls[r].x * kLog2e;
+      lse2[r][1] = ls[r].y * kLog2e;
+      delta[r][0] = gate[r][0] * dot[r][0];
+      delta[r][1] = gate[r][1] * dot[r][1];
+      if (tq == 0 && valid[r]) store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
+    }
     float acc[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -1429,6 +1369,7 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
     const uint64_t my_sel = rs.need[2 * qt], my_win = rs.need[2 * qt + 1];
     uint64_t pending = (my_sel | my_win) & ((1ull << seq_pair_tiles(qt, tiles, pb, causal)) - 1);
     const uint32_t* wq = rs.words + i0 + gq;
+    uint4* slot0 = pairs + int64_t(hg * n_pairs + seq_pair_base(qt, tiles, pb, causal)) * 64 + lane;
     while (pending != 0) {
       uint32_t w[2];
       const int kt = next_key_tile(pending, wq, rows, tq, w);
@@ -1464,16 +1405,17 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
       mma_ab<T, D, KS>(acc, dsa, kt_s, lane);
       // The transposes as A fragments (keys x queries): the 8 x 8 blocks trade places across the
       // diagonal and each is transposed.
-      uint4* slot = pairs + slot_base + kt * 64 + lane;
+      uint4* slot = slot0 + kt * 64;
       slot[0] = make_uint4(movmatrix_trans(dsa[0]), movmatrix_trans(dsa[2]),
                            movmatrix_trans(dsa[1]), movmatrix_trans(dsa[3]));
       slot[32] = make_uint4(movmatrix_trans(pga[0]), movmatrix_trans(pga[2]),
                             movmatrix_trans(pga[1]), movmatrix_trans(pga[3]));
     }
+    rows_of(qt, hg, rh, valid);  // recomputed: fewer registers live across the tiles
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (rows_i[r] >= u.L) continue;
-      T* dq = dq_out + ((u.bq * p.seq.N + u.s + rows_i[r]) * p.H + g * p.G + hg) * D;
+      if (!valid[r]) continue;
+      T* dq = dq_out + rh[r] * D;
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
         *reinterpret_cast<uint32_t*>(dq + n * 8 + 2 * tq) =
