@@ -910,25 +910,32 @@ struct StageRow {
 };
 
 // The copies of one stage's Q, dout and aux rows of head h, row r < 16 at pos_of(r) (a StageRow).
-// All lanes (pos_of may shuffle).
+// All lanes (pos_of may shuffle). A lane copies the same 16-byte column c of its rows r0, r0 +
+// 32 / (D / 8), ... of Q and of dout, one row position and two 64-bit offsets per row pair: the
+// loop over every (matrix, row, chunk) element before (v28, docs/PERF_NOTES.md) ran ~35
+// instructions of 64-bit index arithmetic per copy, 280 per stage at D = 64, half the dk/dv
+// kernel's instructions per query tile there.
 template <typename T, int D, int KS, typename Pos>
 __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const AttnParams& p,
                                                  const BwdIn& in, const Aux* aux, const Unit& u,
                                                  int64_t h, int lane, Pos&& pos_of) {
   constexpr int kChunks = D / 8;
-  static_assert((2 * kTile * kChunks) % 32 == 0, "every lane takes the same number of copies");
+  constexpr int kRowsPerPass = 32 / kChunks;
+  static_assert(32 % kChunks == 0 && kTile % kRowsPerPass == 0, "whole rows per pass");
   T* buf = reinterpret_cast<T*>(stage);
   Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
-  const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
-  for (int e = lane; e < 2 * kTile * kChunks; e += 32) {
-    const int mat = e >= kTile * kChunks ? 1 : 0;
-    const int x = e - mat * kTile * kChunks;
-    const int r = x / kChunks, c = x - r * kChunks;
-    const auto [valid, i] = pos_of(r);
+  const int c = lane % kChunks, r0 = lane / kChunks;
+  // Position n's rows: q at qrow + n q_sn, dout (contiguous [rows, H, D]) at drow + n H D.
+  const T* qrow = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh + c * 8;
+  const T* drow = static_cast<const T*>(in.dout) + (u.bq * p.seq.N * p.H + h) * D + c * 8;
+  const int64_t d_sn = p.H * D;
+  T* dst = buf + r0 * KS + c * 8;
+#pragma unroll
+  for (int k = 0; k < kTile / kRowsPerPass; ++k) {
+    const auto [valid, i] = pos_of(r0 + k * kRowsPerPass);
     const int64_t n = u.s + (valid ? i : 0);
-    const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + n) * p.H + h) * D
-                       : qb + n * p.q_sn;
-    cp_async16(buf + (mat * kTile + r) * KS + c * 8, src + c * 8, valid);
+    cp_async16(dst + k * kRowsPerPass * KS, qrow + n * p.q_sn, valid);
+    cp_async16(dst + (kTile + k * kRowsPerPass) * KS, drow + n * d_sn, valid);
   }
   {  // 32 float4: one per lane
     const int r = lane >> 1, br = lane & 1;
@@ -1221,24 +1228,26 @@ __host__ __device__ __forceinline__ SeqSmemLayout seq_smem_layout(int rows, int6
 }
 
 // Q and dout rows of the group's heads, positions 0 .. used - 1 (the sequence's tiles; past L
-// zero-filled) of each head's rows-row block. Issues the copies.
+// zero-filled) of each head's rows-row block. Issues the copies; a thread copies one 16-byte column
+// of its rows (as stage_kv).
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_group_rows(T* qs, T* dos, const AttnParams& p,
                                                  const BwdIn& in, const Unit& u, int64_t g,
                                                  int rows, int used) {
   constexpr int kChunks = D / 8;
-  const int n = int(p.G) * used * kChunks;
-  for (int e = threadIdx.x; e < 2 * n; e += blockDim.x) {
-    const int mat = e >= n ? 1 : 0;
-    const int x = e - mat * n;
-    const int ru = x / kChunks, c = x - ru * kChunks;  // ru = head * used + position
-    const int hg = ru / used, i = ru - hg * used;
-    const int rr = hg * rows + i;
-    const bool valid = i < u.L;
-    const int64_t row = u.s + (valid ? i : 0), h = g * p.G + hg;
-    const T* src = mat ? static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + row) * p.H + h) * D
-                       : static_cast<const T*>(p.q) + u.bq * p.q_sb + row * p.q_sn + h * p.q_sh;
-    cp_async16((mat ? dos : qs) + rr * KS + c * 8, src + c * 8, valid);
+  const int c = int(threadIdx.x) % kChunks, step = int(blockDim.x) / kChunks;
+  const int64_t d_sn = p.H * D;
+  for (int hg = 0; hg < int(p.G); ++hg) {
+    const int64_t h = g * p.G + hg;
+    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh + c * 8;
+    const T* db = static_cast<const T*>(in.dout) + (u.bq * p.seq.N * p.H + h) * D + c * 8;
+    for (int i = int(threadIdx.x) / kChunks; i < used; i += step) {
+      const bool valid = i < u.L;
+      const int64_t row = u.s + (valid ? i : 0);
+      const int64_t at = (hg * rows + i) * KS + c * 8;
+      cp_async16(qs + at, qb + row * p.q_sn, valid);
+      cp_async16(dos + at, db + row * d_sn, valid);
+    }
   }
 }
 
