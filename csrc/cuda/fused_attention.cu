@@ -363,15 +363,14 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
   const int n = (seg1 - seg0) * kChunks;
   const T* kbase = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
   const T* vbase = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
-  for (int e = threadIdx.x; e < 2 * n; e += blockDim.x) {
-    const int mat = e >= n ? 1 : 0;
-    const int x = e - mat * n;
+  // A (row, 16-byte chunk) of K and the same of V per step: one row position for both (v28b).
+  for (int x = threadIdx.x; x < n; x += blockDim.x) {
     const int r = x / kChunks, c = x - r * kChunks;
     const int j = seg0 + r;
     const bool valid = j < u.L;
     const int64_t row = valid ? (u.s + j) : 0;
-    const T* src = mat ? vbase + row * p.v_sn : kbase + row * p.k_sn;
-    cp_async16((mat ? vs : ks) + r * KS + c * 8, src + c * 8, valid);
+    cp_async16(ks + r * KS + c * 8, kbase + row * p.k_sn + c * 8, valid);
+    cp_async16(vs + r * KS + c * 8, vbase + row * p.v_sn + c * 8, valid);
   }
   cp_async_commit();
 }
