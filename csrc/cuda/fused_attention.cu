@@ -1227,8 +1227,8 @@ __host__ __device__ __forceinline__ SeqSmemLayout seq_smem_layout(int rows, int6
 }
 
 // Q and dout rows of the group's heads, positions 0 .. used - 1 (the sequence's tiles; past L
-// zero-filled) of each head's rows-row block. Issues the copies; a thread copies one 16-byte column
-// of its rows (as stage_kv).
+// zero-filled) of each head's rows-row block. Issues the copies; a thread copies one fixed 16-byte
+// column of its rows of Q and of dout (as a lane does in stage_q_dout_aux).
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_group_rows(T* qs, T* dos, const AttnParams& p,
                                                  const BwdIn& in, const Unit& u, int64_t g,
