@@ -591,6 +591,58 @@ def test_fwd_reps_bitwise_equal(x, monkeypatch):
                             seed=500 + x)
 
 
+def cuda_kernel_launches(fn, kernel) -> int:
+    """How many times ``fn()`` launches a CUDA kernel whose name contains ``kernel``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if kernel in e.key)
+
+
+# The fused backward's kv groups per launch (BLOSSOMREC_BWD_GROUPS; by default one at a time where
+# each launch still fills the GPU, fused_attention.cu bwd_groups_per_launch): each (tile, head) is
+# computed the same way in any chunk, so every chunking gives the same bits, uneven ones (3 of 4
+# groups, then 1) too; the one-CTA backward's short sequences run in each chunk beside the long
+# ones. Where the row kernels also run (a packed buffer with a sequence past 1024 tokens) the
+# caller's aux covers every head and the fused kernels take all groups in one launch.
+BWD_GROUPS_CASES = [  # lengths, N (None: packed), G, KVH, D, causal, layout, launches by groups
+    ([200, 64, 33, 0], 200, 2, 4, 16, True, "right", {"1": 4, "3": 2, "4": 1}),
+    ([130, 1], 130, 1, 4, 32, False, "left", {"1": 4, "2": 2}),
+    ([300, 100, 17], None, 4, 2, 64, True, "packed", {"1": 2, "2": 1}),
+    ([1024, 5], 1024, 1, 4, 16, False, "right", {"1": 4, "3": 2}),
+    ([1100, 50, 300], None, 2, 4, 64, True, "packed", {"1": 1, "4": 1}),
+]
+
+
+@pytest.mark.parametrize("x", range(len(BWD_GROUPS_CASES)))
+def test_bwd_groups_per_launch_bitwise_equal(x, monkeypatch):
+    lengths, N, G, KVH, D, causal, layout, launches = BWD_GROUPS_CASES[x]
+    hp = dict(compress_stride=4, select_block=16, num_select=4, window=8, power_block=1,
+              use_power=True, use_sink=not causal, causal=causal)
+    dtype = torch.bfloat16 if x % 2 == 0 else torch.float16
+    t, seq_start, seq_len = gpu_batch(lengths, N, G * KVH, KVH, D, dtype, layout, s=4, seed=540 + x)
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"], t["kc"], seq_start, seq_len, 4, 16, 4, causal, D ** -0.5)
+    dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
+    names = ("out", "o_sel", "o_win", "lse", "dq", "dk", "dv", "dgates")
+    monkeypatch.delenv("BLOSSOMREC_BWD_GROUPS", raising=False)
+    want = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    for groups, n_launch in launches.items():
+        monkeypatch.setenv("BLOSSOMREC_BWD_GROUPS", groups)
+        got = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+        for name, a, b_ in zip(names, got, want):
+            assert torch.equal(a, b_), f"{name}: {groups} groups per launch differ from the default"
+        ran = cuda_kernel_launches(lambda: _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout),
+                                   "fused_dkdv_kernel")
+        assert ran == n_launch, f"{groups} groups per launch: {ran} dk/dv launches, not {n_launch}"
+    monkeypatch.setenv("BLOSSOMREC_BWD_GROUPS", "1")
+    check_against_reference(lengths, N or max(lengths), G * KVH, KVH, D, hp, layout, dtype,
+                            device=DEV, seed=540 + x)
+
+
 # Sharp softmaxes (eight times the default scale): later key tiles raise the rows' running maxima
 # by many units, so the online softmax's rescale of l and of the accumulators carries most of the
 # result (a slack before rescaling, tried in v27, docs/PERF_NOTES.md, would be checked here), over

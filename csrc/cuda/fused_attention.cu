@@ -73,8 +73,10 @@ struct FusedTraits {
   // - D = 64, two CTAs for the forward and dq (108 and 56 bytes of spill since v18 staged the
   //   chunk's masks and gates in shared memory): S1 fwd 486 -> 355 us, dq 543 -> 310 (v18).
   //   dk/dv at D = 64 stays at one CTA: two spilled 276 bytes and were slower (S2 655 -> 800 us).
+  // - D = 32 dk/dv: 128 registers unbounded until v29's chunked aux index took 138 (one CTA of
+  //   256 threads per SM); two CTAs pin it at 128.
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
-  static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : 1;
+  static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : (D <= 32 ? 2 : 1);
   // The long-sequence dk/dv adds a row loop with 16-dim k, v, q, dout and two accumulators per
   // lane: at D = 16 three CTAs (80 registers) spilled 456 bytes, two do not (local ptxas).
   static constexpr int kLongDkdvMinBlocks = D <= 16 ? 2 : 1;
@@ -96,6 +98,12 @@ struct FusedArgs {
   uint64_t* need;
   int64_t mask_rows;
   int tiles_cap;
+  // The launch's kv groups are g0 .. g0 + gridDim.y - 1 (blockIdx.y counts from g0): words and
+  // need hold those groups only, and aux (the dq and dk/dv kernels) rows of aux_heads heads from
+  // head g0 G on. The fused backward may run a chunk of the groups per launch (launch_bwd).
+  int64_t g0 = 0;
+  int64_t aux_heads = 0;
+  int64_t aux_h0 = 0;  // g0 G: aux's first head
   // The hyper-parameters in 32-bit arithmetic: positions are below 2^11 here, so a window, block
   // or power block above 2^11 acts as 2^11 does.
   int b;                    // select_block (clamped)
@@ -216,7 +224,7 @@ __global__ void __launch_bounds__(kMaskRows) fused_masks_kernel(const FusedArgs 
   extern __shared__ uint32_t word_smem[];
   Unit u;
   if (!find_unit(a, false, &u)) return;
-  const int64_t g = blockIdx.y;
+  const int64_t g = a.g0 + blockIdx.y;
   const int i = u.c0 + int(threadIdx.x);
   uint32_t* col = word_smem + threadIdx.x;
   uint64_t need_sel = 0, need_win = 0;
@@ -224,7 +232,7 @@ __global__ void __launch_bounds__(kMaskRows) fused_masks_kernel(const FusedArgs 
     const int tiles = (u.L + kTile - 1) / kTile;
     for (int t = 0; t < tiles; ++t) col[t * kMaskRows] = 0u;
     mask_words(a, u, g, i, col);
-    uint32_t* out = a.words + g * a.tiles_cap * a.mask_rows + u.bq * a.p.seq.N + u.s + i;
+    uint32_t* out = a.words + blockIdx.y * a.tiles_cap * a.mask_rows + u.bq * a.p.seq.N + u.s + i;
     for (int t = 0; t < tiles; ++t) {
       const uint32_t w = col[t * kMaskRows];
       out[t * a.mask_rows] = w;
@@ -238,7 +246,7 @@ __global__ void __launch_bounds__(kMaskRows) fused_masks_kernel(const FusedArgs 
     need_win |= __shfl_xor_sync(0xffffffffu, need_win, off);
   }
   if ((threadIdx.x & (kTile - 1)) == 0 && i < u.L) {
-    uint64_t* nd = a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + i / kTile) * 2;
+    uint64_t* nd = a.need + ((blockIdx.y * a.p.seq.B + u.b) * a.tiles_cap + i / kTile) * 2;
     nd[0] = need_sel;
     nd[1] = need_win;
   }
@@ -247,7 +255,12 @@ __global__ void __launch_bounds__(kMaskRows) fused_masks_kernel(const FusedArgs 
 // The needs of query tile t (0 <= 16 t < L) of the unit's sequence.
 __device__ __forceinline__ const uint64_t* tile_need(const FusedArgs& a, const Unit& u, int64_t g,
                                                      int t) {
-  return a.need + ((g * a.p.seq.B + u.b) * a.tiles_cap + t) * 2;
+  return a.need + (((g - a.g0) * a.p.seq.B + u.b) * a.tiles_cap + t) * 2;
+}
+
+// The index in aux of (buffer row, head h)'s first branch (FusedArgs::g0, aux_heads).
+__device__ __forceinline__ int64_t aux_index(const FusedArgs& a, int64_t row, int64_t h) {
+  return (row * a.aux_heads + h - a.aux_h0) * 2;
 }
 
 // A C tile's element masks: a lane holds rows g and g + 8, columns c -> 8 (c / 2) + 2 t + c % 2 of
@@ -446,7 +459,7 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
     const int step = int(blockDim.x) / rows;
     const int i = u.c0 + r;
     const bool valid = i < u.L;
-    const uint32_t* src = a.words + g * a.tiles_cap * a.mask_rows + u.bq * p.seq.N + u.s +
+    const uint32_t* src = a.words + (g - a.g0) * a.tiles_cap * a.mask_rows + u.bq * p.seq.N + u.s +
                           (valid ? i : u.c0);
     for (int t = t0; t < kend / kTile; t += step) {
       cp_async4(words + t * rows + r, src + t * a.mask_rows, valid);
@@ -548,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const AttnParams& p = a.p;
   Unit u;
   if (!find_unit(a, p.stis.causal, &u)) return;
-  const int64_t g = blockIdx.y;
+  const int64_t g = a.g0 + blockIdx.y;
   if (a.unit_end == nullptr && has_padding(p, u, a.rows)) fwd_zero_padding<T, D>(p, o, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
@@ -676,8 +689,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 // Backward, query-outer: dgates, aux, dq
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
-__device__ __forceinline__ void dq_zero_padding(const AttnParams& p, const BwdIn& in, Aux* aux,
+__device__ __forceinline__ void dq_zero_padding(const FusedArgs& a, const BwdIn& in, Aux* aux,
                                                 T* dq, const Unit& u, int rows, int64_t g) {
+  const AttnParams& p = a.p;
   constexpr int kChunks = D / 8;
   const int per = int(p.G) * kChunks;
   for (int e = threadIdx.x; e < rows * per; e += blockDim.x) {
@@ -685,10 +699,13 @@ __device__ __forceinline__ void dq_zero_padding(const AttnParams& p, const BwdIn
     const int i = u.c0 + r;
     if (i < u.L || i >= p.seq.N) continue;
     const int hg = (e - r * per) / kChunks, c = e % kChunks;
-    const int64_t rh = (u.bq * p.seq.N + (u.s + i) % p.seq.N) * p.H + g * p.G + hg;
+    const int64_t row = u.bq * p.seq.N + (u.s + i) % p.seq.N, rh = row * p.H + g * p.G + hg;
     *reinterpret_cast<uint4*>(dq + rh * D + c * 8) = make_uint4(0, 0, 0, 0);
     if (c == 0) {
-      if (aux != nullptr) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (aux != nullptr) {
+        Aux* ar = aux + aux_index(a, row, g * p.G + hg);
+        ar[0] = ar[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
       store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
     }
   }
@@ -749,8 +766,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const AttnParams& p = a.p;
   Unit u;
   if (!find_unit(a, p.stis.causal, &u)) return;
-  const int64_t g = blockIdx.y;
-  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dq_zero_padding<T, D>(p, in, aux, dq_out, u, a.rows, g);
+  const int64_t g = a.g0 + blockIdx.y;
+  if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dq_zero_padding<T, D>(a, in, aux, dq_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
   const int tiles = a.rows / kTile;
@@ -809,8 +826,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 #pragma unroll
     for (int br = 0; br < 2; ++br) delta[r][br] = gate[r][br] * dot[r][br];
     if (tq == 0 && rows_i[r] < u.L) {
-      aux[rh[r] * 2] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[r][0]);
-      aux[rh[r] * 2 + 1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[r][1]);
+      Aux* ar = aux + aux_index(a, u.bq * p.seq.N + u.s + rows_i[r], h);
+      ar[0] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[r][0]);
+      ar[1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[r][1]);
       store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
     }
   }
@@ -915,9 +933,10 @@ struct StageRow {
 // instructions of 64-bit index arithmetic per copy, 280 per stage at D = 64, half the dk/dv
 // kernel's instructions per query tile there.
 template <typename T, int D, int KS, typename Pos>
-__device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const AttnParams& p,
+__device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const FusedArgs& a,
                                                  const BwdIn& in, const Aux* aux, const Unit& u,
                                                  int64_t h, int lane, Pos&& pos_of) {
+  const AttnParams& p = a.p;
   constexpr int kChunks = D / 8;
   constexpr int kRowsPerPass = 32 / kChunks;
   static_assert(32 % kChunks == 0 && kTile % kRowsPerPass == 0, "whole rows per pass");
@@ -939,18 +958,18 @@ __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const Att
   {  // 32 float4: one per lane
     const int r = lane >> 1, br = lane & 1;
     const auto [valid, i] = pos_of(r);
-    const int64_t rh = (u.bq * p.seq.N + u.s + (valid ? i : 0)) * p.H + h;
-    cp_async16(abuf + lane, aux + rh * 2 + br, valid);
+    const Aux* arow = aux + aux_index(a, u.bq * p.seq.N + u.s, h) + br;
+    cp_async16(abuf + lane, arow + (valid ? i : 0) * a.aux_heads * 2, valid);
   }
 }
 
 // Q, dout and aux of query tile qt, head h, and the tile's words of the warp's key tile (wcol[i]:
 // query position i's), into one stage (rows past L zero-filled).
 template <typename T, int D, int KS>
-__device__ __forceinline__ void stage_q_dout(unsigned char* stage, const AttnParams& p,
+__device__ __forceinline__ void stage_q_dout(unsigned char* stage, const FusedArgs& a,
                                              const BwdIn& in, const Aux* aux, const uint32_t* wcol,
                                              const Unit& u, int qt, int64_t h, int lane) {
-  stage_q_dout_aux<T, D, KS>(stage, p, in, aux, u, h, lane, [&](int r) {
+  stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, h, lane, [&](int r) {
     const int i = qt * kTile + r;
     return StageRow<int>{i < u.L, i};
   });
@@ -1073,7 +1092,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   const AttnParams& p = a.p;
   Unit u;
   if (!find_unit(a, false, &u)) return;
-  const int64_t g = blockIdx.y;
+  const int64_t g = a.g0 + blockIdx.y;
   if (a.unit_end == nullptr && has_padding(p, u, a.rows)) dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
   if (u.c0 >= u.L) return;
 
@@ -1100,7 +1119,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   __syncthreads();
   unsigned char* buf = bufs + warp * kBuf;
   // The mask words of key tile kt: wcol[i] is query position i's.
-  const uint32_t* wcol = a.words + (g * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
+  const uint32_t* wcol =
+      a.words + ((g - a.g0) * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
 
   uint64_t tlist = 0;  // query tiles that need this key tile
   if (active) {
@@ -1118,12 +1138,12 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   // The query tiles in increasing order, the next one's Q and dout loading while this one runs.
   int qt = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
   int stage = 0;
-  if (qt >= 0) stage_q_dout<T, D, KS>(buf, p, in, aux, wcol, u, qt, h, lane);
+  if (qt >= 0) stage_q_dout<T, D, KS>(buf, a, in, aux, wcol, u, qt, h, lane);
   while (qt >= 0) {
     tlist &= tlist - 1;
     const int qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
     if (qt_next >= 0) {
-      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, p, in, aux, wcol, u, qt_next, h, lane);
+      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, wcol, u, qt_next, h, lane);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -1258,14 +1278,14 @@ __global__ void __launch_bounds__(kThreads, SeqTraits<D>::kMinBlocks)
   const AttnParams& p = a.p;
   Unit u;
   if (!find_unit(a, false, &u)) return;
-  const int64_t g = blockIdx.y;
+  const int64_t g = a.g0 + blockIdx.y;
   const int G = int(p.G);
   const int rows = a.rows, tiles = rows / kTile;
   const int pb = int(a.st.power_block);
   const bool causal = p.stis.causal;
   if (a.unit_end == nullptr && u.L < p.seq.N) {
     // Every padding position L .. N - 1 of the sequence (its one unit may be shorter than N).
-    dq_zero_padding<T, D>(p, in, nullptr, dq_out, u, int(p.seq.N), g);
+    dq_zero_padding<T, D>(a, in, nullptr, dq_out, u, int(p.seq.N), g);
     dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, int(p.seq.N), g);
   }
   if (u.L == 0) return;
@@ -1523,10 +1543,10 @@ __device__ __forceinline__ uint32_t contiguous_word(const AttnParams& p, int64_t
 // r < 16 holds row r's position, -1: none, zero-filled) and the rows' words (lane r's word). All
 // lanes.
 template <typename T, int D, int KS>
-__device__ __forceinline__ void stage_rows_long(unsigned char* stage, const AttnParams& p,
+__device__ __forceinline__ void stage_rows_long(unsigned char* stage, const FusedArgs& a,
                                                 const BwdIn& in, const Aux* aux, const Unit& u,
                                                 int64_t pos, uint32_t word, int64_t h, int lane) {
-  stage_q_dout_aux<T, D, KS>(stage, p, in, aux, u, h, lane,
+  stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, h, lane,
                              [&](int r) {
                                const int64_t i = __shfl_sync(~0u, pos, r);
                                return StageRow<int64_t>{i >= 0, i};
@@ -1549,7 +1569,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
   // Padded batches: every sequence (min_len is 0 there: the fused kernels take all or none), the
   // empty ones too, whose padding rows are zeroed here. Packed: units only for L > min_len.
   if (!find_unit(a, false, &u)) return;
-  const int64_t g = blockIdx.y;
+  const int64_t g = a.g0 + blockIdx.y;
   if (a.unit_end == nullptr && has_padding(p, u, a.rows)) {
     dkdv_zero_padding<T, D>(p, dk_out, dv_out, u, a.rows, g);
   }
@@ -1647,14 +1667,14 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
       int64_t pos;
       uint32_t word;
       tile_rows(0, &pos, &word);
-      stage_rows_long<T, D, KS>(buf, p, in, aux, u, pos, word, h, lane);
+      stage_rows_long<T, D, KS>(buf, a, in, aux, u, pos, word, h, lane);
     }
     for (int t = 0; t < n_tiles; ++t) {
       if (t + 1 < n_tiles) {
         int64_t pos;
         uint32_t word;
         tile_rows(t + 1, &pos, &word);
-        stage_rows_long<T, D, KS>(buf + (stage ^ 1) * kStage, p, in, aux, u, pos, word, h, lane);
+        stage_rows_long<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, u, pos, word, h, lane);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
@@ -1680,7 +1700,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
   if (active) {
     const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + u.s * p.q_sn + h * p.q_sh + cc;
     const T* db = static_cast<const T*>(in.dout) + (base * p.H + h) * D + cc;
-    const Aux* ab = aux + (base * p.H + h) * 2 + 1;  // the STIS branch
+    const Aux* ab = aux + aux_index(a, base, h) + 1;  // the STIS branch
     for (int k0 = 0; k0 < kTile; k0 += kKeys) {
       const int64_t j = j0 + k0 + kk;
       if (kk >= kKeys || j >= L) continue;  // lanes of one key stay together
@@ -1696,7 +1716,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kLongDkdvMinBlocks)
         float q[kDimsPerLane], dd[kDimsPerLane];
         Vec16<T>::load(qb + i * p.q_sn, q);
         Vec16<T>::load(db + i * p.H * D, dd);
-        dkdv_add_query<kLanes>(q, dd, kr, vr, ab[i * p.H * 2], p.scale_log2, dka, dva);
+        dkdv_add_query<kLanes>(q, dd, kr, vr, ab[i * a.aux_heads * 2], p.scale_log2, dka, dva);
       };
       for_each_stis_query_range<int64_t>(j, L, p.stis, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi && i < x_lo; ++i) add_query(i);
@@ -1747,14 +1767,17 @@ __global__ void unit_count_kernel(const SeqParams sp, int64_t min_len, int64_t m
   count[b] = (L > min_len && L <= max_len) ? int32_t((L + rows - 1) / rows) : 0;
 }
 
-// The mask words and tile needs of the fused sequences (fused_masks_kernel), kept alive by the
-// returned tensors until the kernels that read them are launched.
+// The mask words and tile needs of the fused sequences (fused_masks_kernel) for the kv groups g0
+// .. g0 + groups - 1, kept alive by the returned tensors until the kernels that read them are
+// launched. A launch planned with them covers those groups.
 struct Masks {
   at::Tensor words, need;
+  int64_t g0 = 0, groups = 0;
 };
 
 Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
-                    const at::Tensor& seq_len, cudaStream_t stream);
+                    const at::Tensor& seq_len, cudaStream_t stream, int64_t g0 = 0,
+                    int64_t groups = -1);
 
 struct Launch {
   FusedArgs args;
@@ -1777,6 +1800,10 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
   a.need = masks ? reinterpret_cast<uint64_t*>(masks->need.data_ptr<int64_t>()) : nullptr;
   a.mask_rows = d.Bq * d.N;
   a.tiles_cap = masks ? int(masks->need.size(2)) : 0;
+  a.g0 = masks ? masks->g0 : 0;
+  a.aux_h0 = a.g0 * p.G;
+  const int64_t groups = masks ? masks->groups : d.KVH;
+  a.aux_heads = p.H;  // launch_bwd's chunks of groups set theirs
   a.rows = rows;
   constexpr int64_t kClamp = 2 * kMaxLen;
   a.b = int(p.select_block < kClamp ? p.select_block : kClamp);
@@ -1787,7 +1814,7 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
   if (d.Bq == d.B) {
     a.unit_end = nullptr;
     a.per_seq = ceil_div(d.N, rows);
-    l.grid = dim3(unsigned(d.B * a.per_seq), unsigned(d.KVH));
+    l.grid = dim3(unsigned(d.B * a.per_seq), unsigned(groups));
     // the kernels skip the other sequences' units (min_len 0: empty sequences are units too, to
     // zero their padding rows)
     if (min_len > 0) a.min_len = min_len;
@@ -1800,7 +1827,7 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
     l.unit_end = at::cumsum(count, 0, at::kInt);
     a.unit_end = l.unit_end.data_ptr<int32_t>();
     a.per_seq = 0;
-    l.grid = dim3(unsigned(ceil_div(d.N, rows) + d.B), unsigned(d.KVH));
+    l.grid = dim3(unsigned(ceil_div(d.N, rows) + d.B), unsigned(groups));
   }
   return l;
 }
@@ -1817,12 +1844,14 @@ int64_t tiles_per_cta(const Dims& d, int64_t n_max) {
 }
 
 Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
-                    const at::Tensor& seq_len, cudaStream_t stream) {
+                    const at::Tensor& seq_len, cudaStream_t stream, int64_t g0, int64_t groups) {
   Masks m;
+  m.g0 = g0;
+  m.groups = groups < 0 ? d.KVH : groups;
   const auto opts = seq_len.options().dtype(at::kLong);
   const int64_t tiles_cap = ceil_div(n_max, kTile);
-  m.words = at::empty({d.KVH, tiles_cap, d.Bq * d.N}, opts.dtype(at::kInt));
-  m.need = at::empty({d.KVH, d.B, tiles_cap, 2}, opts);
+  m.words = at::empty({m.groups, tiles_cap, d.Bq * d.N}, opts.dtype(at::kInt));
+  m.need = at::empty({m.groups, d.B, tiles_cap, 2}, opts);
   Launch l = plan_units(p, d, max_len, kMaskRows, seq_len, stream, &m);
   const int64_t smem = tiles_cap * kMaskRows * 4;  // <= 32 KiB
   fused_masks_kernel<<<l.grid, kMaskRows, size_t(smem), stream>>>(l.args);
@@ -1927,7 +1956,7 @@ void launch_seq_bwd(const AttnParams& p, const BwdIn& in, T* dq, T* dk, T* dv, c
   Launch l = plan_units(p, d, short_len, rows, seq_len, stream, &masks);
   if (l.args.unit_end == nullptr) {  // padded: one unit per sequence (the longer ones skip it)
     l.args.per_seq = 1;
-    l.grid = dim3(unsigned(d.B), unsigned(d.KVH));
+    l.grid = dim3(unsigned(d.B), l.grid.y);
   }
   const int64_t warps = d.G * (rows / kTile) < kMaxWarps ? d.G * (rows / kTile) : kMaxWarps;
   l.threads = int(32 * warps);
@@ -1938,33 +1967,70 @@ void launch_seq_bwd(const AttnParams& p, const BwdIn& in, T* dq, T* dk, T* dv, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// kv groups per launch of the fused backward where it owns aux (aux_free): one at a time while
+// each launch of the dk/dv kernel still has kChunkMinCtas CTAs per SM, so that the mask words and
+// aux exist for one group at a time (v29, docs/PERF_NOTES.md: at N = 1024, D = 16 they are twice
+// and half dq's size per group, and held the peak above dense SDPA's); all at once where that
+// would leave SMs idle. BLOSSOMREC_BWD_GROUPS=n forces n (tests, benchmarks).
+constexpr int64_t kChunkMinCtas = 8;
+
+int64_t bwd_groups_per_launch(const Dims& d, int64_t n_max, bool aux_free) {
+  if (!aux_free) return d.KVH;  // the caller's aux covers every head
+  const char* e = std::getenv("BLOSSOMREC_BWD_GROUPS");
+  if (e != nullptr && e[0] >= '1' && e[0] <= '9') {
+    const int64_t n = std::atoll(e);
+    return n < d.KVH ? n : d.KVH;
+  }
+  const int64_t rows = tiles_per_cta(d, n_max) * kTile;
+  // the dk/dv CTAs of one group: every unit of a padded batch, those of the packed tokens
+  const int64_t units = d.Bq == d.B ? d.B * ceil_div(n_max, rows) : ceil_div(d.N, rows);
+  const int64_t want = kChunkMinCtas * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per = ceil_div(want, units > 0 ? units : 1);
+  return per < d.KVH ? per : d.KVH;
+}
+
+// aux: the caller's (every head; it also serves the row kernels' sequences), or null: the dq and
+// dk/dv kernels then get their own, for the heads of one chunk of kv groups at a time.
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T* dv, const Dims& d,
                 int64_t max_len, const at::Tensor& seq_len, cudaStream_t stream) {
-  const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
+  const int64_t n_max = longest(d, max_len);
   // The sequences of at most short_len tokens in one CTA each; the dq and dk/dv kernels take the
   // longer ones.
   const int64_t short_len = seq_bwd_len(p, d, max_len);
-  if (short_len > 0) launch_seq_bwd<T, D>(p, in, dq, dk, dv, d, short_len, seq_len, stream, masks);
-  const int64_t n_max = longest(d, max_len);
-  if (n_max <= short_len) return;
-  BR_CHECK(aux != nullptr, "fused_backward: the dq and dk/dv kernels need aux");
-  {
-    const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, true, short_len);
-    auto kernel = fused_dq_kernel<T, D>;
+  const bool dq_dkdv = n_max > short_len;
+  const int64_t per = dq_dkdv ? bwd_groups_per_launch(d, n_max, aux == nullptr) : d.KVH;
+  at::Tensor own_aux;
+  int64_t aux_heads = p.H;
+  if (dq_dkdv && aux == nullptr) {
+    aux_heads = per * p.G;
+    own_aux = at::empty({d.Bq, d.N, aux_heads, 2, 4}, seq_len.options().dtype(at::kFloat));
+    aux = reinterpret_cast<Aux*>(own_aux.data_ptr<float>());
+  }
+  for (int64_t g0 = 0; g0 < d.KVH; g0 += per) {
+    const int64_t groups = per < d.KVH - g0 ? per : d.KVH - g0;
+    const Masks masks = compute_masks(p, d, max_len, n_max, seq_len, stream, g0, groups);
+    if (short_len > 0) launch_seq_bwd<T, D>(p, in, dq, dk, dv, d, short_len, seq_len, stream, masks);
+    if (!dq_dkdv) continue;
+    {
+      Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, true, short_len);
+      l.args.aux_heads = aux_heads;
+      auto kernel = fused_dq_kernel<T, D>;
+      allow_dynamic_smem(kernel, l.smem);
+      kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t tiles = tiles_per_cta(d, n_max);
+    const int64_t warps = d.G * tiles;
+    Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks, short_len);
+    l.args.aux_heads = aux_heads;
+    l.threads = int(32 * warps);
+    l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
+    auto kernel = fused_dkdv_kernel<T, D>;
     allow_dynamic_smem(kernel, l.smem);
-    kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
+    kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t tiles = tiles_per_cta(d, n_max);
-  const int64_t warps = d.G * tiles;
-  Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks, short_len);
-  l.threads = int(32 * warps);
-  l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
-  auto kernel = fused_dkdv_kernel<T, D>;
-  allow_dynamic_smem(kernel, l.smem);
-  kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int D>
@@ -2040,10 +2106,6 @@ void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, vo
                                      max_len, seq_len, stream);
     });
   });
-}
-
-bool fused_backward_needs_aux(const AttnParams& p, const Dims& d, int64_t max_len) {
-  return longest(d, max_len) > seq_bwd_len(p, d, max_len);
 }
 
 bool fused_long_dkdv_fits(const Dims& d) {

@@ -34,15 +34,13 @@ void fused_forward(const AttnParams& p, const FwdOut& o, const Dims& d, at::Scal
 
 // The backward of the fused sequences: at D <= 32 those of at most 64 tokens in one CTA each
 // (fused_seq_bwd_kernel: dgates, dq, dk, dv; no aux; BLOSSOMREC_SEQ_BWD), the others by the dq
-// kernel (dgates, dq, aux) and the dk/dv kernel. aux may be null where fused_backward_needs_aux
-// says so.
+// kernel (dgates, dq, aux) and the dk/dv kernel. aux: the caller's, every head (the row kernels
+// run too), or null: the dq and dk/dv kernels then use their own, a chunk of kv groups per launch
+// where that keeps the GPU busy (BLOSSOMREC_BWD_GROUPS), so that their mask words and aux exist
+// for one chunk at a time.
 void fused_backward(const AttnParams& p, const BwdIn& in, Aux* aux, void* dq, void* dk, void* dv,
                     const Dims& d, at::ScalarType dtype, int64_t max_len, const at::Tensor& seq_len,
                     cudaStream_t stream);
-
-// Whether fused_backward needs aux (the dq and dk/dv kernels run: some fused sequence is longer
-// than what the one-CTA backward takes, which keeps the deltas to itself).
-bool fused_backward_needs_aux(const AttnParams& p, const Dims& d, int64_t max_len);
 
 // Whether long_dkdv_kernel can run here: its shared memory (two stages per warp, G x tiles warps)
 // within the card's per-CTA limit (sm_86 / sm_89: 99 KiB, less than D = 128 with 8 warps takes)

@@ -541,9 +541,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   at::Tensor dq = alloc_output({d.Bq, d.N, d.H, d.D}, q.options());
   at::Tensor dk = alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options());
   at::Tensor dv = alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options());
-  // Per (row, head, branch) gate, lse, delta for the dk/dv passes: not where the one-CTA backward
-  // of the short sequences takes every sequence (it keeps them in shared memory).
-  const bool need_aux = fused.row_kernels || fused_backward_needs_aux(p, d, fused.max_len);
+  // Per (row, head, branch) gate, lse, delta for the row kernels' dk/dv passes (and then for the
+  // fused ones' too); without row kernels the fused backward makes its own, for a chunk of kv
+  // groups at a time, where its dq and dk/dv kernels run (the one-CTA backward of the short
+  // sequences keeps them in shared memory).
+  const bool need_aux = fused.row_kernels;
   at::Tensor aux = at::empty({need_aux ? d.Bq : 0, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
   Aux* aux_p = need_aux ? reinterpret_cast<Aux*>(aux.data_ptr<float>()) : nullptr;
   // Packed buffers: the padding rows' dk / dv are the row dk/dv kernels' to zero, and with the
