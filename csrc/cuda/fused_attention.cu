@@ -788,15 +788,17 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   uint32_t qf[D / 16][4], df[D / 16][4];
   // Per row r and branch br: <dout, o_branch>, then gate, lse in base 2, delta.
   float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
-  int64_t rh[2];
+  int64_t row[2];  // buffer rows
   {
     const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
     const T* row_q[2];
     const T* row_d[2];
+    int64_t rh[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const bool valid = rows_i[r] < u.L;
-      rh[r] = (u.bq * p.seq.N + u.s + rows_i[r]) * p.H + h;
+      row[r] = u.bq * p.seq.N + u.s + rows_i[r];
+      rh[r] = row[r] * p.H + h;
       row_q[r] = valid ? qb + (u.s + rows_i[r]) * p.q_sn : nullptr;
       row_d[r] = valid ? static_cast<const T*>(in.dout) + rh[r] * D : nullptr;
     }
@@ -826,10 +828,10 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 #pragma unroll
     for (int br = 0; br < 2; ++br) delta[r][br] = gate[r][br] * dot[r][br];
     if (tq == 0 && rows_i[r] < u.L) {
-      Aux* ar = aux + aux_index(a, u.bq * p.seq.N + u.s + rows_i[r], h);
+      Aux* ar = aux + aux_index(a, row[r], h);
       ar[0] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[r][0]);
       ar[1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[r][1]);
-      store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
+      store_gate_pair<T>(in.dgates, in.dgates_f32, row[r] * p.H + h, dot[r][0], dot[r][1]);
     }
   }
   uint64_t all = 0;  // zeros for the tiles past L

@@ -370,7 +370,7 @@ __global__ void __launch_bounds__(kLongThreads, 4)
   const int64_t grp = blockIdx.y;
   const int64_t h0 = grp * p.G;
   const RowInfo row = row_info(p.seq, r);
-  if (row.b < 0) {  // padding row: dq, aux and the gate gradient are zeros
+  if (row.b < 0) {  // padding row: dq, aux (where there is one) and the gate gradient are zeros
     const uint4 z = make_uint4(0u, 0u, 0u, 0u);
     constexpr int kVecs = D * int(sizeof(T)) / 16;
     for (int64_t e = lane; e < p.G * kVecs; e += 32) {
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kLongThreads, 4)
     }
     for (int64_t e = lane; e < p.G; e += 32) {
       const int64_t rh = r * p.H + h0 + e;
-      aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (aux != nullptr) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
       store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
     }
     return;

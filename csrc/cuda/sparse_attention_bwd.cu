@@ -44,7 +44,8 @@ __device__ __forceinline__ void dq_padding_row(const AttnParams& p, const BwdIn&
   float zero[kDimsPerLane] = {};
   Vec16<T>::store(dq_out + rh * D + t.lane * kDimsPerLane, zero);
   if (t.lane == 0) {
-    aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    // no aux where the fused kernels take every sequence (the row kernels only zero padding)
+    if (aux != nullptr) aux[rh * 2] = aux[rh * 2 + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
     store_gate_pair<T>(in.dgates, in.dgates_f32, rh, 0.f, 0.f);
   }
 }
@@ -542,10 +543,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   at::Tensor dk = alloc_output({d.Bq, d.N, d.KVH, d.D}, k.options());
   at::Tensor dv = alloc_output({d.Bq, d.N, d.KVH, d.D}, v.options());
   // Per (row, head, branch) gate, lse, delta for the row kernels' dk/dv passes (and then for the
-  // fused ones' too); without row kernels the fused backward makes its own, for a chunk of kv
-  // groups at a time, where its dq and dk/dv kernels run (the one-CTA backward of the short
-  // sequences keeps them in shared memory).
-  const bool need_aux = fused.row_kernels;
+  // fused ones' too); where the fused kernels take every sequence (no row kernels, or a packed
+  // buffer whose row kernels only zero the padding rows) the fused backward makes its own, for a
+  // chunk of kv groups at a time, where its dq and dk/dv kernels run (the one-CTA backward of the
+  // short sequences keeps them in shared memory).
+  const bool need_aux = fused.row_kernels && !fused_takes_all;
   at::Tensor aux = at::empty({need_aux ? d.Bq : 0, d.N, d.H, 2, 4}, q.options().dtype(at::kFloat));
   Aux* aux_p = need_aux ? reinterpret_cast<Aux*>(aux.data_ptr<float>()) : nullptr;
   // Packed buffers: the padding rows' dk / dv are the row dk/dv kernels' to zero, and with the
