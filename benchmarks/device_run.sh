@@ -136,7 +136,7 @@ if [ "${SANITIZE:-0}" = "1" ] && [ $BUILD_OK -eq 1 ]; then
     if [ -n "${SANITIZE_PYTEST:-}" ]; then
       echo "=== compute-sanitizer --tool $tool: pytest ${SANITIZE_PYTEST} ===" >>"$LOGS/sanitizer.log"
       # shellcheck disable=SC2086
-      compute-sanitizer --tool "$tool" --error-exitcode 97 --target-processes all \
+      BLOSSOMREC_UNDER_SANITIZER=1 compute-sanitizer --tool "$tool" --error-exitcode 97 --target-processes all \
         "$PY" -m pytest -q -x -p no:cacheprovider $SANITIZE_PYTEST >>"$LOGS/sanitizer.log" 2>&1 || san_rc=1
     fi
   done

@@ -103,7 +103,6 @@ struct FusedArgs {
   // head g0 G on. The fused backward may run a chunk of the groups per launch (launch_bwd).
   int64_t g0 = 0;
   int64_t aux_heads = 0;
-  int64_t aux_h0 = 0;  // g0 G: aux's first head
   // The hyper-parameters in 32-bit arithmetic: positions are below 2^11 here, so a window, block
   // or power block above 2^11 acts as 2^11 does.
   int b;                    // select_block (clamped)
@@ -260,7 +259,7 @@ __device__ __forceinline__ const uint64_t* tile_need(const FusedArgs& a, const U
 
 // The index in aux of (buffer row, head h)'s first branch (FusedArgs::g0, aux_heads).
 __device__ __forceinline__ int64_t aux_index(const FusedArgs& a, int64_t row, int64_t h) {
-  return (row * a.aux_heads + h - a.aux_h0) * 2;
+  return (row * a.aux_heads + h - a.g0 * a.p.G) * 2;
 }
 
 // A C tile's element masks: a lane holds rows g and g + 8, columns c -> 8 (c / 2) + 2 t + c % 2 of
@@ -1803,7 +1802,6 @@ Launch plan_units(const AttnParams& p, const Dims& d, int64_t max_len, int rows,
   a.mask_rows = d.Bq * d.N;
   a.tiles_cap = masks ? int(masks->need.size(2)) : 0;
   a.g0 = masks ? masks->g0 : 0;
-  a.aux_h0 = a.g0 * p.G;
   const int64_t groups = masks ? masks->groups : d.KVH;
   a.aux_heads = p.H;  // launch_bwd's chunks of groups set theirs
   a.rows = rows;
