@@ -648,6 +648,41 @@ def test_bwd_groups_per_launch_bitwise_equal(x, monkeypatch):
         assert ran == n_launch, f"{groups} groups per launch: {ran} dk/dv launches, not {n_launch}"
 
 
+# The dk/dv kernel's warp pairs at D = 64 (fused_attention.cu, fused_dkdv_kernel: per (key tile,
+# head) a key warp holds K and dK, a value warp V and dV, and they trade dP^T and Pg^T per query
+# tile) at the group sizes the fused grid leaves out there: G = 1 (eight key tiles per CTA), 3 (a
+# CTA's last key tile past L), 8 (16 warps per CTA); padded both ways and packed, both dtypes, up
+# to 1024 tokens. The backward is bitwise the same twice (no atomics), and the kernel ran.
+PAIR_CASES = [  # lengths, N (None: packed), G, causal, layout
+    ([200, 37, 0], 200, 1, True, "right"),
+    ([130, 16, 1], 130, 8, False, "left"),
+    ([64, 250, 5], None, 3, True, "packed"),
+    ([1024, 500], 1024, 8, True, "right"),
+]
+
+
+@pytest.mark.parametrize("x", range(len(PAIR_CASES)))
+def test_dkdv_pairs_match_reference(x):
+    lengths, N, G, causal, layout = PAIR_CASES[x]
+    KVH = 2 if G <= 4 else 1
+    D = 64
+    hp = dict(compress_stride=4, select_block=16, num_select=4, window=8, power_block=1,
+              use_power=True, use_sink=not causal, causal=causal)
+    dtype = torch.bfloat16 if x % 2 == 0 else torch.float16
+    check_against_reference(lengths, N or max(lengths), G * KVH, KVH, D, hp, layout, dtype,
+                            device=DEV, seed=560 + x)
+    t, seq_start, seq_len = gpu_batch(lengths, N, G * KVH, KVH, D, dtype, layout, s=4, seed=560 + x)
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        t["q"], t["kc"], seq_start, seq_len, 4, 16, 4, causal, D ** -0.5)
+    dout = torch.randn(t["q"].shape, device=DEV, dtype=dtype)
+    first = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    again = _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout)
+    for name, a, b_ in zip(("out", "o_sel", "o_win", "lse", "dq", "dk", "dv", "dgates"), first, again):
+        assert torch.equal(a, b_), f"{name} differs between two identical calls"
+    counts = cuda_kernel_counts(lambda: _fwd_bwd(t, idx, cnt, seq_start, seq_len, hp, dout))
+    assert any("fused_dkdv_kernel" in name for name in counts), f"no fused dk/dv launch: {counts}"
+
+
 # Sharp softmaxes (eight times the default scale): later key tiles raise the rows' running maxima
 # by many units, so the online softmax's rescale of l and of the accumulators carries most of the
 # result (a slack before rescaling, tried in v27, docs/PERF_NOTES.md, would be checked here), over
