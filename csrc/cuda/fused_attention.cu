@@ -34,6 +34,10 @@
 //   need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
 //   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q; Q, dout and aux tiles double-buffered
 //   per warp with cp.async; the G head partials added in head order (deterministic, no atomics).
+//   At D = 64 (dkdv_pairs) a pair of warps serves each (16 keys, head): a key warp with K and dK
+//   stages Q, aux and words and computes S^T, P and dS; a value warp with V and dV stages dout and
+//   computes dP^T; they trade dP^T and (g_sel P_sel + g_win P_win)^T through shared memory, so each
+//   holds half the registers (v30, docs/PERF_NOTES.md: 125 instead of 198, 16 warps per SM, not 8).
 // Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
 // sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
 // the row kernels zero the padding rows and serve the sequences longer than fused_max_len().
