@@ -648,12 +648,12 @@ def test_bwd_groups_per_launch_bitwise_equal(x, monkeypatch):
         assert ran == n_launch, f"{groups} groups per launch: {ran} dk/dv launches, not {n_launch}"
 
 
-# The dk/dv kernel's warp pairs at D = 64 (fused_attention.cu, fused_dkdv_kernel: per (key tile,
-# head) a key warp holds K and dK, a value warp V and dV, and they trade dP^T and Pg^T per query
-# tile) at the group sizes the fused grid leaves out there: G = 1 (eight key tiles per CTA), 3 (a
-# CTA's last key tile past L), 8 (16 warps per CTA); padded both ways and packed, both dtypes, up
-# to 1024 tokens. The backward is bitwise the same twice (no atomics), and the kernel ran.
-PAIR_CASES = [  # lengths, N (None: packed), G, causal, layout
+# The fused backward at D = 64 at the group sizes the fused grid leaves out there: G = 1 (eight key
+# tiles per dk/dv CTA), 3 (a CTA's last key tile past L), 8 (one key tile, eight head warps); padded
+# both ways and packed, both dtypes, up to 1024 tokens (v30, docs/PERF_NOTES.md, ran its warp-pair
+# dk/dv kernel through these). The backward is bitwise the same twice (no atomics), and the fused
+# dk/dv kernel ran.
+D64_GROUP_CASES = [  # lengths, N (None: packed), G, causal, layout
     ([200, 37, 0], 200, 1, True, "right"),
     ([130, 16, 1], 130, 8, False, "left"),
     ([64, 250, 5], None, 3, True, "packed"),
@@ -661,9 +661,9 @@ PAIR_CASES = [  # lengths, N (None: packed), G, causal, layout
 ]
 
 
-@pytest.mark.parametrize("x", range(len(PAIR_CASES)))
-def test_dkdv_pairs_match_reference(x):
-    lengths, N, G, causal, layout = PAIR_CASES[x]
+@pytest.mark.parametrize("x", range(len(D64_GROUP_CASES)))
+def test_fused_d64_group_sizes_match_reference(x):
+    lengths, N, G, causal, layout = D64_GROUP_CASES[x]
     KVH = 2 if G <= 4 else 1
     D = 64
     hp = dict(compress_stride=4, select_block=16, num_select=4, window=8, power_block=1,

@@ -34,10 +34,6 @@
 //   need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
 //   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q; Q, dout and aux tiles double-buffered
 //   per warp with cp.async; the G head partials added in head order (deterministic, no atomics).
-//   At D = 64 (dkdv_pairs) a pair of warps serves each (16 keys, head): a key warp with K and dK
-//   stages Q, aux and words and computes S^T, P and dS; a value warp with V and dV stages dout and
-//   computes dP^T; they trade dP^T and (g_sel P_sel + g_win P_win)^T through shared memory, so each
-//   holds half the registers (v30, docs/PERF_NOTES.md: 125 instead of 198, 16 warps per SM, not 8).
 // Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
 // sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
 // the row kernels zero the padding rows and serve the sequences longer than fused_max_len().
@@ -65,9 +61,6 @@ constexpr int kThreads = 32 * kMaxWarps;
 // ldmatrix in distinct bank groups for every D here.
 constexpr int row_stride(int D) { return D + 8; }
 
-// Head dims whose dk/dv kernel runs as warp pairs (FusedTraits::kDkdvPairs).
-__host__ __device__ constexpr bool dkdv_pairs(int D) { return D == 64; }
-
 template <int D>
 struct FusedTraits {
   static constexpr int kStride = row_stride(D);
@@ -79,17 +72,13 @@ struct FusedTraits {
   //   dq 223 -> 169, dk/dv 177 -> 142).
   // - D = 64, two CTAs for the forward and dq (108 and 56 bytes of spill since v18 staged the
   //   chunk's masks and gates in shared memory): S1 fwd 486 -> 355 us, dq 543 -> 310 (v18).
-  //   dk/dv at D = 64 stays at one CTA: two spilled 276 bytes and were slower (S2 655 -> 800 us).
+  //   dk/dv at D = 64 stays at one CTA: two spilled 276 bytes and were slower (S2 655 -> 800 us);
+  //   warp pairs (a key warp with K and dK, a value warp with V and dV, 125 registers, 16 warps per
+  //   SM) were slower too (v30: S3 1016 -> 1355 us per call; each warp of a pair waits on the other).
   // - D = 32 dk/dv: 128 registers unbounded until v29's chunked aux index took 138 (one CTA of
   //   256 threads per SM); two CTAs pin it at 128.
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
   static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : (D <= 32 ? 2 : 1);
-  // D = 64: dk/dv as warp pairs (fused_dkdv_pair_kernel): a key warp holds K and dK, a value warp
-  // V and dV, so a warp keeps half of the 198 registers of one warp holding both (one CTA of 8
-  // warps per SM, 0.49 issued per scheduler: latency-bound, docs/PERF_NOTES.md v28, v30): CTAs of
-  // up to 16 warps at 128 registers. D = 128 would spill at 128 registers (its key warp alone
-  // holds 96 of K and dK); D <= 32 already runs 16-24 warps per SM.
-  static constexpr bool kDkdvPairs = dkdv_pairs(D);
   // The long-sequence dk/dv adds a row loop with 16-dim k, v, q, dout and two accumulators per
   // lane: at D = 16 three CTAs (80 registers) spilled 456 bytes, two do not (local ptxas).
   static constexpr int kLongDkdvMinBlocks = D <= 16 ? 2 : 1;
@@ -926,19 +915,10 @@ constexpr int stage_bytes(int D, int elem) {
   return 2 * kTile * row_stride(D) * elem + kTile * 2 * int(sizeof(Aux)) + kTile * 4;
 }
 
-// The warp pairs of fused_dkdv_kernel (dkdv_pairs): per query tile the value warp's dP^T (8
-// floats per lane) goes to the key warp, the key warp's Pg^T (its A fragment, 4 registers per
-// lane) back, lane-major through the pair's exchange buffer of kXchgBytes.
-constexpr int kXchgBytes = (8 + 4) * 32 * 4;
-
-// Shared memory of a dk/dv CTA of `slots` (key tile, head) slots (a warp each, or a warp pair):
-// two stages per slot (and a pair's exchange buffer), after the tile needs of the sequence's
-// query tiles (2 x kMaxTiles words of 64 bits) in fused_dkdv_kernel.
-constexpr int dkdv_slot_bytes(int D, int elem, bool pairs) {
-  return 2 * stage_bytes(D, elem) + (pairs ? kXchgBytes : 0);
-}
-constexpr int64_t dkdv_smem(int64_t slots, int D, int elem, bool with_needs, bool pairs = false) {
-  return (with_needs ? 2 * kMaxTiles * 8 : 0) + slots * dkdv_slot_bytes(D, elem, pairs);
+// Shared memory of a dk/dv CTA of `warps` warps: two stages per warp, after the tile needs of the
+// sequence's query tiles (2 x kMaxTiles words of 64 bits) in fused_dkdv_kernel.
+constexpr int64_t dkdv_smem(int64_t warps, int D, int elem, bool with_needs) {
+  return (with_needs ? 2 * kMaxTiles * 8 : 0) + warps * 2 * stage_bytes(D, elem);
 }
 
 // A stage row's sequence position and whether it holds one (else it is zero-filled: no mask sees
@@ -955,9 +935,7 @@ struct StageRow {
 // loop over every (matrix, row, chunk) element before (v28, docs/PERF_NOTES.md) ran ~35
 // instructions of 64-bit index arithmetic per copy, 280 per stage at D = 64, half the dk/dv
 // kernel's instructions per query tile there.
-// kQ / kDout: which of Q (with aux) and dout to copy (the warp pairs of fused_dkdv_pair_kernel
-// each stage their own half of a stage).
-template <typename T, int D, int KS, bool kQ = true, bool kDout = true, typename Pos>
+template <typename T, int D, int KS, typename Pos>
 __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const FusedArgs& a,
                                                  const BwdIn& in, const Aux* aux, const Unit& u,
                                                  int64_t h, int lane, Pos&& pos_of) {
@@ -977,10 +955,10 @@ __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const Fus
   for (int k = 0; k < kTile / kRowsPerPass; ++k) {
     const auto [valid, i] = pos_of(r0 + k * kRowsPerPass);
     const int64_t n = u.s + (valid ? i : 0);
-    if constexpr (kQ) cp_async16(dst + k * kRowsPerPass * KS, qrow + n * p.q_sn, valid);
-    if constexpr (kDout) cp_async16(dst + (kTile + k * kRowsPerPass) * KS, drow + n * d_sn, valid);
+    cp_async16(dst + k * kRowsPerPass * KS, qrow + n * p.q_sn, valid);
+    cp_async16(dst + (kTile + k * kRowsPerPass) * KS, drow + n * d_sn, valid);
   }
-  if constexpr (kQ) {  // 32 float4: one per lane
+  {  // 32 float4: one per lane
     const int r = lane >> 1, br = lane & 1;
     const auto [valid, i] = pos_of(r);
     const Aux* arow = aux + aux_index(a, u.bq * p.seq.N + u.s, h) + br;
@@ -990,15 +968,15 @@ __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const Fus
 
 // Q, dout and aux of query tile qt, head h, and the tile's words of the warp's key tile (wcol[i]:
 // query position i's), into one stage (rows past L zero-filled).
-template <typename T, int D, int KS, bool kQ = true, bool kDout = true>
+template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_q_dout(unsigned char* stage, const FusedArgs& a,
                                              const BwdIn& in, const Aux* aux, const uint32_t* wcol,
                                              const Unit& u, int qt, int64_t h, int lane) {
-  stage_q_dout_aux<T, D, KS, kQ, kDout>(stage, a, in, aux, u, h, lane, [&](int r) {
+  stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, h, lane, [&](int r) {
     const int i = qt * kTile + r;
     return StageRow<int>{i < u.L, i};
   });
-  if (kQ && lane < kTile) {
+  if (lane < kTile) {
     const int i = qt * kTile + lane;
     const bool valid = i < u.L;
     Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
@@ -1044,17 +1022,21 @@ __device__ __forceinline__ void store_parts(float* part, const float (&dk)[D / 8
   }
 }
 
-// P and dS of one query tile of a dk/dv warp from S^T (s) and dP^T (dpt), the warp's 16 keys by
-// the stage's 16 query columns, under the mask words' bits of each branch (do_sel / do_win: the
-// branch has a bit in the tile at all), as the A fragments of the key side's products:
-// pga = (g_sel P_sel + g_win P_win)^T, dsa = dS^T.
-template <typename T, int KS>
-__device__ __forceinline__ void dkdv_ds_pg(const unsigned char* stage, const float (&s)[2][4],
-                                           const float (&dpt)[2][4], bool do_sel, bool do_win,
-                                           float scale_log2, int lane, uint32_t (&dsa)[4],
-                                           uint32_t (&pga)[4]) {
+// One query tile of a dk/dv warp (a stage of stage_bytes: Q, dout, aux and the rows' mask words of
+// the warp's key tile): S^T = K Q^T and dP^T = V dout^T for the warp's 16 keys (kf, vf) and the
+// stage's 16 query columns, P and dS of each branch under the words' bits (do_sel / do_win: the
+// branch has a bit in the tile at all), then dV += (g_sel P_sel + g_win P_win)^T dout and
+// dK += dS^T Q.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void dkdv_tile(const unsigned char* stage, const uint32_t (&kf)[D / 16][4],
+                                          const uint32_t (&vf)[D / 16][4], bool do_sel, bool do_win,
+                                          float scale_log2, int lane, float (&dk)[D / 8][4],
+                                          float (&dv)[D / 8][4]) {
   const int gq = lane >> 2, tq = lane & 3;
-  const Aux* as = reinterpret_cast<const Aux*>(stage + 2 * kTile * KS * sizeof(T));
+  const T* qs = reinterpret_cast<const T*>(stage);
+  const T* dos = qs + kTile * KS;
+  const Aux* as = reinterpret_cast<const Aux*>(dos + kTile * KS);
+
   const uint32_t* ws = reinterpret_cast<const uint32_t*>(as + 2 * kTile);
   // The four query columns this lane holds: c = 2 nt + e2 -> the stage's row 8 nt + 2 tq + e2,
   // their words shifted so that key row gq + 8 r is bit 8 r (LTIS) and 16 + 8 r (STIS).
@@ -1068,6 +1050,10 @@ __device__ __forceinline__ void dkdv_ds_pg(const unsigned char* stage, const flo
     cg[c][0] = a0.x; cl[c][0] = a0.y; cd[c][0] = a0.z;
     cg[c][1] = a1.x; cl[c][1] = a1.y; cd[c][1] = a1.z;
   }
+
+  float s[2][4] = {}, dpt[2][4] = {};
+  mma_abt<T, D, KS>(s, kf, qs, lane);
+  mma_abt<T, D, KS>(dpt, vf, dos, lane);
   float ds[2][4], pg[2][4];
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
@@ -1090,89 +1076,21 @@ __device__ __forceinline__ void dkdv_ds_pg(const unsigned char* stage, const flo
       pg[nt][e] = pgv;
     }
   }
+  uint32_t dsa[4], pga[4];
   c_to_a<T>(dsa, ds);
   c_to_a<T>(pga, pg);
-}
-
-// One query tile of a dk/dv warp (a stage of stage_bytes: Q, dout, aux and the rows' mask words of
-// the warp's key tile): S^T = K Q^T and dP^T = V dout^T for the warp's 16 keys (kf, vf) and the
-// stage's 16 query columns, P and dS (dkdv_ds_pg), then dV += (g_sel P_sel + g_win P_win)^T dout
-// and dK += dS^T Q.
-template <typename T, int D, int KS>
-__device__ __forceinline__ void dkdv_tile(const unsigned char* stage, const uint32_t (&kf)[D / 16][4],
-                                          const uint32_t (&vf)[D / 16][4], bool do_sel, bool do_win,
-                                          float scale_log2, int lane, float (&dk)[D / 8][4],
-                                          float (&dv)[D / 8][4]) {
-  const T* qs = reinterpret_cast<const T*>(stage);
-  const T* dos = qs + kTile * KS;
-  float s[2][4] = {}, dpt[2][4] = {};
-  mma_abt<T, D, KS>(s, kf, qs, lane);
-  mma_abt<T, D, KS>(dpt, vf, dos, lane);
-  uint32_t dsa[4], pga[4];
-  dkdv_ds_pg<T, KS>(stage, s, dpt, do_sel, do_win, scale_log2, lane, dsa, pga);
   mma_ab<T, D, KS>(dv, pga, dos, lane);
   mma_ab<T, D, KS>(dk, dsa, qs, lane);
-}
-
-// Barrier `id` (1 .. 8; 0 is __syncthreads') of the 64 threads of a warp pair.
-__device__ __forceinline__ void pair_sync(int id) {
-  asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory");
-}
-
-// The key warp of a pair: S^T = K Q^T; with the value warp's dP^T, P and dS (dkdv_ds_pg); Pg^T to
-// the value warp; dK += dS^T Q.
-template <typename T, int D, int KS>
-__device__ __forceinline__ void dkdv_key_tile(const unsigned char* stage, float* xchg,
-                                              const uint32_t (&kf)[D / 16][4], bool do_sel,
-                                              bool do_win, float scale_log2, int lane, int bar,
-                                              float (&dk)[D / 8][4]) {
-  const T* qs = reinterpret_cast<const T*>(stage);
-  float s[2][4] = {}, dpt[2][4];
-  mma_abt<T, D, KS>(s, kf, qs, lane);
-  pair_sync(bar);  // dP^T is in xchg
-#pragma unroll
-  for (int x = 0; x < 8; ++x) dpt[x / 4][x % 4] = xchg[x * 32 + lane];
-  uint32_t dsa[4], pga[4];
-  dkdv_ds_pg<T, KS>(stage, s, dpt, do_sel, do_win, scale_log2, lane, dsa, pga);
-  uint32_t* xp = reinterpret_cast<uint32_t*>(xchg + 8 * 32);
-#pragma unroll
-  for (int x = 0; x < 4; ++x) xp[x * 32 + lane] = pga[x];
-  pair_sync(bar);  // Pg^T is in xchg, dP^T read
-  mma_ab<T, D, KS>(dk, dsa, qs, lane);
-}
-
-// The value warp of a pair: dP^T = V dout^T to the key warp; with its Pg^T, dV += Pg^T dout.
-template <typename T, int D, int KS>
-__device__ __forceinline__ void dkdv_value_tile(const unsigned char* stage, float* xchg,
-                                                const uint32_t (&vf)[D / 16][4], int lane, int bar,
-                                                float (&dv)[D / 8][4]) {
-  const T* dos = reinterpret_cast<const T*>(stage) + kTile * KS;
-  float dpt[2][4] = {};
-  mma_abt<T, D, KS>(dpt, vf, dos, lane);
-#pragma unroll
-  for (int x = 0; x < 8; ++x) xchg[x * 32 + lane] = dpt[x / 4][x % 4];
-  pair_sync(bar);
-  pair_sync(bar);
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(xchg + 8 * 32);
-  uint32_t pga[4];
-#pragma unroll
-  for (int x = 0; x < 4; ++x) pga[x] = xp[x * 32 + lane];
-  mma_ab<T, D, KS>(dv, pga, dos, lane);
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(FusedTraits<D>::kDkdvPairs ? 2 * kThreads : kThreads,
-                                  FusedTraits<D>::kDkdvPairs ? 1 : FusedTraits<D>::kDkdvMinBlocks)
+__global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
-  // Slot (tl, hg): key tile c0 / 16 + tl, query head hg of the group, served by one warp holding
-  // K, V, dK and dV or, at kDkdvPairs, by a pair: a key warp (role 0: K, dK) and a value warp
-  // (role 1: V, dV). A slot's partial dK, dV over the queries of its head are added to the other
-  // heads' in head order at the end (deterministic).
-  constexpr bool kPairs = FusedTraits<D>::kDkdvPairs;
-  constexpr int kMats = kPairs ? 1 : 2;  // matrices per warp: [K, V] or the role's
+  // Warp (tl, hg): key tile c0 / 16 + tl, query head hg of the group. Its partial dK, dV over the
+  // queries of that head are added to the other heads' in head order at the end (deterministic).
   constexpr int KS = FusedTraits<D>::kStride;
   constexpr int kStage = stage_bytes(D, int(sizeof(T)));
-  constexpr int kBuf = dkdv_slot_bytes(D, int(sizeof(T)), kPairs);
+  constexpr int kBuf = 2 * kStage;  // a warp's two stages
   extern __shared__ __align__(16) unsigned char smem[];
   const AttnParams& p = a.p;
   Unit u;
@@ -1183,25 +1101,15 @@ __global__ void __launch_bounds__(FusedTraits<D>::kDkdvPairs ? 2 * kThreads : kT
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int slot = kPairs ? warp >> 1 : warp, role = kPairs ? warp & 1 : 0;
   const int G = int(p.G);
-  const int tl = slot / G, hg = slot - tl * G;
+  const int tl = warp / G, hg = warp - tl * G;
   const int64_t h = g * p.G + hg;
-  const int kt = u.c0 / kTile + tl;  // the slot's key tile
+  const int kt = u.c0 / kTile + tl;  // the warp's key tile
   const bool active = kt * kTile < u.L;
-  // The warp's keys and values (mat 0: K, 1: V) load while the tile needs come to shared memory.
+  // The warp's keys and values load while the tile needs come to shared memory.
   const int ja = kt * kTile + gq, jb = ja + 8;
-  uint32_t f[kMats][D / 16][4];
-  if constexpr (kPairs) {
-    const bool vmat = role == 1;
-    const T* base = static_cast<const T*>(vmat ? p.v : p.k) + u.bq * (vmat ? p.v_sb : p.k_sb) +
-                    g * (vmat ? p.v_sh : p.k_sh);
-    const int64_t sn = vmat ? p.v_sn : p.k_sn;
-    load_a_rows<T, D>(f[0], ja < u.L ? base + (u.s + ja) * sn : nullptr,
-                      jb < u.L ? base + (u.s + jb) * sn : nullptr, tq);
-  } else {
-    load_key_fragments<T, D>(f[0], f[kMats - 1], p, u, g, kt * kTile, lane);
-  }
+  uint32_t kf[D / 16][4], vf[D / 16][4];
+  load_key_fragments<T, D>(kf, vf, p, u, g, kt * kTile, lane);
   // Which key tiles each query tile needs ([tile][branch]), in shared memory.
   uint64_t* need = reinterpret_cast<uint64_t*>(smem);
   unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
@@ -1212,9 +1120,7 @@ __global__ void __launch_bounds__(FusedTraits<D>::kDkdvPairs ? 2 * kThreads : kT
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  unsigned char* buf = bufs + slot * kBuf;
-  float* xchg = reinterpret_cast<float*>(buf + 2 * kStage);  // pairs only
-  const int bar = 1 + slot;                                  // pairs only: slot < 8
+  unsigned char* buf = bufs + warp * kBuf;
   // The mask words of key tile kt: wcol[i] is query position i's.
   const uint32_t* wcol =
       a.words + ((g - a.g0) * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
@@ -1225,83 +1131,47 @@ __global__ void __launch_bounds__(FusedTraits<D>::kDkdvPairs ? 2 * kThreads : kT
       if (((need[2 * t] | need[2 * t + 1]) >> kt) & 1) tlist |= 1ull << t;
     }
   }
-  float acc[kMats][D / 8][4];  // [dK, dV] or the role's
+  float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
-  for (int m = 0; m < kMats; ++m) {
+  for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
-    }
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
   }
-  // A query tile's stage: Q, aux and words for a key warp, dout for a value warp, all for a warp
-  // on its own.
-  auto stage_tile = [&](unsigned char* st, int t) {
-    if (!kPairs) {
-      stage_q_dout<T, D, KS>(st, a, in, aux, wcol, u, t, h, lane);
-    } else if (role == 0) {
-      stage_q_dout<T, D, KS, true, false>(st, a, in, aux, wcol, u, t, h, lane);
-    } else {
-      stage_q_dout<T, D, KS, false, true>(st, a, in, aux, wcol, u, t, h, lane);
-    }
-  };
 
   // The query tiles in increasing order, the next one's Q and dout loading while this one runs.
   int qt = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
   int stage = 0;
-  if (qt >= 0) stage_tile(buf, qt);
+  if (qt >= 0) stage_q_dout<T, D, KS>(buf, a, in, aux, wcol, u, qt, h, lane);
   while (qt >= 0) {
     tlist &= tlist - 1;
     const int qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
     if (qt_next >= 0) {
-      stage_tile(buf + (stage ^ 1) * kStage, qt_next);
+      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, wcol, u, qt_next, h, lane);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncwarp();
     const bool do_sel = (need[2 * qt] >> kt) & 1, do_win = (need[2 * qt + 1] >> kt) & 1;
-    const unsigned char* st = buf + stage * kStage;
-    if constexpr (!kPairs) {
-      dkdv_tile<T, D, KS>(st, f[0], f[kMats - 1], do_sel, do_win, p.scale_log2, lane, acc[0],
-                          acc[kMats - 1]);
-    } else if (role == 0) {
-      dkdv_key_tile<T, D, KS>(st, xchg, f[0], do_sel, do_win, p.scale_log2, lane, bar, acc[0]);
-    } else {
-      dkdv_value_tile<T, D, KS>(st, xchg, f[0], lane, bar, acc[0]);
-    }
+    dkdv_tile<T, D, KS>(buf + stage * kStage, kf, vf, do_sel, do_win, p.scale_log2, lane, dk, dv);
     __syncwarp();  // the buffer is refilled two steps on
     qt = qt_next;
     stage ^= 1;
   }
 
-  // Head reduction: slots hg > 0 leave their partials in their own buffer (lane-major float32,
-  // 2 D / 8 * 4 * 32 floats, less than its two stages), slot hg = 0 adds them in head order.
-  if constexpr (kPairs) __syncthreads();  // a pair's partner is done with the shared stages
-  if (hg > 0) {
-#pragma unroll
-    for (int m = 0; m < kMats; ++m) {
-      const int mat = kPairs ? role : m;
-      float* part = reinterpret_cast<float*>(buf);
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[part_index<D>(mat, n, e, lane)] = acc[m][n][e];
-      }
-    }
-  }
+  // Head reduction: warps hg > 0 leave their partials in their own buffer (lane-major float32,
+  // 2 D / 8 * 4 * 32 floats, less than the buffer), warp hg = 0 adds them in head order.
+  if (hg > 0) store_parts<D>(reinterpret_cast<float*>(buf), dk, dv, lane);
   __syncthreads();
   if (hg > 0 || !active) return;
   for (int x = 1; x < G; ++x) {
-    const float* other = reinterpret_cast<const float*>(bufs + (slot + x) * kBuf);
+    const float* other = reinterpret_cast<const float*>(bufs + (warp + x) * kBuf);
 #pragma unroll
-    for (int m = 0; m < kMats; ++m) {
+    for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[m][n][e] += other[part_index<D>(kPairs ? role : m, n, e, lane)];
-        }
+      for (int e = 0; e < 4; ++e) {
+        dk[n][e] += other[part_index<D>(0, n, e, lane)];
+        dv[n][e] += other[part_index<D>(1, n, e, lane)];
       }
     }
   }
@@ -1309,17 +1179,13 @@ __global__ void __launch_bounds__(FusedTraits<D>::kDkdvPairs ? 2 * kThreads : kT
   for (int r = 0; r < 2; ++r) {
     const int j = r == 0 ? ja : jb;
     if (j >= u.L) continue;
-    const int64_t off = ((u.bq * p.seq.N + u.s + j) * p.KVH + g) * D + 2 * tq;
+    const int64_t off = ((u.bq * p.seq.N + u.s + j) * p.KVH + g) * D;
 #pragma unroll
-    for (int m = 0; m < kMats; ++m) {
-      const bool is_dk = kPairs ? role == 0 : m == 0;  // dK carries the softmax scale
-      T* out = is_dk ? dk_out : dv_out;
-      const float sc = is_dk ? p.scale : 1.f;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(out + off + n * 8) =
-            Mma<T>::pack(acc[m][n][2 * r] * sc, acc[m][n][2 * r + 1] * sc);
-      }
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + 2 * tq;
+      *reinterpret_cast<uint32_t*>(dk_out + off + col) =
+          Mma<T>::pack(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + off + col) = Mma<T>::pack(dv[n][2 * r], dv[n][2 * r + 1]);
     }
   }
 }
@@ -2156,13 +2022,12 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
       kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    constexpr bool kPairs = FusedTraits<D>::kDkdvPairs;
     const int64_t tiles = tiles_per_cta(d, n_max);
-    const int64_t slots = d.G * tiles;
+    const int64_t warps = d.G * tiles;
     Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks, short_len);
     l.args.aux_heads = aux_heads;
-    l.threads = int(32 * slots * (kPairs ? 2 : 1));
-    l.smem = dkdv_smem(slots, D, int(sizeof(T)), /*with_needs=*/true, kPairs);
+    l.threads = int(32 * warps);
+    l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
     auto kernel = fused_dkdv_kernel<T, D>;
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
@@ -2196,12 +2061,9 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major < 8) return 0;  // mma.sync bf16 needs sm_80
   if (backward) {
-    // fused_dkdv_kernel's shared memory (up to kMaxWarps slots) must fit one CTA: not at D = 128
+    // fused_dkdv_kernel's shared memory (up to kMaxWarps warps) must fit one CTA: not at D = 128
     // on sm_86 / sm_89 (99 KiB per CTA), where the row kernels take the backward.
-    if (dkdv_smem(kMaxWarps, int(head_dim), 2, true, dkdv_pairs(int(head_dim))) >
-        int64_t(prop->sharedMemPerBlockOptin)) {
-      return 0;
-    }
+    if (dkdv_smem(kMaxWarps, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
   }
   // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18): the fused backward wins at every
   // length up to kMaxLen and every D (S3, D = 16, v18: fwd+bwd 1.11 ms on the fused kernels
