@@ -554,6 +554,10 @@ __device__ __forceinline__ void fwd_zero_padding(const AttnParams& p, const FwdO
   }
 }
 
+// Positions per M tile of the forward (fused_fwd_kernel): as many as the group's G heads fit in
+// 16 rows (G = 3, 5, 6, 7 leave 1, 1, 4, 2 rows idle).
+__host__ __device__ __forceinline__ int fwd_positions(int64_t G) { return int(kTile / G); }
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     fused_fwd_kernel(const FusedArgs a, const FwdOut o) {
@@ -578,22 +582,41 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int G = int(p.G);
-  // A warp serves one head of the group for `reps` of the chunk's query tiles (the chunk's rows
-  // are reps x the CTA's warps / G tiles; v26: two per warp at short lengths, so that the
-  // prologue, one per CTA, serves twice the tiles): in rep r the tiles r * per .. r * per + per - 1,
-  // every other rep in reverse (causal: the warps' key counts even out).
-  const int per = int(blockDim.x >> 5) / G, reps = tiles / per;
-  const int wt = warp / G, hg = warp - wt * G;
-  const int64_t h = g * p.G + hg;
-  const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+  // The M dimension of a warp's products is P positions x the G heads of the group (row r:
+  // position r / G, head r % G; rows past P G are idle): its key tiles are the union over P
+  // positions, not 16 (v31, docs/PERF_NOTES.md: at N = 1024 15.3 key tiles per M tile instead of
+  // 26.6 on the benchmark's data). A warp serves `reps` of the chunk's M tiles: in rep r the tiles
+  // r * per .. r * per + per - 1, every other rep in reverse (causal: the warps' key counts even out).
+  const int P = fwd_positions(G);
+  const int m_tiles = (a.rows + P - 1) / P;
+  const int per = int(blockDim.x >> 5), reps = (m_tiles + per - 1) / per;
+  const int key_tiles = kend / kTile;
+  // The lane's two rows (gq, gq + 8) of the M tile: head of the group and position offset.
+  int hrow[2], prow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = gq + 8 * r;
+    hrow[r] = row % G;
+    prow[r] = row < P * G ? row / G : -1;
+  }
   uint64_t all = 0;  // the tiles any query tile of the chunk needs (CTA-uniform)
   for (int rep = 0; rep < reps; ++rep) {
-    const int tl = rep * per + ((rep & 1) ? wt : per - 1 - wt);
-    const int i0 = u.c0 + tl * kTile;  // the warp's first row
-    const int ia = i0 + gq, ib = ia + 8;
+    const int mt = rep * per + ((rep & 1) ? warp : per - 1 - warp);
+    // The rows' chunk positions (-1: no row: past the chunk, past L or past P G).
+    int pl[2], ii[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int x = mt * P + prow[r];
+      const bool ok = prow[r] >= 0 && mt < m_tiles && x < a.rows && u.c0 + x < u.L;
+      pl[r] = ok ? x : -1;
+      ii[r] = u.c0 + x;
+    }
     uint32_t qf[D / 16][4];
-    load_a_rows<T, D>(qf, ia < u.L ? qb + (u.s + ia) * p.q_sn : nullptr,
-                      ib < u.L ? qb + (u.s + ib) * p.q_sn : nullptr, tq);
+    {
+      const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + g * p.G * p.q_sh;
+      load_a_rows<T, D>(qf, pl[0] >= 0 ? qb + (u.s + ii[0]) * p.q_sn + hrow[0] * p.q_sh : nullptr,
+                        pl[1] >= 0 ? qb + (u.s + ii[1]) * p.q_sn + hrow[1] * p.q_sh : nullptr, tq);
+    }
     float m[2][2], l[2][2], acc[2][D / 8][4];
 #pragma unroll
     for (int br = 0; br < 2; ++br) {
@@ -613,10 +636,21 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       __syncthreads();  // the first segment and the masks are in shared memory
       for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];  // zeros past L
     }
-    const uint64_t my_sel = rs.need[2 * tl], my_win = rs.need[2 * tl + 1];
-    // The warp's key tiles in increasing order; its rows' words of key tile kt at wq[kt * rows].
+    // The M tile's key tiles per branch: a tile where one of its P positions has a bit (the
+    // staged words are zero past L).
+    uint64_t my_sel = 0, my_win = 0;
+    for (int t0 = 0; t0 < key_tiles; t0 += 32) {
+      const int t = t0 + lane;
+      uint32_t any = 0;
+      if (t < key_tiles && mt < m_tiles) {
+        const int x0 = mt * P, x1 = min(x0 + P, a.rows);
+        for (int x = x0; x < x1; ++x) any |= rs.words[t * a.rows + x];
+      }
+      my_sel |= uint64_t(__ballot_sync(0xffffffffu, (any & 0xffffu) != 0u)) << t0;
+      my_win |= uint64_t(__ballot_sync(0xffffffffu, (any >> 16) != 0u)) << t0;
+    }
+    // The warp's key tiles in increasing order.
     uint64_t pending = my_sel | my_win;
-    const uint32_t* wq = rs.words + tl * kTile + gq;
 
     for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
       const int seg1 = min(seg0 + a.seg, kend);
@@ -628,8 +662,13 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       }
       // The lowest pending tile lies in this segment while any does (lower ones are done).
       while ((pending & seg_mask) != 0) {
-        uint32_t w[2];
-        const int kt = next_key_tile(pending, wq, a.rows, tq, w);
+        const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+        pending &= pending - 1;
+        uint32_t w[2];  // the rows' words of key tile kt, shifted to the lane's columns
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          w[r] = pl[r] >= 0 ? rs.words[kt * a.rows + pl[r]] >> (2 * tq) : 0u;
+        }
         const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
         const T* kt_s = ks + (kt * kTile - seg0) * KS;
         const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -657,12 +696,11 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     // Epilogue: normalise, combine with the gates, store out, both branch outputs and both lse.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int i = r == 0 ? ia : ib;
       const float l_sel = quad_sum(l[0][r]), l_win = quad_sum(l[1][r]);
-      if (i >= u.L) continue;
-      const int64_t rr = u.bq * p.seq.N + u.s + i;
-      const int64_t rh = rr * p.H + h;
-      const float2 gt = gate_pair<T>(rs.gates + (tl * kTile + gq + 8 * r) * G + hg, p.gates_f32, 0);
+      if (pl[r] < 0) continue;
+      const int64_t rr = u.bq * p.seq.N + u.s + ii[r];
+      const int64_t rh = rr * p.H + g * p.G + hrow[r];
+      const float2 gt = gate_pair<T>(rs.gates + pl[r] * G + hrow[r], p.gates_f32, 0);
       const float g_sel = gt.x, g_win = gt.y;
       const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
       T* out = static_cast<T*>(o.out) + rh * D;
@@ -1921,7 +1959,9 @@ void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max
                 const at::Tensor& seq_len, cudaStream_t stream) {
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
   const int reps = fwd_reps<T, D>(d, max_len, masks);
-  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false, 0, reps);
+  Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false, 0, reps);
+  // a warp per M tile of P positions x G heads (fwd_positions), of one rep's rows
+  l.threads = int(32 * ceil_div(l.args.rows / reps, fwd_positions(d.G)));
   auto kernel = fused_fwd_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, o);
@@ -2069,7 +2109,10 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
   // length up to kMaxLen and every D (S3, D = 16, v18: fwd+bwd 1.11 ms on the fused kernels
   // against 1.25 on the row kernels); the fused forward everywhere but at D = 16 past 256 tokens
   // (S3: the row forward 0.34 ms with the selection, the fused one 0.37 with its mask kernel).
-  const int64_t by_dim = head_dim == 16 && !backward ? 256 : kMaxLen;
+  // BLOSSOMREC_FUSED_FWD_ALL=1: the fused forward at every length at D = 16 too (benchmarks).
+  const char* all = std::getenv("BLOSSOMREC_FUSED_FWD_ALL");
+  const bool d16_cap = head_dim == 16 && !backward && !(all != nullptr && all[0] == '1');
+  const int64_t by_dim = d16_cap ? 256 : kMaxLen;
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;
   return by_blocks < by_dim ? by_blocks : by_dim;
