@@ -16,7 +16,7 @@ CASES = [  # lengths, N (None: packed), H, KVH, D, causal, select_block
     ([97, 96, 1], None, 4, 4, 32, True, 16),
     ([1100, 40, 255], None, 6, 2, 64, False, 16),
     ([130, 64], 130, 2, 2, 128, True, 16),
-    ([1000, 700], 1000, 8, 2, 16, True, 16),  # D = 16: row forward, fused dq over two segments
+    ([1000, 700], 1000, 8, 2, 16, True, 16),  # D = 16: fused forward and dq over two segments
     ([700, 650], 700, 4, 4, 64, True, 16),  # G = 1: segments sized net of the staged row state
     # Past 1024 tokens: the tensor-core dk/dv of long sequences (an empty sequence's padding
     # zeroed there), the tensor-core selection at D = 128 with the sink

@@ -446,10 +446,10 @@ SEQ_BWD = ("fused_seq_bwd_kernel",)
     # their units count none), the row kernels zero the padding rows
     (torch.bfloat16, 16, "packed", [50, 9, 64], None, 16, "FBfqd---s", None),
     (torch.bfloat16, 16, "right", [50, 9, 0], 50, 16, "FB-------", "0"),
-    # D = 16 past 256 tokens: the row forward, the fused backward (both use the same saved tensors)
-    (torch.bfloat16, 16, "right", [257], 257, 16, "-Bf-----s", None),
-    # D = 16 backward over two K/V segments (672 and 336 keys), left padding
-    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "-Bf-----s", None),
+    # D = 16 past 256 tokens: the fused forward too (the row forward took it until v31)
+    (torch.bfloat16, 16, "right", [257], 257, 16, "FB------s", None),
+    # D = 16 forward and backward over two K/V segments (672 and 336 keys), left padding
+    (torch.bfloat16, 16, "left", [1000, 700], 1000, 16, "FB------s", None),
     (torch.bfloat16, 16, "right", [1025], 1025, 16, "--fq-L---", None),   # past 1024 tokens
     (torch.float16, 32, "left", [1024, 1], 1024, 16, "FB------s", None),
     (torch.float16, 32, "right", [1100, 7], 1100, 16, "-----Llm-", None),  # past 1024 tokens
@@ -708,8 +708,8 @@ def test_fused_sharp_softmax_matches_reference(x):
 @pytest.mark.parametrize("G,lengths,layout", [(1, [1023, 341], "right"),
                                             (2, [700, 233, 1], "packed")])
 def test_fused_backward_d16_past_one_segment(G, lengths, layout):
-    """D = 16 past 256 tokens: the row forward feeds the fused backward, whose dq walks two K/V
-    segments (672 keys each at most), at group sizes 1 and 2 (more rows per CTA)."""
+    """D = 16 past 256 tokens: the fused forward and dq walk two K/V segments (672 keys each at
+    most), at group sizes 1 and 2 (more rows per CTA)."""
     hp = _hp(dict(compress_stride=16, select_block=16, num_select=4), STIS[0], True)
     KVH = 2
     check_against_reference(lengths, max(lengths), G * KVH, KVH, 16, hp, layout, torch.bfloat16,

@@ -23,10 +23,11 @@
 // a query tile needs is never touched.
 //
 // - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
-//   segments (all of them at once up to 672 keys at D = 16, in dq: the D = 16 forward stops at
-//   256 tokens; 336 at D = 64); each warp keeps its 16 x D accumulators of both branches in
-//   registers.
-// - dq (query-outer, the forward's layout): the gate gradients and each branch's
+//   segments (all of them at once up to 672 keys at D = 16, 336 at D = 64); each warp keeps the
+//   16 x D accumulators of both branches of its M tile in registers. An M tile is P = 16 / G
+//   positions x the G heads of the group (v31): its key tiles are the union over P positions,
+//   computed in the kernel from the staged words (m_tile_needs), not over 16.
+// - dq (query-outer, the forward's layout and M tiles): the gate gradients and each branch's
 //   delta = gate * <dout, o_branch> first (written to aux for the dk/dv kernel), then per key tile
 //   S, both P from the saved lse, dP = dout V^T once for both branches (the gates scale it per
 //   branch), dS = P_sel (g_sel dP - delta_sel) + P_win (g_win dP - delta_win), dQ += dS K.
@@ -554,9 +555,57 @@ __device__ __forceinline__ void fwd_zero_padding(const AttnParams& p, const FwdO
   }
 }
 
-// Positions per M tile of the forward (fused_fwd_kernel): as many as the group's G heads fit in
-// 16 rows (G = 3, 5, 6, 7 leave 1, 1, 4, 2 rows idle).
-__host__ __device__ __forceinline__ int fwd_positions(int64_t G) { return int(kTile / G); }
+// Positions per M tile of the query-outer kernels (forward, dq): as many as the group's G heads
+// fit in 16 rows (G = 3, 5, 6, 7 leave 1, 1, 4, 2 rows idle).
+__host__ __device__ __forceinline__ int m_positions(int64_t G) { return int(kTile / G); }
+
+// The lane's two rows (gq, gq + 8) of M tile mt of a query-outer chunk (forward, dq): head hg of
+// the group and chunk position pl (-1: no row: past P G rows, past the chunk or past L), sequence
+// position i.
+struct MRows {
+  int hg[2], pl[2], i[2];
+};
+__device__ __forceinline__ MRows m_rows(const FusedArgs& a, const Unit& u, int G, int P, int mt,
+                                        int m_tiles, int gq) {
+  MRows m;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = gq + 8 * r;
+    const int x = mt * P + row / G;
+    const bool ok = row < P * G && mt < m_tiles && x < a.rows && u.c0 + x < u.L;
+    m.hg[r] = row % G;
+    m.pl[r] = ok ? x : -1;
+    m.i[r] = u.c0 + x;
+  }
+  return m;
+}
+
+// The key tiles M tile mt needs in each branch: those where one of its P positions has a bit in
+// the staged words ([key tile][chunk row], zeros past L). All lanes (ballots).
+__device__ __forceinline__ void m_tile_needs(const RowSmem& rs, int rows, int P, int mt,
+                                             int m_tiles, int key_tiles, int lane, uint64_t* sel,
+                                             uint64_t* win) {
+  uint64_t ns = 0, nw = 0;
+  for (int t0 = 0; t0 < key_tiles; t0 += 32) {
+    const int t = t0 + lane;
+    uint32_t any = 0;
+    if (t < key_tiles && mt < m_tiles) {
+      const int x0 = mt * P, x1 = min(x0 + P, rows);
+      for (int x = x0; x < x1; ++x) any |= rs.words[t * rows + x];
+    }
+    ns |= uint64_t(__ballot_sync(0xffffffffu, (any & 0xffffu) != 0u)) << t0;
+    nw |= uint64_t(__ballot_sync(0xffffffffu, (any >> 16) != 0u)) << t0;
+  }
+  *sel = ns;
+  *win = nw;
+}
+
+// The rows' words of key tile kt, shifted to the lane's columns (col_bit); 0 for no row.
+__device__ __forceinline__ void m_tile_words(const RowSmem& rs, int rows, const MRows& m, int kt,
+                                             int tq, uint32_t (&w)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) w[r] = m.pl[r] >= 0 ? rs.words[kt * rows + m.pl[r]] >> (2 * tq) : 0u;
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
@@ -587,35 +636,20 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   // positions, not 16 (v31, docs/PERF_NOTES.md: at N = 1024 15.3 key tiles per M tile instead of
   // 26.6 on the benchmark's data). A warp serves `reps` of the chunk's M tiles: in rep r the tiles
   // r * per .. r * per + per - 1, every other rep in reverse (causal: the warps' key counts even out).
-  const int P = fwd_positions(G);
+  const int P = m_positions(G);
   const int m_tiles = (a.rows + P - 1) / P;
   const int per = int(blockDim.x >> 5), reps = (m_tiles + per - 1) / per;
   const int key_tiles = kend / kTile;
-  // The lane's two rows (gq, gq + 8) of the M tile: head of the group and position offset.
-  int hrow[2], prow[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = gq + 8 * r;
-    hrow[r] = row % G;
-    prow[r] = row < P * G ? row / G : -1;
-  }
   uint64_t all = 0;  // the tiles any query tile of the chunk needs (CTA-uniform)
   for (int rep = 0; rep < reps; ++rep) {
     const int mt = rep * per + ((rep & 1) ? warp : per - 1 - warp);
-    // The rows' chunk positions (-1: no row: past the chunk, past L or past P G).
-    int pl[2], ii[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int x = mt * P + prow[r];
-      const bool ok = prow[r] >= 0 && mt < m_tiles && x < a.rows && u.c0 + x < u.L;
-      pl[r] = ok ? x : -1;
-      ii[r] = u.c0 + x;
-    }
+    const MRows mr = m_rows(a, u, G, P, mt, m_tiles, gq);
     uint32_t qf[D / 16][4];
     {
       const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + g * p.G * p.q_sh;
-      load_a_rows<T, D>(qf, pl[0] >= 0 ? qb + (u.s + ii[0]) * p.q_sn + hrow[0] * p.q_sh : nullptr,
-                        pl[1] >= 0 ? qb + (u.s + ii[1]) * p.q_sn + hrow[1] * p.q_sh : nullptr, tq);
+      load_a_rows<T, D>(qf, mr.pl[0] >= 0 ? qb + (u.s + mr.i[0]) * p.q_sn + mr.hg[0] * p.q_sh : nullptr,
+                        mr.pl[1] >= 0 ? qb + (u.s + mr.i[1]) * p.q_sn + mr.hg[1] * p.q_sh : nullptr,
+                        tq);
     }
     float m[2][2], l[2][2], acc[2][D / 8][4];
 #pragma unroll
@@ -636,19 +670,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       __syncthreads();  // the first segment and the masks are in shared memory
       for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];  // zeros past L
     }
-    // The M tile's key tiles per branch: a tile where one of its P positions has a bit (the
-    // staged words are zero past L).
-    uint64_t my_sel = 0, my_win = 0;
-    for (int t0 = 0; t0 < key_tiles; t0 += 32) {
-      const int t = t0 + lane;
-      uint32_t any = 0;
-      if (t < key_tiles && mt < m_tiles) {
-        const int x0 = mt * P, x1 = min(x0 + P, a.rows);
-        for (int x = x0; x < x1; ++x) any |= rs.words[t * a.rows + x];
-      }
-      my_sel |= uint64_t(__ballot_sync(0xffffffffu, (any & 0xffffu) != 0u)) << t0;
-      my_win |= uint64_t(__ballot_sync(0xffffffffu, (any >> 16) != 0u)) << t0;
-    }
+    uint64_t my_sel, my_win;
+    m_tile_needs(rs, a.rows, P, mt, m_tiles, key_tiles, lane, &my_sel, &my_win);
     // The warp's key tiles in increasing order.
     uint64_t pending = my_sel | my_win;
 
@@ -664,11 +687,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       while ((pending & seg_mask) != 0) {
         const int kt = __ffsll(static_cast<long long>(pending)) - 1;
         pending &= pending - 1;
-        uint32_t w[2];  // the rows' words of key tile kt, shifted to the lane's columns
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          w[r] = pl[r] >= 0 ? rs.words[kt * a.rows + pl[r]] >> (2 * tq) : 0u;
-        }
+        uint32_t w[2];
+        m_tile_words(rs, a.rows, mr, kt, tq, w);
         const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
         const T* kt_s = ks + (kt * kTile - seg0) * KS;
         const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -697,10 +717,10 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l_sel = quad_sum(l[0][r]), l_win = quad_sum(l[1][r]);
-      if (pl[r] < 0) continue;
-      const int64_t rr = u.bq * p.seq.N + u.s + ii[r];
-      const int64_t rh = rr * p.H + g * p.G + hrow[r];
-      const float2 gt = gate_pair<T>(rs.gates + pl[r] * G + hrow[r], p.gates_f32, 0);
+      if (mr.pl[r] < 0) continue;
+      const int64_t rr = u.bq * p.seq.N + u.s + mr.i[r];
+      const int64_t rh = rr * p.H + g * p.G + mr.hg[r];
+      const float2 gt = gate_pair<T>(rs.gates + mr.pl[r] * G + mr.hg[r], p.gates_f32, 0);
       const float g_sel = gt.x, g_win = gt.y;
       const float inv_sel = 1.f / l_sel, inv_win = 1.f / l_win;
       T* out = static_cast<T*>(o.out) + rh * D;
@@ -819,26 +839,25 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int tl = warp / int(p.G), hg = warp - tl * int(p.G);
-  const int64_t h = g * p.G + hg;
-  const int i0 = u.c0 + tl * kTile;
-  const bool active = i0 < u.L;
-  const int rows_i[2] = {i0 + gq, i0 + gq + 8};
+  const int G = int(p.G);
+  // A warp per M tile of P positions x G heads, as in the forward (v31).
+  const int P = m_positions(G);
+  const int m_tiles = (a.rows + P - 1) / P;
+  const MRows mr = m_rows(a, u, G, P, warp, m_tiles, gq);
   uint32_t qf[D / 16][4], df[D / 16][4];
   // Per row r and branch br: <dout, o_branch>, then gate, lse in base 2, delta.
   float dot[2][2], gate[2][2], lse2[2][2], delta[2][2];
-  int64_t row[2];  // buffer rows
+  int64_t row[2], rh[2];  // buffer rows, (row, head) indices
   {
-    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + h * p.q_sh;
+    const T* qb = static_cast<const T*>(p.q) + u.bq * p.q_sb + g * p.G * p.q_sh;
     const T* row_q[2];
     const T* row_d[2];
-    int64_t rh[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const bool valid = rows_i[r] < u.L;
-      row[r] = u.bq * p.seq.N + u.s + rows_i[r];
-      rh[r] = row[r] * p.H + h;
-      row_q[r] = valid ? qb + (u.s + rows_i[r]) * p.q_sn : nullptr;
+      const bool valid = mr.pl[r] >= 0;
+      row[r] = u.bq * p.seq.N + u.s + mr.i[r];
+      rh[r] = row[r] * p.H + g * p.G + mr.hg[r];
+      row_q[r] = valid ? qb + (u.s + mr.i[r]) * p.q_sn + mr.hg[r] * p.q_sh : nullptr;
       row_d[r] = valid ? static_cast<const T*>(in.dout) + rh[r] * D : nullptr;
     }
     load_a_rows<T, D>(qf, row_q[0], row_q[1], tq);
@@ -858,26 +877,26 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   __syncthreads();  // the first segment, the masks, gates and lse are in shared memory
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int x = (tl * kTile + gq + 8 * r) * int(p.G) + hg;
-    const float2 gt = gate_pair<T>(rs.gates + x, p.gates_f32, 0), ls = rs.lse[x];  // zeros past L
+    const int x = mr.pl[r] >= 0 ? mr.pl[r] * G + mr.hg[r] : 0;
+    const float2 gt = gate_pair<T>(rs.gates + x, p.gates_f32, 0), ls = rs.lse[x];
     gate[r][0] = gt.x;
     gate[r][1] = gt.y;
     lse2[r][0] = ls.x * kLog2e;
     lse2[r][1] = ls.y * kLog2e;
 #pragma unroll
     for (int br = 0; br < 2; ++br) delta[r][br] = gate[r][br] * dot[r][br];
-    if (tq == 0 && rows_i[r] < u.L) {
-      Aux* ar = aux + aux_index(a, row[r], h);
+    if (tq == 0 && mr.pl[r] >= 0) {
+      Aux* ar = aux + aux_index(a, row[r], g * p.G + mr.hg[r]);
       ar[0] = make_float4(gate[r][0], lse2[r][0], delta[r][0], dot[r][0]);
       ar[1] = make_float4(gate[r][1], lse2[r][1], delta[r][1], dot[r][1]);
-      store_gate_pair<T>(in.dgates, in.dgates_f32, row[r] * p.H + h, dot[r][0], dot[r][1]);
+      store_gate_pair<T>(in.dgates, in.dgates_f32, rh[r], dot[r][0], dot[r][1]);
     }
   }
   uint64_t all = 0;  // zeros for the tiles past L
   for (int t = 0; t < tiles; ++t) all |= rs.need[2 * t] | rs.need[2 * t + 1];
-  const uint64_t my_sel = rs.need[2 * tl], my_win = rs.need[2 * tl + 1];
+  uint64_t my_sel, my_win;
+  m_tile_needs(rs, a.rows, P, warp, m_tiles, kend / kTile, lane, &my_sel, &my_win);
   uint64_t pending = my_sel | my_win;  // as in the forward
-  const uint32_t* wq = rs.words + tl * kTile + gq;
 
   for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
     const int seg1 = min(seg0 + a.seg, kend);
@@ -885,8 +904,10 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     if (seg0 > 0 && !restage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all)) continue;
     // The lowest pending tile lies in this segment while any does (lower ones are done).
     while ((pending & seg_mask) != 0) {
+      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+      pending &= pending - 1;
       uint32_t w[2];
-      const int kt = next_key_tile(pending, wq, a.rows, tq, w);
+      m_tile_words(rs, a.rows, mr, kt, tq, w);
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
       const T* kt_s = ks + (kt * kTile - seg0) * KS;
       const T* vt_s = vs + (kt * kTile - seg0) * KS;
@@ -916,11 +937,10 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       mma_ab<T, D, KS>(acc, dsa, kt_s, lane);
     }
   }
-  if (!active) return;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (rows_i[r] >= u.L) continue;
-    T* dq = dq_out + ((u.bq * p.seq.N + u.s + rows_i[r]) * p.H + h) * D;
+    if (mr.pl[r] < 0) continue;
+    T* dq = dq_out + rh[r] * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<uint32_t*>(dq + n * 8 + 2 * tq) =
@@ -1930,7 +1950,9 @@ Launch plan_query_outer(const AttnParams& p, const Dims& d, int64_t max_len,
   const int64_t tpc = tiles_per_cta(d, n_max);
   Launch l = plan_units(p, d, max_len, int(reps * tpc * kTile), seq_len, stream, &masks, min_len);
   l.args.seg = int(segment_keys<T, D>(d, n_max, l.args.rows, l.args.tiles_cap, with_lse));
-  l.threads = int(32 * d.G * tpc);
+  // a warp per M tile of P positions x G heads (m_positions) of one rep's tpc tiles: G tpc warps
+  // where G divides 16, up to 8 (G = 3: 7, G = 5: 6)
+  l.threads = int(32 * ceil_div(tpc * kTile, m_positions(d.G)));
   l.smem = row_smem_layout(l.args.seg * 2 * KS * int64_t(sizeof(T)), l.args.rows, l.args.tiles_cap,
                            d.G, with_lse).total;
   return l;
@@ -1959,9 +1981,7 @@ void launch_fwd(const AttnParams& p, const FwdOut& o, const Dims& d, int64_t max
                 const at::Tensor& seq_len, cudaStream_t stream) {
   const Masks masks = compute_masks(p, d, max_len, longest(d, max_len), seq_len, stream);
   const int reps = fwd_reps<T, D>(d, max_len, masks);
-  Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false, 0, reps);
-  // a warp per M tile of P positions x G heads (fwd_positions), of one rep's rows
-  l.threads = int(32 * ceil_div(l.args.rows / reps, fwd_positions(d.G)));
+  const Launch l = plan_query_outer<T, D>(p, d, max_len, seq_len, stream, masks, false, 0, reps);
   auto kernel = fused_fwd_kernel<T, D>;
   allow_dynamic_smem(kernel, l.smem);
   kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, o);
@@ -2105,14 +2125,11 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
     // on sm_86 / sm_89 (99 KiB per CTA), where the row kernels take the backward.
     if (dkdv_smem(kMaxWarps, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
   }
-  // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18): the fused backward wins at every
-  // length up to kMaxLen and every D (S3, D = 16, v18: fwd+bwd 1.11 ms on the fused kernels
-  // against 1.25 on the row kernels); the fused forward everywhere but at D = 16 past 256 tokens
-  // (S3: the row forward 0.34 ms with the selection, the fused one 0.37 with its mask kernel).
-  // BLOSSOMREC_FUSED_FWD_ALL=1: the fused forward at every length at D = 16 too (benchmarks).
-  const char* all = std::getenv("BLOSSOMREC_FUSED_FWD_ALL");
-  const bool d16_cap = head_dim == 16 && !backward && !(all != nullptr && all[0] == '1');
-  const int64_t by_dim = d16_cap ? 256 : kMaxLen;
+  // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18, v31): the fused kernels win at every
+  // length up to kMaxLen and every D, forward and backward (S3, D = 16, v31: the fused forward
+  // 0.282 ms with the selection against the row forward's 0.328; it stopped at 256 tokens there
+  // from v18c until the M tiles of P positions x G heads).
+  const int64_t by_dim = kMaxLen;
   // floor(L / b) <= 64 selection blocks, i.e. L < 65 b.
   const int64_t by_blocks = 65 * select_block - 1;
   return by_blocks < by_dim ? by_blocks : by_dim;
