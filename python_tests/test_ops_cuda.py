@@ -648,11 +648,11 @@ def test_bwd_groups_per_launch_bitwise_equal(x, monkeypatch):
         assert ran == n_launch, f"{groups} groups per launch: {ran} dk/dv launches, not {n_launch}"
 
 
-# The fused backward at D = 64 at the group sizes the fused grid leaves out there: G = 1 (eight key
-# tiles per dk/dv CTA), 3 (a CTA's last key tile past L), 8 (one key tile, eight head warps); padded
-# both ways and packed, both dtypes, up to 1024 tokens (v30, docs/PERF_NOTES.md, ran its warp-pair
-# dk/dv kernel through these). The backward is bitwise the same twice (no atomics), and the fused
-# dk/dv kernel ran.
+# The fused backward at D = 64 at the group sizes the fused grid leaves out there: G = 1 (M tiles
+# of 16 positions), 3 (5 positions x 3 heads: M tiles straddle 16-position query tiles, one row
+# idle), 8 (2 positions x 8 heads); padded both ways and packed, both dtypes, up to 1024 tokens
+# (v30, docs/PERF_NOTES.md, ran its warp-pair dk/dv kernel through these). The backward is bitwise
+# the same twice (no atomics), and the fused dk/dv kernel ran.
 D64_GROUP_CASES = [  # lengths, N (None: packed), G, causal, layout
     ([200, 37, 0], 200, 1, True, "right"),
     ([130, 16, 1], 130, 8, False, "left"),

@@ -31,10 +31,11 @@
 //   delta = gate * <dout, o_branch> first (written to aux for the dk/dv kernel), then per key tile
 //   S, both P from the saved lse, dP = dout V^T once for both branches (the gates scale it per
 //   branch), dS = P_sel (g_sel dP - delta_sel) + P_win (g_win dP - delta_win), dQ += dS K.
-// - dk/dv (key-outer): a warp per (16 keys of the kv group, query head) walks the query tiles that
-//   need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
+// - dk/dv (key-outer): a warp per 16 keys of the kv group walks the M tiles (P positions x G
+//   heads, as above; v32) that need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
 //   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q; Q, dout and aux tiles double-buffered
-//   per warp with cp.async; the G head partials added in head order (deterministic, no atomics).
+//   per warp with cp.async; each dK, dV element one warp's sum in a fixed order (deterministic, no
+//   atomics).
 // Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
 // sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
 // the row kernels zero the padding rows and serve the sequences longer than fused_max_len().
@@ -973,10 +974,14 @@ constexpr int stage_bytes(int D, int elem) {
   return 2 * kTile * row_stride(D) * elem + kTile * 2 * int(sizeof(Aux)) + kTile * 4;
 }
 
-// Shared memory of a dk/dv CTA of `warps` warps: two stages per warp, after the tile needs of the
-// sequence's query tiles (2 x kMaxTiles words of 64 bits) in fused_dkdv_kernel.
-constexpr int64_t dkdv_smem(int64_t warps, int D, int elem, bool with_needs) {
-  return (with_needs ? 2 * kMaxTiles * 8 : 0) + warps * 2 * stage_bytes(D, elem);
+// fused_dkdv_kernel: a warp's list of the M tiles (P positions x G heads, at most kMaxLen / 2 at
+// G = 8) that need its key tile, 16 bits each (tile index, bit 14 LTIS, bit 15 STIS).
+constexpr int kMaxMTiles = kMaxLen / 2;
+// Shared memory of a dk/dv CTA of `warps` warps: two stages per warp; in fused_dkdv_kernel
+// (`fused`) also the tile needs of the sequence's query tiles (2 x kMaxTiles words of 64 bits)
+// and each warp's M-tile list.
+constexpr int64_t dkdv_smem(int64_t warps, int D, int elem, bool fused) {
+  return (fused ? 2 * kMaxTiles * 8 : 0) + warps * (2 * stage_bytes(D, elem) + (fused ? 2 * kMaxMTiles : 0));
 }
 
 // A stage row's sequence position and whether it holds one (else it is zero-filled: no mask sees
@@ -985,9 +990,11 @@ template <typename I>
 struct StageRow {
   bool valid;
   I i;
+  int dh = 0;  // the row's head: h + dh
 };
 
-// The copies of one stage's Q, dout and aux rows of head h, row r < 16 at pos_of(r) (a StageRow).
+// The copies of one stage's Q, dout and aux rows, row r < 16 at pos_of(r) (a StageRow: position,
+// head h + dh).
 // All lanes (pos_of may shuffle). A lane copies the same 16-byte column c of its rows r0, r0 +
 // 32 / (D / 8), ... of Q and of dout, one row position and two 64-bit offsets per row pair: the
 // loop over every (matrix, row, chunk) element before (v28, docs/PERF_NOTES.md) ran ~35
@@ -1011,32 +1018,35 @@ __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const Fus
   T* dst = buf + r0 * KS + c * 8;
 #pragma unroll
   for (int k = 0; k < kTile / kRowsPerPass; ++k) {
-    const auto [valid, i] = pos_of(r0 + k * kRowsPerPass);
-    const int64_t n = u.s + (valid ? i : 0);
-    cp_async16(dst + k * kRowsPerPass * KS, qrow + n * p.q_sn, valid);
-    cp_async16(dst + (kTile + k * kRowsPerPass) * KS, drow + n * d_sn, valid);
+    const auto sr = pos_of(r0 + k * kRowsPerPass);
+    const int64_t n = u.s + (sr.valid ? sr.i : 0);
+    const int dh = sr.valid ? sr.dh : 0;
+    cp_async16(dst + k * kRowsPerPass * KS, qrow + n * p.q_sn + dh * p.q_sh, sr.valid);
+    cp_async16(dst + (kTile + k * kRowsPerPass) * KS, drow + n * d_sn + dh * D, sr.valid);
   }
   {  // 32 float4: one per lane
     const int r = lane >> 1, br = lane & 1;
-    const auto [valid, i] = pos_of(r);
+    const auto sr = pos_of(r);
     const Aux* arow = aux + aux_index(a, u.bq * p.seq.N + u.s, h) + br;
-    cp_async16(abuf + lane, arow + (valid ? i : 0) * a.aux_heads * 2, valid);
+    cp_async16(abuf + lane, arow + (sr.valid ? sr.i * a.aux_heads + sr.dh : 0) * 2, sr.valid);
   }
 }
 
-// Q, dout and aux of query tile qt, head h, and the tile's words of the warp's key tile (wcol[i]:
-// query position i's), into one stage (rows past L zero-filled).
+// Q, dout and aux of M tile mt (positions mt P .. mt P + P - 1 x the G heads of kv group g: row
+// r is position mt P + r / G, head g G + r % G), and the rows' words of the warp's key tile
+// (wcol[i]: query position i's), into one stage (rows past L or past P G zero-filled).
 template <typename T, int D, int KS>
-__device__ __forceinline__ void stage_q_dout(unsigned char* stage, const FusedArgs& a,
+__device__ __forceinline__ void stage_m_tile(unsigned char* stage, const FusedArgs& a,
                                              const BwdIn& in, const Aux* aux, const uint32_t* wcol,
-                                             const Unit& u, int qt, int64_t h, int lane) {
-  stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, h, lane, [&](int r) {
-    const int i = qt * kTile + r;
-    return StageRow<int>{i < u.L, i};
+                                             const Unit& u, int64_t g, int P, int mt, int lane) {
+  const int G = int(a.p.G);
+  stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, g * a.p.G, lane, [&](int r) {
+    const int i = mt * P + r / G;
+    return StageRow<int>{r < P * G && i < u.L, i, r % G};
   });
   if (lane < kTile) {
-    const int i = qt * kTile + lane;
-    const bool valid = i < u.L;
+    const int i = mt * P + lane / G;
+    const bool valid = lane < P * G && i < u.L;
     Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
     cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + (valid ? i : 0), valid);
   }
@@ -1059,8 +1069,8 @@ __device__ __forceinline__ void load_key_fragments(uint32_t (&kf)[D / 16][4], ui
                     jb < u.L ? vb + (u.s + jb) * p.v_sn : nullptr, tq);
 }
 
-// A dk/dv warp's partial sums in shared memory (lane-major float32, 2 x D / 8 x 4 x 32), in the
-// warp's two stages once its tiles are done: element e of n8 tile n of dk (mat 0) or dv (mat 1)
+// A long dk/dv warp's partial sums in shared memory (lane-major float32, 2 x D / 8 x 4 x 32), in
+// the warp's two stages once its tiles are done: element e of n8 tile n of dk (mat 0) or dv (mat 1)
 // held by lane `lane` is at part_index(mat, n, e, lane).
 template <int D>
 __device__ __forceinline__ int part_index(int mat, int n, int e, int lane) {
@@ -1144,8 +1154,12 @@ __device__ __forceinline__ void dkdv_tile(const unsigned char* stage, const uint
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
-  // Warp (tl, hg): key tile c0 / 16 + tl, query head hg of the group. Its partial dK, dV over the
-  // queries of that head are added to the other heads' in head order at the end (deterministic).
+  // Launched with dkdv_tiles_per_cta warps (the bounds' 256 threads x kDkdvMinBlocks CTAs set the
+  // register cap). Warp w: key tile c0 / 16 + w, for every head of the group: its query side is
+  // the M tiles of P positions x G heads (the query-outer kernels' layout, v32) that need the
+  // tile, in increasing order, so that each dK, dV element is one warp's sum in a fixed order
+  // (deterministic, no atomics) over the union of P positions' key sets (not 16 positions' per
+  // head).
   constexpr int KS = FusedTraits<D>::kStride;
   constexpr int kStage = stage_bytes(D, int(sizeof(T)));
   constexpr int kBuf = 2 * kStage;  // a warp's two stages
@@ -1160,9 +1174,8 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int G = int(p.G);
-  const int tl = warp / G, hg = warp - tl * G;
-  const int64_t h = g * p.G + hg;
-  const int kt = u.c0 / kTile + tl;  // the warp's key tile
+  const int P = m_positions(G);
+  const int kt = u.c0 / kTile + warp;  // the warp's key tile
   const bool active = kt * kTile < u.L;
   // The warp's keys and values load while the tile needs come to shared memory.
   const int ja = kt * kTile + gq, jb = ja + 8;
@@ -1178,16 +1191,39 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  unsigned char* buf = bufs + warp * kBuf;
+  unsigned char* buf = bufs + warp * (kBuf + 2 * kMaxMTiles);
+  uint16_t* list = reinterpret_cast<uint16_t*>(buf + kBuf);
   // The mask words of key tile kt: wcol[i] is query position i's.
   const uint32_t* wcol =
       a.words + ((g - a.g0) * a.tiles_cap + kt) * a.mask_rows + u.bq * p.seq.N + u.s;
 
-  uint64_t tlist = 0;  // query tiles that need this key tile
+  // The M tiles that need key tile kt, a lane per M tile: those overlapping a 16-position query
+  // tile that needs it, then their P positions' words (zero past L), compacted in order.
+  int n_list = 0;
   if (active) {
+    uint64_t tlist = 0;  // query tiles that need this key tile
     for (int t = 0; t < q_tiles; ++t) {
       if (((need[2 * t] | need[2 * t + 1]) >> kt) & 1) tlist |= 1ull << t;
     }
+    const int m_tiles = (u.L + P - 1) / P;
+    for (int m0 = 0; m0 < m_tiles; m0 += 32) {
+      const int mt = m0 + lane;
+      uint32_t any = 0;
+      if (mt < m_tiles) {
+        const int i0 = mt * P, i1 = min(i0 + P, u.L);
+        if (((tlist >> (i0 / kTile)) | (tlist >> ((i1 - 1) / kTile))) & 1) {
+          for (int i = i0; i < i1; ++i) any |= wcol[i];
+        }
+      }
+      const bool keep = any != 0u;
+      const uint32_t bal = __ballot_sync(0xffffffffu, keep);
+      if (keep) {
+        list[n_list + __popc(bal & ((1u << lane) - 1u))] =
+            uint16_t(mt | ((any & 0xffffu) != 0u ? 1 << 14 : 0) | ((any >> 16) != 0u ? 1 << 15 : 0));
+      }
+      n_list += __popc(bal);
+    }
+    __syncwarp();
   }
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -1196,43 +1232,24 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
   }
 
-  // The query tiles in increasing order, the next one's Q and dout loading while this one runs.
-  int qt = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
-  int stage = 0;
-  if (qt >= 0) stage_q_dout<T, D, KS>(buf, a, in, aux, wcol, u, qt, h, lane);
-  while (qt >= 0) {
-    tlist &= tlist - 1;
-    const int qt_next = tlist ? __ffsll(static_cast<long long>(tlist)) - 1 : -1;
-    if (qt_next >= 0) {
-      stage_q_dout<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, wcol, u, qt_next, h, lane);
+  // The M tiles in increasing order, the next one's Q, dout and aux loading while this one runs.
+  if (n_list > 0) stage_m_tile<T, D, KS>(buf, a, in, aux, wcol, u, g, P, list[0] & 0x3fff, lane);
+  for (int e = 0; e < n_list; ++e) {
+    const int stage = e & 1;
+    if (e + 1 < n_list) {
+      stage_m_tile<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, wcol, u, g, P,
+                             list[e + 1] & 0x3fff, lane);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncwarp();
-    const bool do_sel = (need[2 * qt] >> kt) & 1, do_win = (need[2 * qt + 1] >> kt) & 1;
-    dkdv_tile<T, D, KS>(buf + stage * kStage, kf, vf, do_sel, do_win, p.scale_log2, lane, dk, dv);
+    const int ent = list[e];
+    dkdv_tile<T, D, KS>(buf + stage * kStage, kf, vf, (ent >> 14) & 1, (ent >> 15) & 1,
+                        p.scale_log2, lane, dk, dv);
     __syncwarp();  // the buffer is refilled two steps on
-    qt = qt_next;
-    stage ^= 1;
   }
-
-  // Head reduction: warps hg > 0 leave their partials in their own buffer (lane-major float32,
-  // 2 D / 8 * 4 * 32 floats, less than the buffer), warp hg = 0 adds them in head order.
-  if (hg > 0) store_parts<D>(reinterpret_cast<float*>(buf), dk, dv, lane);
-  __syncthreads();
-  if (hg > 0 || !active) return;
-  for (int x = 1; x < G; ++x) {
-    const float* other = reinterpret_cast<const float*>(bufs + (warp + x) * kBuf);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        dk[n][e] += other[part_index<D>(0, n, e, lane)];
-        dv[n][e] += other[part_index<D>(1, n, e, lane)];
-      }
-    }
-  }
+  if (!active) return;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = r == 0 ? ja : jb;
@@ -1836,6 +1853,15 @@ struct Masks {
   int64_t g0 = 0, groups = 0;
 };
 
+// Key tiles per fused dk/dv CTA, a warp each serving every head of the group (v32): four, so
+// that a CTA of the 198-register D = 64 kernel is 4 warps and two fit an SM (8 warps, as one CTA
+// of 8 (key tile, head) warps before), and the long walks of early key tiles are spread over more
+// CTAs; no more than the longest sequence has.
+constexpr int64_t kDkdvTiles = 4;
+int64_t dkdv_tiles_per_cta(int64_t n_max) {
+  return kDkdvTiles < ceil_div(n_max, kTile) ? kDkdvTiles : ceil_div(n_max, kTile);
+}
+
 Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
                     const at::Tensor& seq_len, cudaStream_t stream, int64_t g0 = 0,
                     int64_t groups = -1);
@@ -2030,11 +2056,12 @@ void launch_seq_bwd(const AttnParams& p, const BwdIn& in, T* dq, T* dk, T* dv, c
 }
 
 // kv groups per launch of the fused backward where it owns aux (aux_free): one at a time while
-// each launch of the dk/dv kernel still has kChunkMinCtas CTAs per SM, so that the mask words and
-// aux exist for one group at a time (v29, docs/PERF_NOTES.md: at N = 1024, D = 16 they are twice
-// and half dq's size per group, and held the peak above dense SDPA's); all at once where that
-// would leave SMs idle. BLOSSOMREC_BWD_GROUPS=n forces n (tests, benchmarks).
-constexpr int64_t kChunkMinCtas = 8;
+// each launch of the dk/dv kernel still has kChunkMinPairs (key tile, head) pairs per SM (64: v29's
+// 8 CTAs of 8 such warps), so that the mask words and aux exist for one group at a time (v29,
+// docs/PERF_NOTES.md: at N = 1024, D = 16 they are twice and half dq's size per group, and held
+// the peak above dense SDPA's); all at once where that would leave SMs idle.
+// BLOSSOMREC_BWD_GROUPS=n forces n (tests, benchmarks).
+constexpr int64_t kChunkMinPairs = 64;
 
 int64_t bwd_groups_per_launch(const Dims& d, int64_t n_max, bool aux_free) {
   if (!aux_free) return d.KVH;  // the caller's aux covers every head
@@ -2043,11 +2070,12 @@ int64_t bwd_groups_per_launch(const Dims& d, int64_t n_max, bool aux_free) {
     const int64_t n = std::atoll(e);
     return n < d.KVH ? n : d.KVH;
   }
-  const int64_t rows = tiles_per_cta(d, n_max) * kTile;
+  const int64_t tiles = dkdv_tiles_per_cta(n_max), rows = tiles * kTile;
   // the dk/dv CTAs of one group: every unit of a padded batch, those of the packed tokens
   const int64_t units = d.Bq == d.B ? d.B * ceil_div(n_max, rows) : ceil_div(d.N, rows);
-  const int64_t want = kChunkMinCtas * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t per = ceil_div(want, units > 0 ? units : 1);
+  const int64_t pairs = units * tiles * d.G;
+  const int64_t want = kChunkMinPairs * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per = ceil_div(want, pairs > 0 ? pairs : 1);
   return per < d.KVH ? per : d.KVH;
 }
 
@@ -2082,12 +2110,11 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
       kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dq);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const int64_t tiles = tiles_per_cta(d, n_max);
-    const int64_t warps = d.G * tiles;
+    const int64_t tiles = dkdv_tiles_per_cta(n_max);  // a warp per key tile
     Launch l = plan_units(p, d, max_len, int(tiles * kTile), seq_len, stream, &masks, short_len);
     l.args.aux_heads = aux_heads;
-    l.threads = int(32 * warps);
-    l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/true);
+    l.threads = int(32 * tiles);
+    l.smem = dkdv_smem(tiles, D, int(sizeof(T)), /*fused=*/true);
     auto kernel = fused_dkdv_kernel<T, D>;
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
@@ -2104,7 +2131,7 @@ void launch_long_dkdv(const AttnParams& p, const BwdIn& in, const Aux* aux, cons
   Launch l = plan_units(p, d, std::numeric_limits<int64_t>::max(), int(tiles * kTile), seq_len,
                         stream, nullptr, min_len);
   l.threads = int(32 * warps);
-  l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*with_needs=*/false);
+  l.smem = dkdv_smem(warps, D, int(sizeof(T)), /*fused=*/false);
   BR_CHECK(fused_long_dkdv_fits(d), "long_dkdv_kernel launched where it does not fit");
   const LongArgs la{l.args, inv_rows, inv_offsets};
   auto kernel = long_dkdv_kernel<T, D>;
@@ -2121,9 +2148,8 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major < 8) return 0;  // mma.sync bf16 needs sm_80
   if (backward) {
-    // fused_dkdv_kernel's shared memory (up to kMaxWarps warps) must fit one CTA: not at D = 128
-    // on sm_86 / sm_89 (99 KiB per CTA), where the row kernels take the backward.
-    if (dkdv_smem(kMaxWarps, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
+    // fused_dkdv_kernel's shared memory (kDkdvTiles warps) must fit one CTA.
+    if (dkdv_smem(kDkdvTiles, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
   }
   // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18, v31): the fused kernels win at every
   // length up to kMaxLen and every D, forward and backward (S3, D = 16, v31: the fused forward
