@@ -977,6 +977,8 @@ constexpr int stage_bytes(int D, int elem) {
 // fused_dkdv_kernel: a warp's list of the M tiles (P positions x G heads, at most kMaxLen / 2 at
 // G = 8) that need its key tile, 16 bits each (tile index, bit 14 LTIS, bit 15 STIS).
 constexpr int kMaxMTiles = kMaxLen / 2;
+// the list's bound: at most 8 heads per group (checks.h), so P = 16 / G >= 2 positions per M tile
+static_assert(kMaxMTiles >= kMaxLen / (kTile / 8) && kMaxMTiles < (1 << 14), "M-tile list size");
 // Shared memory of a dk/dv CTA of `warps` warps: two stages per warp; in fused_dkdv_kernel
 // (`fused`) also the tile needs of the sequence's query tiles (2 x kMaxTiles words of 64 bits)
 // and each warp's M-tile list.
