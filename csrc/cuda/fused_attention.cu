@@ -406,12 +406,18 @@ __device__ __forceinline__ bool restage_kv(T* ks, T* vs, const AttnParams& p, co
   return true;
 }
 
+// The lowest tile of `pending`, taken off it.
+__device__ __forceinline__ int pop_tile(uint64_t& pending) {
+  const int kt = __ffsll(static_cast<long long>(pending)) - 1;
+  pending &= pending - 1;
+  return kt;
+}
+
 // A query tile's next key tile: the lowest of `pending` (taken off it), with the lane's rows'
 // mask words of it in w, shifted to the lane's columns (col_bit).
 __device__ __forceinline__ int next_key_tile(uint64_t& pending, const uint32_t* wq, int rows,
                                              int tq, uint32_t (&w)[2]) {
-  const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-  pending &= pending - 1;
+  const int kt = pop_tile(pending);
   w[0] = wq[kt * rows] >> (2 * tq);
   w[1] = wq[kt * rows + 8] >> (2 * tq);
   return kt;
@@ -560,8 +566,18 @@ __device__ __forceinline__ void fwd_zero_padding(const AttnParams& p, const FwdO
 // fit in 16 rows (G = 3, 5, 6, 7 leave 1, 1, 4, 2 rows idle).
 __host__ __device__ __forceinline__ int m_positions(int64_t G) { return int(kTile / G); }
 
+// Row r (0 .. 15) of an M tile: position offset r / G in the tile, head r % G of the group; rows
+// past P G are idle (used false). The one statement of the layout (m_rows, stage_m_tile).
+struct MRow {
+  int dp, hg;
+  bool used;
+};
+__host__ __device__ __forceinline__ MRow m_row(int r, int G, int P) {
+  return MRow{r / G, r % G, r < P * G};
+}
+
 // The lane's two rows (gq, gq + 8) of M tile mt of a query-outer chunk (forward, dq): head hg of
-// the group and chunk position pl (-1: no row: past P G rows, past the chunk or past L), sequence
+// the group and chunk position pl (-1: no row: idle, past the chunk or past L), sequence
 // position i.
 struct MRows {
   int hg[2], pl[2], i[2];
@@ -571,10 +587,10 @@ __device__ __forceinline__ MRows m_rows(const FusedArgs& a, const Unit& u, int G
   MRows m;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = gq + 8 * r;
-    const int x = mt * P + row / G;
-    const bool ok = row < P * G && mt < m_tiles && x < a.rows && u.c0 + x < u.L;
-    m.hg[r] = row % G;
+    const MRow row = m_row(gq + 8 * r, G, P);
+    const int x = mt * P + row.dp;
+    const bool ok = row.used && mt < m_tiles && x < a.rows && u.c0 + x < u.L;
+    m.hg[r] = row.hg;
     m.pl[r] = ok ? x : -1;
     m.i[r] = u.c0 + x;
   }
@@ -686,8 +702,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       }
       // The lowest pending tile lies in this segment while any does (lower ones are done).
       while ((pending & seg_mask) != 0) {
-        const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-        pending &= pending - 1;
+        const int kt = pop_tile(pending);
         uint32_t w[2];
         m_tile_words(rs, a.rows, mr, kt, tq, w);
         const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
@@ -905,8 +920,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
     if (seg0 > 0 && !restage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all)) continue;
     // The lowest pending tile lies in this segment while any does (lower ones are done).
     while ((pending & seg_mask) != 0) {
-      const int kt = __ffsll(static_cast<long long>(pending)) - 1;
-      pending &= pending - 1;
+      const int kt = pop_tile(pending);
       uint32_t w[2];
       m_tile_words(rs, a.rows, mr, kt, tq, w);
       const bool do_sel = (my_sel >> kt) & 1, do_win = (my_win >> kt) & 1;
@@ -1043,12 +1057,14 @@ __device__ __forceinline__ void stage_m_tile(unsigned char* stage, const FusedAr
                                              const Unit& u, int64_t g, int P, int mt, int lane) {
   const int G = int(a.p.G);
   stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, g * a.p.G, lane, [&](int r) {
-    const int i = mt * P + r / G;
-    return StageRow<int>{r < P * G && i < u.L, i, r % G};
+    const MRow row = m_row(r, G, P);
+    const int i = mt * P + row.dp;
+    return StageRow<int>{row.used && i < u.L, i, row.hg};
   });
   if (lane < kTile) {
-    const int i = mt * P + lane / G;
-    const bool valid = lane < P * G && i < u.L;
+    const MRow row = m_row(lane, G, P);
+    const int i = mt * P + row.dp;
+    const bool valid = row.used && i < u.L;
     Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
     cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + (valid ? i : 0), valid);
   }
@@ -1175,8 +1191,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int G = int(p.G);
-  const int P = m_positions(G);
+  const int P = m_positions(p.G);
   const int kt = u.c0 / kTile + warp;  // the warp's key tile
   const bool active = kt * kTile < u.L;
   // The warp's keys and values load while the tile needs come to shared memory.
