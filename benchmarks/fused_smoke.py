@@ -1,6 +1,6 @@
 """One forward and backward of the CUDA op on each kind of input the tensor-core kernels take
 (the fused ones: padded right / left, packed with a sequence past their limit, D = 16 .. 128,
-G = 1 .. 8, causal and not, with the sink; the long sequences' forward and dk/dv, the selection
+G = 1 .. 8 (3, 5, 6, 7: M tiles with idle rows), causal and not, with the sink; the long sequences' forward and dk/dv, the selection
 on tensor cores, the one-CTA backward of short sequences): a short driver for compute-sanitizer,
 which checks memory accesses and races, not values (python_tests/test_ops_cuda.py checks those).
 
@@ -18,6 +18,12 @@ CASES = [  # lengths, N (None: packed), H, KVH, D, causal, select_block
     ([130, 64], 130, 2, 2, 128, True, 16),
     ([1000, 700], 1000, 8, 2, 16, True, 16),  # D = 16: fused forward and dq over two segments
     ([700, 650], 700, 4, 4, 64, True, 16),  # G = 1: segments sized net of the staged row state
+    # M tiles of P = 16 / G positions x G heads with idle rows (G = 3, 5, 6, 7): the forward,
+    # dq and dk/dv kernels' row layouts and the dk/dv warps' M-tile lists past 100 tokens
+    ([400, 150], 400, 3, 1, 64, True, 16),
+    ([300, 121], 300, 5, 1, 64, True, 16),
+    ([130, 99], 130, 12, 2, 32, True, 8),
+    ([257, 100], 257, 7, 1, 16, False, 16),
     # Past 1024 tokens: the tensor-core dk/dv of long sequences (an empty sequence's padding
     # zeroed there), the tensor-core selection at D = 128 with the sink
     ([1300, 200, 0], 1300, 8, 2, 16, True, 16),

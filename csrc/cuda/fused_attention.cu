@@ -464,13 +464,16 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
   float2* gates = reinterpret_cast<float2*>(smem + l.gates);
   float2* lses = reinterpret_cast<float2*>(smem + l.lse);
   {
+    // Thread x copies row x % rows of key tiles x / rows, x / rows + step, ...; the threads past
+    // step * rows (a block that is not a multiple of the rows: G = 3) copy nothing.
     const int t0 = int(threadIdx.x) / rows, r = int(threadIdx.x) - t0 * rows;
     const int step = int(blockDim.x) / rows;
+    const int t_end = t0 < step ? kend / kTile : 0;
     const int i = u.c0 + r;
     const bool valid = i < u.L;
     const uint32_t* src = a.words + (g - a.g0) * a.tiles_cap * a.mask_rows + u.bq * p.seq.N + u.s +
                           (valid ? i : u.c0);
-    for (int t = t0; t < kend / kTile; t += step) {
+    for (int t = t0; t < t_end; t += step) {
       cp_async4(words + t * rows + r, src + t * a.mask_rows, valid);
     }
   }
@@ -1222,11 +1225,16 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
     for (int t = 0; t < q_tiles; ++t) {
       if (((need[2 * t] | need[2 * t + 1]) >> kt) & 1) tlist |= 1ull << t;
     }
-    const int m_tiles = (u.L + P - 1) / P;
-    for (int m0 = 0; m0 < m_tiles; m0 += 32) {
+    // Only the M tiles that overlap the first to the last of those query tiles (causal: none
+    // before the key tile's own).
+    const int t_lo = tlist != 0 ? __ffsll(static_cast<long long>(tlist)) - 1 : 0;
+    const int t_hi = tlist != 0 ? 63 - __clzll(static_cast<long long>(tlist)) : -1;
+    const int mt_lo = t_lo * kTile / P;
+    const int mt_hi = min((u.L + P - 1) / P, ((t_hi + 1) * kTile - 1) / P + 1);
+    for (int m0 = mt_lo; m0 < mt_hi; m0 += 32) {
       const int mt = m0 + lane;
       uint32_t any = 0;
-      if (mt < m_tiles) {
+      if (mt < mt_hi) {
         const int i0 = mt * P, i1 = min(i0 + P, u.L);
         if (((tlist >> (i0 / kTile)) | (tlist >> ((i1 - 1) / kTile))) & 1) {
           for (int i = i0; i < i1; ++i) any |= wcol[i];
