@@ -58,6 +58,7 @@ constexpr int kMaxTiles = 64;      // key tiles of a sequence: one 64-bit mask
 constexpr int kMaxLen = kTile * kMaxTiles;
 constexpr int kMaxWarps = 8;
 constexpr int kThreads = 32 * kMaxWarps;
+constexpr int kDkdvWarps = 4;
 
 // Shared-memory row stride in elements of a D-wide row: 16 bytes of padding put the 8 rows of an
 // ldmatrix in distinct bank groups for every D here.
@@ -80,7 +81,7 @@ struct FusedTraits {
   // - D = 32 dk/dv: 128 registers unbounded until v29's chunked aux index took 138 (one CTA of
   //   256 threads per SM); two CTAs pin it at 128.
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
-  static constexpr int kDkdvMinBlocks = D <= 16 ? 3 : (D <= 32 ? 2 : 1);
+  static constexpr int kDkdvMinBlocks = D <= 16 ? 6 : (D <= 32 ? 4 : (D <= 64 ? 3 : 1));
   // The long-sequence dk/dv adds a row loop with 16-dim k, v, q, dout and two accumulators per
   // lane: at D = 16 three CTAs (80 registers) spilled 456 bytes, two do not (local ptxas).
   static constexpr int kLongDkdvMinBlocks = D <= 16 ? 2 : 1;
@@ -1172,8 +1173,8 @@ __device__ __forceinline__ void dkdv_tile(const unsigned char* stage, const uint
   mma_ab<T, D, KS>(dk, dsa, qs, lane);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, FusedTraits<D>::kDkdvMinBlocks)
+template <typename T, int D, int kMinBlocks = FusedTraits<D>::kDkdvMinBlocks>
+__global__ void __launch_bounds__(32 * kDkdvWarps, kMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
   // Launched with dkdv_tiles_per_cta warps (the bounds' 256 threads x kDkdvMinBlocks CTAs set the
   // register cap). Warp w: key tile c0 / 16 + w, for every head of the group: its query side is
@@ -1882,7 +1883,7 @@ struct Masks {
 // that a CTA of the 198-register D = 64 kernel is 4 warps and two fit an SM (8 warps, as one CTA
 // of 8 (key tile, head) warps before), and the long walks of early key tiles are spread over more
 // CTAs; no more than the longest sequence has.
-constexpr int64_t kDkdvTiles = 4;
+constexpr int64_t kDkdvTiles = kDkdvWarps;  // the launch bounds of fused_dkdv_kernel
 int64_t dkdv_tiles_per_cta(int64_t n_max) {
   return kDkdvTiles < ceil_div(n_max, kTile) ? kDkdvTiles : ceil_div(n_max, kTile);
 }
@@ -2141,6 +2142,10 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
     l.threads = int(32 * tiles);
     l.smem = dkdv_smem(tiles, D, int(sizeof(T)), /*fused=*/true);
     auto kernel = fused_dkdv_kernel<T, D>;
+    if constexpr (D == 16) {  // EXPERIMENT (v33): eight CTAs per SM at 64 registers
+      static const bool eight = [] { const char* e = std::getenv("BLOSSOMREC_DKDV_EIGHT"); return e != nullptr && e[0] == '1'; }();
+      if (eight) kernel = fused_dkdv_kernel<T, D, 8>;
+    }
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
