@@ -75,11 +75,13 @@ struct FusedTraits {
   //   dq 223 -> 169, dk/dv 177 -> 142).
   // - D = 64, two CTAs for the forward and dq (108 and 56 bytes of spill since v18 staged the
   //   chunk's masks and gates in shared memory): S1 fwd 486 -> 355 us, dq 543 -> 310 (v18).
-  //   dk/dv at D = 64 stays at one CTA: two spilled 276 bytes and were slower (S2 655 -> 800 us);
-  //   warp pairs (a key warp with K and dK, a value warp with V and dV, 125 registers, 16 warps per
-  //   SM) were slower too (v30: S3 1016 -> 1355 us per call; each warp of a pair waits on the other).
-  // - D = 32 dk/dv: 128 registers unbounded until v29's chunked aux index took 138 (one CTA of
-  //   256 threads per SM); two CTAs pin it at 128.
+  // - fused_dkdv_kernel (CTAs of kDkdvWarps = 4 warps since v32, so its bounds count 128
+  //   threads): D = 16 six CTAs (78 registers, no spill; eight at 64 registers spilled 24 bytes
+  //   and were slower, v33: S3 372 -> 422 us per call), D = 32 four (124), D = 64 three (168, no
+  //   spill; v33: S3 711 -> 625 us, S2 505 -> 435 against two CTAs at 190). Before v32 (CTAs of
+  //   8 warps) two CTAs at D = 64 spilled 276 bytes and were slower (S2 655 -> 800 us), and warp
+  //   pairs (a key warp with K and dK, a value warp with V and dV, 125 registers, 16 warps per
+  //   SM) too (v30: S3 1016 -> 1355 us per call; each warp of a pair waits on the other).
   static constexpr int kFwdMinBlocks = D <= 16 ? 3 : (D <= 64 ? 2 : 1);
   static constexpr int kDkdvMinBlocks = D <= 16 ? 6 : (D <= 32 ? 4 : (D <= 64 ? 3 : 1));
   // The long-sequence dk/dv adds a row loop with 16-dim k, v, q, dout and two accumulators per
@@ -1173,11 +1175,11 @@ __device__ __forceinline__ void dkdv_tile(const unsigned char* stage, const uint
   mma_ab<T, D, KS>(dk, dsa, qs, lane);
 }
 
-template <typename T, int D, int kMinBlocks = FusedTraits<D>::kDkdvMinBlocks>
-__global__ void __launch_bounds__(32 * kDkdvWarps, kMinBlocks)
+template <typename T, int D>
+__global__ void __launch_bounds__(32 * kDkdvWarps, FusedTraits<D>::kDkdvMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
-  // Launched with dkdv_tiles_per_cta warps (the bounds' 256 threads x kDkdvMinBlocks CTAs set the
-  // register cap). Warp w: key tile c0 / 16 + w, for every head of the group: its query side is
+  // Launched with dkdv_tiles_per_cta <= kDkdvWarps warps (the bounds' 128 threads x
+  // kDkdvMinBlocks CTAs set the register cap). Warp w: key tile c0 / 16 + w, for every head of the group: its query side is
   // the M tiles of P positions x G heads (the query-outer kernels' layout, v32) that need the
   // tile, in increasing order, so that each dK, dV element is one warp's sum in a fixed order
   // (deterministic, no atomics) over the union of P positions' key sets (not 16 positions' per
@@ -2142,10 +2144,6 @@ void launch_bwd(const AttnParams& p, const BwdIn& in, Aux* aux, T* dq, T* dk, T*
     l.threads = int(32 * tiles);
     l.smem = dkdv_smem(tiles, D, int(sizeof(T)), /*fused=*/true);
     auto kernel = fused_dkdv_kernel<T, D>;
-    if constexpr (D == 16) {  // EXPERIMENT (v33): eight CTAs per SM at 64 registers
-      static const bool eight = [] { const char* e = std::getenv("BLOSSOMREC_DKDV_EIGHT"); return e != nullptr && e[0] == '1'; }();
-      if (eight) kernel = fused_dkdv_kernel<T, D, 8>;
-    }
     allow_dynamic_smem(kernel, l.smem);
     kernel<<<l.grid, l.threads, size_t(l.smem), stream>>>(l.args, in, aux, dk, dv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
