@@ -198,13 +198,18 @@ class _QKVAttention(nn.Module):
             # split, not slicing: the backward of a split is one cat of the gradients, that of
             # two slices two zero-filled copies and an add
             qk, v = qkv.split([H + KVH, KVH], dim=2)
-            q, k = _ops.rope(qk, seq_start.to(torch.int32), self.rope_theta).split([H, KVH], dim=2)
-            return q, k, v
+            return (*self._rope(qk, seq_start), v)
         q, k, v = qkv.split([H, KVH, KVH], dim=2)
         pos = relative_positions(seq_start, N)
         q = reference.apply_rope(q, pos, self.rope_theta)
         k = reference.apply_rope(k, pos, self.rope_theta)
         return q, k, v
+
+    def _rope(self, qk: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE through the op on the q and k heads together, ``qk [B, N, H + KVH, D]`` (any
+        strides with a contiguous last dim) -> ``q [B, N, H, D]``, ``k [B, N, KVH, D]``."""
+        qk = _ops.rope(qk, seq_start.to(torch.int32), self.rope_theta)
+        return qk.split([self.heads, self.kv_heads], dim=2)
 
     def _project_out(self, o: Tensor) -> Tensor:
         B, N = o.shape[0], o.shape[1]
@@ -368,14 +373,49 @@ class BlossomAttention(_QKVAttention):
         """
         self._check_input(x)
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side, torch.int32)
-        q, k, v = self._qkv(x, seq_start)
+        B, N = x.shape[0], x.shape[1]
+        if self._fold_gates(x):
+            q, k, v, logits = self._qkv_gates(x, seq_start)
+        else:
+            q, k, v = self._qkv(x, seq_start)
+            logits = self.to_gates(x)
         with torch.no_grad():
             # detached: the selection is discrete, so the compressor gets no gradient (class doc)
             kc = self.compress_keys(k.detach(), seq_start).to(q.dtype)
-        B, N = x.shape[0], x.shape[1]
-        gates = torch.sigmoid(self.to_gates(x)).view(B, N, self.heads, 2).to(q.dtype)
+        gates = torch.sigmoid(logits).view(B, N, self.heads, 2).to(q.dtype)
         o = self._attend(q, k, v, kc, gates, seq_start, seq_len)
         return self._project_out(o)
+
+    def _fold_gates(self, x: Tensor) -> bool:
+        """Whether the gate projection runs in the qkv projection's GEMM (:meth:`_qkv_gates`): with
+        the ops (``backend="reference"`` keeps the two layers, as the statement reads) and while
+        both layers are plain, hook-free ``nn.Linear`` (their own forward would be bypassed)."""
+        if not (self._rope_op and x.device.type in ("cpu", "cuda", "meta")):
+            return False
+        qkv, gate = self.to_qkv, self.to_gates
+        return (type(qkv) is nn.Linear and type(gate) is nn.Linear and qkv.bias is None
+                and gate.bias is not None and not (qkv._forward_hooks or qkv._forward_pre_hooks
+                                                   or gate._forward_hooks
+                                                   or gate._forward_pre_hooks))
+
+    def _qkv_gates(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_qkv` and the gate logits ``to_gates(x) [B, N, 2H]`` from one GEMM: ``x`` against
+        ``to_qkv.weight`` and ``to_gates.weight`` stacked, with ``to_gates.bias`` after zeros for
+        the qkv columns (one addmm, whose gate columns are the gate layer's own addmm). The eager
+        module is host-bound at short sequences (docs/PERF_NOTES.md): this saves a GEMM forward
+        and two backward, the gate layer's weight and bias casts under autocast and the add of
+        x's two gradients, for a cat and a pad of the parameters (and their backward slices).
+        Each parameter keeps its name and shape and gets its own gradient."""
+        B, N, _ = x.shape
+        H, KVH, D = self.heads, self.kv_heads, self.dim_head
+        qkv, gate = self.to_qkv, self.to_gates
+        weight = torch.cat([qkv.weight, gate.weight])
+        bias = F.pad(gate.bias, (qkv.out_features, 0))
+        # one split into the qk heads, the v heads and the logits: its backward is one cat
+        qk, v, logits = F.linear(x, weight, bias).split(
+            [(H + KVH) * D, KVH * D, gate.out_features], dim=2)
+        q, k = self._rope(qk.view(B, N, H + KVH, D), seq_start)
+        return q, k, v.view(B, N, KVH, D), logits
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,
                 seq_start: Tensor, seq_len: Tensor) -> Tensor:
