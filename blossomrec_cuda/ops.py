@@ -160,24 +160,40 @@ def _full_bounds(q: Tensor, B: int, N: int) -> tuple[Tensor, Tensor]:
     return hit
 
 
-def _bounds_to(device: torch.device, dtype: torch.dtype, start: Tensor,
+def _bounds_to(device: torch.device, dtype: torch.dtype, start: Optional[Tensor],
                length: Tensor) -> tuple[Tensor, Tensor]:
-    """Checked bounds as contiguous ``dtype`` tensors on ``device``. From the host to a GPU in one
-    pinned, asynchronous copy (written straight into the pinned buffer: each small host op costs
+    """Checked bounds as contiguous ``dtype`` tensors on ``device``; ``start`` None: every
+    sequence starts at row 0 (right padding), written as zeros where the bounds are made instead
+    of built on the host and copied (one small operator less per call: the eager module is
+    host-bound at short sequences, docs/PERF_NOTES.md). From the host to a GPU in one pinned,
+    asynchronous copy (written straight into the pinned buffer: each small host op costs
     microseconds): a copy from pageable memory waits for the work already queued on the stream, a
     device sync per call (R1's eager op was host-bound by it, docs/PERF_NOTES.md v17)."""
-    if _host_to_gpu(start, device) and length.device.type == "cpu":
-        both = torch.empty((2, start.shape[0]), dtype=dtype, pin_memory=True)
-        both[0].copy_(start)
+    length_on_host = length.device.type == "cpu"
+    start_on_host = start is not None and start.device.type == "cpu"
+    if length_on_host and (start is None or start_on_host) and _host_to_gpu(length, device):
+        both = torch.empty((2, length.shape[0]), dtype=dtype, pin_memory=True)
+        if start is None:
+            both[0].zero_()
+        else:
+            both[0].copy_(start)
         both[1].copy_(length)
         both = both.to(device, non_blocking=True)
         return both[0], both[1]
-    if (device.type == "cuda" and "cpu" in (start.device.type, length.device.type)
+    if (device.type == "cuda" and (length_on_host or start_on_host)
             and torch.cuda.is_current_stream_capturing()):
         raise ValueError("lengths and cu_seqlens must be on q's device while a CUDA graph is "
                          "captured: a capture cannot copy them from the host")
-    return (start.to(device=device, dtype=dtype).contiguous(),
-            length.to(device=device, dtype=dtype).contiguous())
+    length = _to_contiguous(length, device, dtype)
+    start = torch.zeros_like(length) if start is None else _to_contiguous(start, device, dtype)
+    return start, length
+
+
+def _to_contiguous(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``x.to(device, dtype).contiguous()`` without the calls that would return ``x`` itself."""
+    if x.dtype != dtype or x.device != device:
+        x = x.to(device=device, dtype=dtype)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _host_to_gpu(x: Tensor, device: torch.device) -> bool:
@@ -225,7 +241,7 @@ def _padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, paddin
     _check_host_readable(length, "lengths", device)
     length = length.to(torch.int64)
     max_len = _validate_lengths(length, N)
-    start = torch.zeros_like(length) if padding_side == "right" else N - length
+    start = None if padding_side == "right" else N - length  # None: zeros, made on `device`
     start, length = _bounds_to(device, dtype, start, length)
     return start, length, max_len
 
