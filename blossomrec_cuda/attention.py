@@ -131,6 +131,18 @@ def relative_positions(seq_start: Tensor, N: int) -> Tensor:
     return (j[None, :] - seq_start[:, None]).clamp(min=0)
 
 
+def _to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where it is ``t`` itself: the eager modules are host-bound
+    at short sequences (docs/PERF_NOTES.md), and a no-op ``to`` still goes through the dispatcher
+    (~1 us of host time each)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _int32(t: Tensor) -> Tensor:
+    """Bounds as the ops take them (int32), converted only where they are not."""
+    return _to_dtype(t, torch.int32)
+
+
 # --------------------------------------------------------------------------------------------------
 # The shared front end: qkv projection and RoPE
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +220,7 @@ class _QKVAttention(nn.Module):
     def _rope(self, qk: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE through the op on the q and k heads together, ``qk [B, N, H + KVH, D]`` (any
         strides with a contiguous last dim) -> ``q [B, N, H, D]``, ``k [B, N, KVH, D]``."""
-        qk = _ops.rope(qk, seq_start.to(torch.int32), self.rope_theta)
+        qk = _ops.rope(qk, _int32(seq_start), self.rope_theta)
         return qk.split([self.heads, self.kv_heads], dim=2)
 
     def _project_out(self, o: Tensor) -> Tensor:
@@ -322,13 +334,13 @@ class BlossomAttention(_QKVAttention):
         if self.backend == "ops":
             # the same windows, bitwise, in one op (blossomrec::compress_windows) in place of the
             # ~6 kernels of the statement below
+            seq_start = _int32(seq_start)
             cast = self._compressor_cast(k)
             if cast is None:
-                windows = _ops._compress_windows(k, seq_start.to(torch.int32),
-                                                 self.compress_pos.to(k.dtype), l, s)
+                windows = _ops._compress_windows(k, seq_start, self.compress_pos.to(k.dtype), l, s)
                 return self.compress_mlp(windows)
             pos, w1, b1, w2, b2 = cast
-            windows = _ops._compress_windows(k, seq_start.to(torch.int32), pos, l, s)
+            windows = _ops._compress_windows(k, seq_start, pos, l, s)
             return F.linear(F.relu(F.linear(windows, w1, b1)), w2, b2)
         k = shift_to_start(k, seq_start)
         k = torch.cat([k.new_zeros(B, l - s, KVH, D), k[:, : C * s]], dim=1)
@@ -380,9 +392,9 @@ class BlossomAttention(_QKVAttention):
             q, k, v = self._qkv(x, seq_start)
             logits = self.to_gates(x)
         with torch.no_grad():
-            # detached: the selection is discrete, so the compressor gets no gradient (class doc)
-            kc = self.compress_keys(k.detach(), seq_start).to(q.dtype)
-        gates = torch.sigmoid(logits).view(B, N, self.heads, 2).to(q.dtype)
+            # the selection is discrete, so the compressor gets no gradient (class doc)
+            kc = _to_dtype(self.compress_keys(k, seq_start), q.dtype)
+        gates = _to_dtype(torch.sigmoid(logits).view(B, N, self.heads, 2), q.dtype)
         o = self._attend(q, k, v, kc, gates, seq_start, seq_len)
         return self._project_out(o)
 
