@@ -339,9 +339,12 @@ class BlossomAttention(_QKVAttention):
             if cast is None:
                 windows = _ops._compress_windows(k, seq_start, self.compress_pos.to(k.dtype), l, s)
                 return self.compress_mlp(windows)
-            pos, w1, b1, w2, b2 = cast
-            windows = _ops._compress_windows(k, seq_start, pos, l, s)
-            return F.linear(F.relu(F.linear(windows, w1, b1)), w2, b2)
+            pos, w1t, b1, w2t, b2 = cast
+            windows = _ops._compress_windows(k, seq_start, pos, l, s)  # contiguous
+            # the MLP as the two addmm that F.linear runs on the rows, bitwise, without its
+            # per-call views and weight transposes (the transposes are cached); in place ReLU
+            h = torch.addmm(b1, windows.view(-1, l * D), w1t).relu_()
+            return torch.addmm(b2, h, w2t).view(B, C, KVH, -1)
         k = shift_to_start(k, seq_start)
         k = torch.cat([k.new_zeros(B, l - s, KVH, D), k[:, : C * s]], dim=1)
         windows = k.unfold(1, l, s).transpose(-1, -2)  # [B, C, KVH, l, D]
@@ -350,8 +353,8 @@ class BlossomAttention(_QKVAttention):
 
     def _compressor_cast(self, k: Tensor) -> Optional[tuple[Tensor, ...]]:
         """Under autocast, in eager mode: the compressor's parameters (``compress_pos`` and the
-        MLP's weights and biases, in that order) in the autocast dtype, cast once and kept until a
-        parameter changes (its version counter, its identity, the device or the dtype), instead of
+        MLP's weights, transposed, and biases, in that order) in the autocast dtype, cast once and
+        kept until a parameter changes (its version counter, its identity, the device or the dtype), instead of
         five cast kernels per forward (the eager module is host-bound at N <= 1024,
         docs/PERF_NOTES.md). The compressor gets no gradient (the class doc) and runs under
         no_grad, so detached copies compute the same values, bitwise, as autocast's own casts.
@@ -361,7 +364,7 @@ class BlossomAttention(_QKVAttention):
         if (not torch.is_autocast_enabled(device) or _ops._is_tracing()
                 or torch.is_inference_mode_enabled()):
             return None
-        mlp = self.compress_mlp
+        mlp = tuple(self.compress_mlp)  # (one pass: indexing a Sequential lists its modules)
         if not (len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and isinstance(mlp[1], nn.ReLU)
                 and isinstance(mlp[2], nn.Linear)):
             return None
@@ -372,7 +375,8 @@ class BlossomAttention(_QKVAttention):
         key = (dtype, k.device, tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params))
         cached = self.__dict__.get("_compressor_cache")
         if cached is None or cached[0] != key:
-            cached = (key, tuple(p.detach().to(dtype) for p in params))
+            pos, w1, b1, w2, b2 = (p.detach().to(dtype) for p in params)
+            cached = (key, (pos, w1.t(), b1, w2.t(), b2))
             self.__dict__["_compressor_cache"] = cached  # a plain attribute: not in state_dict
         return cached[1]
 
