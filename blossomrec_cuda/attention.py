@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module  # the global module hooks (_unhooked)
 
 from . import reference
 from . import ops as _ops  # also registers the fake kernels of the ops
@@ -141,6 +142,15 @@ def _to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _int32(t: Tensor) -> Tensor:
     """Bounds as the ops take them (int32), converted only where they are not."""
     return _to_dtype(t, torch.int32)
+
+
+def _unhooked(m: nn.Module) -> bool:
+    """No hook would run around ``m``'s call: the test ``nn.Module.__call__`` makes before it
+    calls ``forward`` directly (its own hooks, then the global ones of torch.nn.modules.module)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,14 +415,14 @@ class BlossomAttention(_QKVAttention):
     def _fold_gates(self, x: Tensor) -> bool:
         """Whether the gate projection runs in the qkv projection's GEMM (:meth:`_qkv_gates`): with
         the ops (``backend="reference"`` keeps the two layers, as the statement reads) and while
-        both layers are plain, hook-free ``nn.Linear`` (their own forward would be bypassed)."""
+        both layers are plain ``nn.Linear`` that no hook watches (the fold bypasses their module
+        call: a subclass, a parametrization, pruning or weight norm, a forward or backward hook of
+        their own or a global one keep the layers)."""
         if not (self._rope_op and x.device.type in ("cpu", "cuda", "meta")):
             return False
         qkv, gate = self.to_qkv, self.to_gates
         return (type(qkv) is nn.Linear and type(gate) is nn.Linear and qkv.bias is None
-                and gate.bias is not None and not (qkv._forward_hooks or qkv._forward_pre_hooks
-                                                   or gate._forward_hooks
-                                                   or gate._forward_pre_hooks))
+                and gate.bias is not None and _unhooked(qkv) and _unhooked(gate))
 
     def _qkv_gates(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`_qkv` and the gate logits ``to_gates(x) [B, N, 2H]`` from one GEMM: ``x`` against

@@ -262,6 +262,12 @@ def test_gate_projection_fold_only_for_plain_linears():
     assert seen == [torch.Size([2, 45, 8])]
     handle.remove()
     assert m._fold_gates(x)
+    for register in (m.to_qkv.register_full_backward_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *args: None)
+        assert not m._fold_gates(x)
+        handle.remove()
+        assert m._fold_gates(x)
 
     class Scaled(nn.Linear):
         def forward(self, inp):
