@@ -801,10 +801,11 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
     _check_kc_rows(kc, layout, compress_stride)
     sc = _scale(q, scale)
     # No gradient: the op has no autograd and its inputs are detached (no graph to record; a
-    # no_grad block around it cost more host time than the op's own dispatch at small sizes)
+    # no_grad block around it cost more host time than the op's own dispatch at small sizes). kc
+    # needs it only where it requires grad (the modules' kc is made under no_grad).
     idx, cnt = torch.ops.blossomrec.select_blocks(
-        layout.to_rows(q).detach(), kc.detach(), layout.seq_start, layout.seq_len,
-        compress_stride, select_block, num_select, causal, sc)
+        layout.to_rows(q).detach(), kc.detach() if kc.requires_grad else kc, layout.seq_start,
+        layout.seq_len, compress_stride, select_block, num_select, causal, sc)
     return _sparse_attention(layout, q, k, v, gates, layout.from_rows(idx), layout.from_rows(cnt),
                              select_block, window, power_block, use_power, use_sink, causal, sc)
 
