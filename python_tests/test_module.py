@@ -245,6 +245,32 @@ def test_folded_gate_projection_matches_two_layers(autocast, monkeypatch):
     torch.testing.assert_close(m(x, lengths=lengths), want_out, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_gemms_per_call(autocast):
+    """The eager module's GEMMs per fwd+bwd (it is host-bound at short sequences, each GEMM a
+    cuBLAS launch): forward one for qkv and gates together, two for the compressor's MLP and one
+    for the output projection; backward two for the output projection and two for the fused
+    input projection (x's gradient and the stacked weights')."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountGemms(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    m = make_module(**SMALL, heads=4, kv_heads=2, dim_head=16)
+    x = torch.randn(2, 45, DIM, requires_grad=True)
+    with CountGemms() as fwd:
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = m(x, lengths=torch.tensor([45, 20]))
+    with CountGemms() as bwd:
+        out.float().sum().backward()
+    assert (fwd.n, bwd.n) == (4, 4)
+
+
 def test_gate_projection_fold_only_for_plain_linears():
     """The fold reads the layers' parameters, bypassing their forward: it is skipped (the layers
     run as modules, with the same result) for a hooked or replaced layer and for the reference
