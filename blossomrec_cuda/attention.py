@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module  # the global module hooks (_unhooked)
 
 from . import reference
 from . import ops as _ops  # also registers the fake kernels of the ops
@@ -131,6 +132,27 @@ def relative_positions(seq_start: Tensor, N: int) -> Tensor:
     return (j[None, :] - seq_start[:, None]).clamp(min=0)
 
 
+def _to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where it is ``t`` itself: the eager modules are host-bound
+    at short sequences (docs/PERF_NOTES.md), and a no-op ``to`` still goes through the dispatcher
+    (~1 us of host time each)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _int32(t: Tensor) -> Tensor:
+    """Bounds as the ops take them (int32), converted only where they are not."""
+    return _to_dtype(t, torch.int32)
+
+
+def _unhooked(m: nn.Module) -> bool:
+    """No hook would run around ``m``'s call: the test ``nn.Module.__call__`` makes before it
+    calls ``forward`` directly (its own hooks, then the global ones of torch.nn.modules.module)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks)
+
+
 # --------------------------------------------------------------------------------------------------
 # The shared front end: qkv projection and RoPE
 # --------------------------------------------------------------------------------------------------
@@ -198,13 +220,18 @@ class _QKVAttention(nn.Module):
             # split, not slicing: the backward of a split is one cat of the gradients, that of
             # two slices two zero-filled copies and an add
             qk, v = qkv.split([H + KVH, KVH], dim=2)
-            q, k = _ops.rope(qk, seq_start.to(torch.int32), self.rope_theta).split([H, KVH], dim=2)
-            return q, k, v
+            return (*self._rope(qk, seq_start), v)
         q, k, v = qkv.split([H, KVH, KVH], dim=2)
         pos = relative_positions(seq_start, N)
         q = reference.apply_rope(q, pos, self.rope_theta)
         k = reference.apply_rope(k, pos, self.rope_theta)
         return q, k, v
+
+    def _rope(self, qk: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE through the op on the q and k heads together, ``qk [B, N, H + KVH, D]`` (any
+        strides with a contiguous last dim) -> ``q [B, N, H, D]``, ``k [B, N, KVH, D]``."""
+        qk = _ops.rope(qk, _int32(seq_start), self.rope_theta)
+        return qk.split([self.heads, self.kv_heads], dim=2)
 
     def _project_out(self, o: Tensor) -> Tensor:
         B, N = o.shape[0], o.shape[1]
@@ -317,14 +344,17 @@ class BlossomAttention(_QKVAttention):
         if self.backend == "ops":
             # the same windows, bitwise, in one op (blossomrec::compress_windows) in place of the
             # ~6 kernels of the statement below
+            seq_start = _int32(seq_start)
             cast = self._compressor_cast(k)
             if cast is None:
-                windows = _ops._compress_windows(k, seq_start.to(torch.int32),
-                                                 self.compress_pos.to(k.dtype), l, s)
+                windows = _ops._compress_windows(k, seq_start, self.compress_pos.to(k.dtype), l, s)
                 return self.compress_mlp(windows)
-            pos, w1, b1, w2, b2 = cast
-            windows = _ops._compress_windows(k, seq_start.to(torch.int32), pos, l, s)
-            return F.linear(F.relu(F.linear(windows, w1, b1)), w2, b2)
+            pos, w1t, b1, w2t, b2 = cast
+            windows = _ops._compress_windows(k, seq_start, pos, l, s)  # contiguous
+            # the MLP as the two addmm that F.linear runs on the rows, bitwise, without its
+            # per-call views and weight transposes (the transposes are cached); in place ReLU
+            h = torch.addmm(b1, windows.view(-1, l * D), w1t).relu_()
+            return torch.addmm(b2, h, w2t).view(B, C, KVH, -1)
         k = shift_to_start(k, seq_start)
         k = torch.cat([k.new_zeros(B, l - s, KVH, D), k[:, : C * s]], dim=1)
         windows = k.unfold(1, l, s).transpose(-1, -2)  # [B, C, KVH, l, D]
@@ -333,8 +363,8 @@ class BlossomAttention(_QKVAttention):
 
     def _compressor_cast(self, k: Tensor) -> Optional[tuple[Tensor, ...]]:
         """Under autocast, in eager mode: the compressor's parameters (``compress_pos`` and the
-        MLP's weights and biases, in that order) in the autocast dtype, cast once and kept until a
-        parameter changes (its version counter, its identity, the device or the dtype), instead of
+        MLP's weights, transposed, and biases, in that order) in the autocast dtype, cast once and
+        kept until a parameter changes (its version counter, its identity, the device or the dtype), instead of
         five cast kernels per forward (the eager module is host-bound at N <= 1024,
         docs/PERF_NOTES.md). The compressor gets no gradient (the class doc) and runs under
         no_grad, so detached copies compute the same values, bitwise, as autocast's own casts.
@@ -344,7 +374,7 @@ class BlossomAttention(_QKVAttention):
         if (not torch.is_autocast_enabled(device) or _ops._is_tracing()
                 or torch.is_inference_mode_enabled()):
             return None
-        mlp = self.compress_mlp
+        mlp = tuple(self.compress_mlp)  # (one pass: indexing a Sequential lists its modules)
         if not (len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and isinstance(mlp[1], nn.ReLU)
                 and isinstance(mlp[2], nn.Linear)):
             return None
@@ -355,7 +385,8 @@ class BlossomAttention(_QKVAttention):
         key = (dtype, k.device, tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params))
         cached = self.__dict__.get("_compressor_cache")
         if cached is None or cached[0] != key:
-            cached = (key, tuple(p.detach().to(dtype) for p in params))
+            pos, w1, b1, w2, b2 = (p.detach().to(dtype) for p in params)
+            cached = (key, (pos, w1.t(), b1, w2.t(), b2))
             self.__dict__["_compressor_cache"] = cached  # a plain attribute: not in state_dict
         return cached[1]
 
@@ -368,14 +399,49 @@ class BlossomAttention(_QKVAttention):
         """
         self._check_input(x)
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side, torch.int32)
-        q, k, v = self._qkv(x, seq_start)
-        with torch.no_grad():
-            # detached: the selection is discrete, so the compressor gets no gradient (class doc)
-            kc = self.compress_keys(k.detach(), seq_start).to(q.dtype)
         B, N = x.shape[0], x.shape[1]
-        gates = torch.sigmoid(self.to_gates(x)).view(B, N, self.heads, 2).to(q.dtype)
+        if self._fold_gates(x):
+            q, k, v, logits = self._qkv_gates(x, seq_start)
+        else:
+            q, k, v = self._qkv(x, seq_start)
+            logits = self.to_gates(x)
+        with torch.no_grad():
+            # the selection is discrete, so the compressor gets no gradient (class doc)
+            kc = _to_dtype(self.compress_keys(k, seq_start), q.dtype)
+        gates = _to_dtype(torch.sigmoid(logits).view(B, N, self.heads, 2), q.dtype)
         o = self._attend(q, k, v, kc, gates, seq_start, seq_len)
         return self._project_out(o)
+
+    def _fold_gates(self, x: Tensor) -> bool:
+        """Whether the gate projection runs in the qkv projection's GEMM (:meth:`_qkv_gates`): with
+        the ops (``backend="reference"`` keeps the two layers, as the statement reads) and while
+        both layers are plain ``nn.Linear`` that no hook watches (the fold bypasses their module
+        call: a subclass, a parametrization, pruning or weight norm, a forward or backward hook of
+        their own or a global one keep the layers)."""
+        if not (self._rope_op and x.device.type in ("cpu", "cuda", "meta")):
+            return False
+        qkv, gate = self.to_qkv, self.to_gates
+        return (type(qkv) is nn.Linear and type(gate) is nn.Linear and qkv.bias is None
+                and gate.bias is not None and _unhooked(qkv) and _unhooked(gate))
+
+    def _qkv_gates(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_qkv` and the gate logits ``to_gates(x) [B, N, 2H]`` from one GEMM: ``x`` against
+        ``to_qkv.weight`` and ``to_gates.weight`` stacked, with ``to_gates.bias`` after zeros for
+        the qkv columns (one addmm, whose gate columns are the gate layer's own addmm). The eager
+        module is host-bound at short sequences (docs/PERF_NOTES.md): this saves a GEMM forward
+        and two backward, the gate layer's weight and bias casts under autocast and the add of
+        x's two gradients, for a cat and a pad of the parameters (and their backward slices).
+        Each parameter keeps its name and shape and gets its own gradient."""
+        B, N, _ = x.shape
+        H, KVH, D = self.heads, self.kv_heads, self.dim_head
+        qkv, gate = self.to_qkv, self.to_gates
+        weight = torch.cat([qkv.weight, gate.weight])
+        bias = F.pad(gate.bias, (qkv.out_features, 0))
+        # one split into the qk heads, the v heads and the logits: its backward is one cat
+        qk, v, logits = F.linear(x, weight, bias).split(
+            [(H + KVH) * D, KVH * D, gate.out_features], dim=2)
+        q, k = self._rope(qk.view(B, N, H + KVH, D), seq_start)
+        return q, k, v.view(B, N, KVH, D), logits
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,
                 seq_start: Tensor, seq_len: Tensor) -> Tensor:

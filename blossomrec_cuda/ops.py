@@ -82,9 +82,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # Layouts: lengths and cu_seqlens
 # --------------------------------------------------------------------------------------------------
 def _is_tracing() -> bool:
+    """Compiling, or capturing a CUDA graph on the current stream. No capture can run before CUDA
+    is initialised: ``is_initialized`` (a flag) rather than ``is_available`` (a driver query, ~1.5
+    us, and this runs a few times per eager call)."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def seq_layout(q: Tensor, lengths: Lengths = None, padding_side: str = "right",
@@ -157,24 +160,40 @@ def _full_bounds(q: Tensor, B: int, N: int) -> tuple[Tensor, Tensor]:
     return hit
 
 
-def _bounds_to(device: torch.device, dtype: torch.dtype, start: Tensor,
+def _bounds_to(device: torch.device, dtype: torch.dtype, start: Optional[Tensor],
                length: Tensor) -> tuple[Tensor, Tensor]:
-    """Checked bounds as contiguous ``dtype`` tensors on ``device``. From the host to a GPU in one
-    pinned, asynchronous copy (written straight into the pinned buffer: each small host op costs
+    """Checked bounds as contiguous ``dtype`` tensors on ``device``; ``start`` None: every
+    sequence starts at row 0 (right padding), written as zeros where the bounds are made instead
+    of built on the host and copied (one small operator less per call: the eager module is
+    host-bound at short sequences, docs/PERF_NOTES.md). From the host to a GPU in one pinned,
+    asynchronous copy (written straight into the pinned buffer: each small host op costs
     microseconds): a copy from pageable memory waits for the work already queued on the stream, a
     device sync per call (R1's eager op was host-bound by it, docs/PERF_NOTES.md v17)."""
-    if _host_to_gpu(start, device) and length.device.type == "cpu":
-        both = torch.empty((2, start.shape[0]), dtype=dtype, pin_memory=True)
-        both[0].copy_(start)
+    length_on_host = length.device.type == "cpu"
+    start_on_host = start is not None and start.device.type == "cpu"
+    if length_on_host and (start is None or start_on_host) and _host_to_gpu(length, device):
+        both = torch.empty((2, length.shape[0]), dtype=dtype, pin_memory=True)
+        if start is None:
+            both[0].zero_()
+        else:
+            both[0].copy_(start)
         both[1].copy_(length)
         both = both.to(device, non_blocking=True)
         return both[0], both[1]
-    if (device.type == "cuda" and "cpu" in (start.device.type, length.device.type)
+    if (device.type == "cuda" and (length_on_host or start_on_host)
             and torch.cuda.is_current_stream_capturing()):
         raise ValueError("lengths and cu_seqlens must be on q's device while a CUDA graph is "
                          "captured: a capture cannot copy them from the host")
-    return (start.to(device=device, dtype=dtype).contiguous(),
-            length.to(device=device, dtype=dtype).contiguous())
+    length = _to_contiguous(length, device, dtype)
+    start = torch.zeros_like(length) if start is None else _to_contiguous(start, device, dtype)
+    return start, length
+
+
+def _to_contiguous(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``x.to(device, dtype).contiguous()`` without the calls that would return ``x`` itself."""
+    if x.dtype != dtype or x.device != device:
+        x = x.to(device=device, dtype=dtype)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _host_to_gpu(x: Tensor, device: torch.device) -> bool:
@@ -222,7 +241,7 @@ def _padded_bounds(lengths: Union[Tensor, Sequence[int]], B: int, N: int, paddin
     _check_host_readable(length, "lengths", device)
     length = length.to(torch.int64)
     max_len = _validate_lengths(length, N)
-    start = torch.zeros_like(length) if padding_side == "right" else N - length
+    start = None if padding_side == "right" else N - length  # None: zeros, made on `device`
     start, length = _bounds_to(device, dtype, start, length)
     return start, length, max_len
 
@@ -334,64 +353,80 @@ def _check_inputs(q: Tensor, rows: tuple[str, ...], num_seqs: int, *, k: Optiona
     given, ``rows`` naming q's leading dims (``("B", "N")``, ``("T",)``, the ops' ``("Bq", "N")``);
     ``saved`` are forward outputs shaped and typed like q (the backward's ``dout``, ``o_sel``,
     ``o_win``). Devices, dtypes and ranks always; sizes and strides unless ``sizes`` is False
-    (symbolic shapes in a fake kernel, where a Python comparison would add a guard)."""
-    named = dict(k=k, v=v, kc=kc, gates=gates, sel_idx=sel_idx, sel_cnt=sel_cnt, lse=lse,
-                 **(saved or {}))
-    given = {name: t for name, t in named.items() if t is not None}
-    for name, t in given.items():
+    (symbolic shapes in a fake kernel, where a Python comparison would add a guard).
+
+    Every eager call of the wrappers runs this (the eager module is host-bound at short sequences,
+    docs/PERF_NOTES.md), so each rule is a plain comparison and the helpers that word an error
+    (``_check_rank``, ``_check_dtype``, ``_check_shape``) are called only for an input that fails
+    it; the order of the rules, and so which error a bad call gets, is that of the ops."""
+    given = [(name, t) for name, t in (("k", k), ("v", v), ("kc", kc), ("gates", gates),
+                                        ("sel_idx", sel_idx), ("sel_cnt", sel_cnt), ("lse", lse))
+             if t is not None]
+    if saved:
+        given += [(name, t) for name, t in saved.items() if t is not None]
+    device = q.device
+    for name, t in given:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on the same device as q ({device}), got {t.device}")
 
-    kv_dims = (*rows, "KVH", "D")
-    _check_rank(q, "q", (*rows, "H", "D"))
+    rank = len(rows) + 2  # q, k, v, gates, sel_idx, lse, saved: [*rows, heads, last]
+    if q.dim() != rank:
+        _check_rank(q, "q", (*rows, "H", "D"))
     for name, t in (("k", k), ("v", v)):
-        if t is not None:
-            _check_rank(t, name, kv_dims)
-    for name, t in (saved or {}).items():
-        _check_rank(t, name, (*rows, "H", "D"))
-    if kc is not None:
+        if t is not None and t.dim() != rank:
+            _check_rank(t, name, (*rows, "KVH", "D"))
+    if saved:
+        for name, t in saved.items():
+            if t.dim() != rank:
+                _check_rank(t, name, (*rows, "H", "D"))
+    if kc is not None and kc.dim() != 4:
         _check_rank(kc, "kc", ("B", "C", "KVH", "D"))
-    if gates is not None:
+    if gates is not None and gates.dim() != rank:
         _check_rank(gates, "gates", (*rows, "H", "2"))
-    if lse is not None:
+    if lse is not None and lse.dim() != rank:
         _check_rank(lse, "lse", (*rows, "H", "2"))
-    if sel_idx is not None:
+    if sel_idx is not None and sel_idx.dim() != rank:
         _check_rank(sel_idx, "sel_idx", (*rows, "KVH", "n"))
-    if sel_cnt is not None:
+    if sel_cnt is not None and sel_cnt.dim() != rank - 1:
         _check_rank(sel_cnt, "sel_cnt", (*rows, "KVH"))
 
-    _check_dtype(q, "q", _FLOAT_DTYPES, "be float32, float16, bfloat16 or float64")
-    same = f"have q's dtype ({_dtype_name(q.dtype)})"
-    for name, t in (("k", k), ("v", v), ("kc", kc), *(saved or {}).items()):
-        if t is not None:
-            _check_dtype(t, name, (q.dtype,), same)
-    if gates is not None:
-        _check_dtype(gates, "gates", (q.dtype, torch.float32), f"{same} or float32")
+    dtype = q.dtype
+    if dtype not in _FLOAT_DTYPES:
+        _check_dtype(q, "q", _FLOAT_DTYPES, "be float32, float16, bfloat16 or float64")
+    for name, t in (("k", k), ("v", v), ("kc", kc), *(saved.items() if saved else ())):
+        if t is not None and t.dtype != dtype:
+            _check_dtype(t, name, (dtype,), f"have q's dtype ({_dtype_name(dtype)})")
+    if gates is not None and gates.dtype != dtype and gates.dtype != torch.float32:
+        _check_dtype(gates, "gates", (dtype, torch.float32),
+                     f"have q's dtype ({_dtype_name(dtype)}) or float32")
     for name, t in (("sel_idx", sel_idx), ("sel_cnt", sel_cnt)):
-        if t is not None:
+        if t is not None and t.dtype != torch.int32:
             _check_dtype(t, name, (torch.int32,), "be int32")
-    if lse is not None:
+    if lse is not None and lse.dtype != torch.float32:
         _check_dtype(lse, "lse", (torch.float32,), "be float32")
 
     if not sizes:
         return
-    for name, t in (("q", q), *given.items()):
-        # (an empty tensor addresses no element: any stride will do, as in checks.h)
-        if name != "sel_cnt" and t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    for name, t in (("q", q), *given):
+        # (an empty tensor addresses no element: any stride will do, as in checks.h; the ranks
+        # above make stride(-1) valid for every tensor here)
+        if t.stride(-1) != 1 and name != "sel_cnt" and t.numel() > 0 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have a contiguous last dimension, got stride "
                              f"{t.stride(-1)}")
 
-    lead, H, D = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1]
+    shape = q.shape
+    lead, H, D = tuple(shape[:-2]), shape[-2], shape[-1]
     if D not in _HEAD_DIMS:
         raise ValueError(f"head dim must be one of 16, 32, 64, 128, got {D}")
     # the kv heads: k's where given (the attention), else kc's (the selection alone)
     KVH = k.shape[-2] if k is not None else kc.shape[2]
-    if k is not None:
-        _check_shape(k, "k", (*lead, KVH, D))
-    if v is not None:
-        _check_shape(v, "v", (*lead, KVH, D))
+    kv_shape = (*lead, KVH, D)
+    if k is not None and k.shape != kv_shape:
+        _check_shape(k, "k", kv_shape)
+    if v is not None and v.shape != kv_shape:
+        _check_shape(v, "v", kv_shape)
     if kc is not None:
         if kc.shape[0] != num_seqs:
             raise ValueError(f"kc's batch ({kc.shape[0]}) must equal the number of sequences "
@@ -405,17 +440,19 @@ def _check_inputs(q: Tensor, rows: tuple[str, ...], num_seqs: int, *, k: Optiona
                          f"heads ({KVH})")
     if H // KVH > _MAX_GROUP:
         raise ValueError(f"group size H / KVH must be 1..{_MAX_GROUP}, got {H // KVH}")
-    if gates is not None:
+    if gates is not None and gates.shape != (*lead, H, 2):
         _check_shape(gates, "gates", (*lead, H, 2))
     if sel_idx is not None and (tuple(sel_idx.shape[:-1]) != (*lead, KVH) or sel_idx.shape[-1] < 1):
         want = ", ".join(str(n) for n in (*lead, KVH))
         raise ValueError(f"sel_idx must have shape [{', '.join(rows)}, KVH, n] = [{want}, n>=1], "
                          f"got {list(sel_idx.shape)}")
-    if sel_cnt is not None:
+    if sel_cnt is not None and sel_cnt.shape != (*lead, KVH):
         _check_shape(sel_cnt, "sel_cnt", (*lead, KVH))
-    for name, t in (saved or {}).items():
-        _check_shape(t, name, q.shape)
-    if lse is not None:
+    if saved:
+        for name, t in saved.items():
+            if t.shape != shape:
+                _check_shape(t, name, shape)
+    if lse is not None and lse.shape != (*lead, H, 2):
         _check_shape(lse, "lse", (*lead, H, 2))
 
 
@@ -611,7 +648,8 @@ def _check_compress_windows(k: Tensor, seq_start: Tensor, pos: Tensor, l: int, s
     if pos.device != k.device:
         raise ValueError(f"pos must be on k's device ({k.device}), got {pos.device}")
     _check_shape(pos, "pos", (k.shape[2], l, k.shape[3]))
-    _check_dtype(pos, "pos", (k.dtype,), f"have k's dtype ({_dtype_name(k.dtype)})")
+    if pos.dtype != k.dtype:  # (the rule's words only for a failing call: eager host time)
+        _check_dtype(pos, "pos", (k.dtype,), f"have k's dtype ({_dtype_name(k.dtype)})")
 
 
 @torch.library.register_fake("blossomrec::compress_windows")
@@ -762,10 +800,12 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor
     _check_inputs(q, layout.row_names, layout.seq_len.shape[0], k=k, v=v, kc=kc, gates=gates)
     _check_kc_rows(kc, layout, compress_stride)
     sc = _scale(q, scale)
-    with torch.no_grad():
-        idx, cnt = torch.ops.blossomrec.select_blocks(
-            layout.to_rows(q).detach(), kc.detach(), layout.seq_start, layout.seq_len,
-            compress_stride, select_block, num_select, causal, sc)
+    # No gradient: the op has no autograd and its inputs are detached (no graph to record; a
+    # no_grad block around it cost more host time than the op's own dispatch at small sizes). kc
+    # needs it only where it requires grad (the modules' kc is made under no_grad).
+    idx, cnt = torch.ops.blossomrec.select_blocks(
+        layout.to_rows(q).detach(), kc.detach() if kc.requires_grad else kc, layout.seq_start,
+        layout.seq_len, compress_stride, select_block, num_select, causal, sc)
     return _sparse_attention(layout, q, k, v, gates, layout.from_rows(idx), layout.from_rows(cnt),
                              select_block, window, power_block, use_power, use_sink, causal, sc)
 

@@ -391,6 +391,31 @@ def test_host_lengths_are_checked_on_the_host_then_moved():
         br.seq_layout(packed, cu_seqlens=[0, 9, 5])
 
 
+@pytest.mark.parametrize("given", ["list", "int64", "int32", "int32-strided"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padded_bounds_from_any_lengths(given, padding_side):
+    """The bounds of a padded batch, whatever form its lengths take (a list, int64 or int32, a
+    strided view): contiguous, in the dtype asked for, equal to the lengths and to their start rows
+    (0 for right padding, N - L for left)."""
+    from blossomrec_cuda.attention import sequence_bounds
+
+    want_len = torch.tensor([17, 0, 9])
+    want_start = torch.zeros(3, dtype=torch.int64) if padding_side == "right" else N - want_len
+    lengths = {"list": want_len.tolist(), "int64": want_len.clone(),
+               "int32": want_len.to(torch.int32),
+               "int32-strided": torch.stack([want_len, want_len], 1).to(torch.int32)[:, 0]}[given]
+    q = torch.empty(3, N, H, D)
+    layout = br.seq_layout(q, lengths=lengths, padding_side=padding_side)
+    results = [(layout.seq_start, layout.seq_len, torch.int32),
+               (*br.ops.padded_bounds(lengths, 3, N, padding_side, q.device)[:2], torch.int64),
+               (*sequence_bounds(q, lengths=torch.as_tensor(lengths), padding_side=padding_side,
+                                 dtype=torch.int32), torch.int32)]
+    for start, length, dtype in results:
+        assert start.dtype == length.dtype == dtype
+        assert start.is_contiguous() and length.is_contiguous()
+        assert start.tolist() == want_start.tolist() and length.tolist() == want_len.tolist()
+
+
 # --------------------------------------------------------------------------------------------------
 # Through torch.ops.blossomrec.* directly (the row-buffer layout, no Python checks in between)
 # --------------------------------------------------------------------------------------------------
