@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _nn_module  # the global module hooks (_unhooked)
 
 from . import reference
 from . import ops as _ops  # also registers the fake kernels of the ops
@@ -142,15 +141,6 @@ def _to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _int32(t: Tensor) -> Tensor:
     """Bounds as the ops take them (int32), converted only where they are not."""
     return _to_dtype(t, torch.int32)
-
-
-def _unhooked(m: nn.Module) -> bool:
-    """No hook would run around ``m``'s call: the test ``nn.Module.__call__`` makes before it
-    calls ``forward`` directly (its own hooks, then the global ones of torch.nn.modules.module)."""
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks or _nn_module._global_forward_hooks
-                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
-                or _nn_module._global_backward_pre_hooks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,48 +390,17 @@ class BlossomAttention(_QKVAttention):
         self._check_input(x)
         seq_start, seq_len = sequence_bounds(x, attention_mask, lengths, padding_side, torch.int32)
         B, N = x.shape[0], x.shape[1]
-        if self._fold_gates(x):
-            q, k, v, logits = self._qkv_gates(x, seq_start)
-        else:
-            q, k, v = self._qkv(x, seq_start)
-            logits = self.to_gates(x)
+        # The gate projection stays its own GEMM: folded into the qkv projection's (one GEMM over
+        # the stacked weights) it cost the GPU 0.10 ms more per fwd+bwd at N = 50 and 200 (H200;
+        # docs/PERF_NOTES.md, module level, runs ab-*-9337d72).
+        q, k, v = self._qkv(x, seq_start)
+        logits = self.to_gates(x)
         with torch.no_grad():
             # the selection is discrete, so the compressor gets no gradient (class doc)
             kc = _to_dtype(self.compress_keys(k, seq_start), q.dtype)
         gates = _to_dtype(torch.sigmoid(logits).view(B, N, self.heads, 2), q.dtype)
         o = self._attend(q, k, v, kc, gates, seq_start, seq_len)
         return self._project_out(o)
-
-    def _fold_gates(self, x: Tensor) -> bool:
-        """Whether the gate projection runs in the qkv projection's GEMM (:meth:`_qkv_gates`): with
-        the ops (``backend="reference"`` keeps the two layers, as the statement reads) and while
-        both layers are plain ``nn.Linear`` that no hook watches (the fold bypasses their module
-        call: a subclass, a parametrization, pruning or weight norm, a forward or backward hook of
-        their own or a global one keep the layers)."""
-        if not (self._rope_op and x.device.type in ("cpu", "cuda", "meta")):
-            return False
-        qkv, gate = self.to_qkv, self.to_gates
-        return (type(qkv) is nn.Linear and type(gate) is nn.Linear and qkv.bias is None
-                and gate.bias is not None and _unhooked(qkv) and _unhooked(gate))
-
-    def _qkv_gates(self, x: Tensor, seq_start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`_qkv` and the gate logits ``to_gates(x) [B, N, 2H]`` from one GEMM: ``x`` against
-        ``to_qkv.weight`` and ``to_gates.weight`` stacked, with ``to_gates.bias`` after zeros for
-        the qkv columns (one addmm, whose gate columns are the gate layer's own addmm). The eager
-        module is host-bound at short sequences (docs/PERF_NOTES.md): this saves a GEMM forward
-        and two backward, the gate layer's weight and bias casts under autocast and the add of
-        x's two gradients, for a cat and a pad of the parameters (and their backward slices).
-        Each parameter keeps its name and shape and gets its own gradient."""
-        B, N, _ = x.shape
-        H, KVH, D = self.heads, self.kv_heads, self.dim_head
-        qkv, gate = self.to_qkv, self.to_gates
-        weight = torch.cat([qkv.weight, gate.weight])
-        bias = F.pad(gate.bias, (qkv.out_features, 0))
-        # one split into the qk heads, the v heads and the logits: its backward is one cat
-        qk, v, logits = F.linear(x, weight, bias).split(
-            [(H + KVH) * D, KVH * D, gate.out_features], dim=2)
-        q, k = self._rope(qk.view(B, N, H + KVH, D), seq_start)
-        return q, k, v.view(B, N, KVH, D), logits
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, gates: Tensor,
                 seq_start: Tensor, seq_len: Tensor) -> Tensor:
