@@ -58,7 +58,7 @@ constexpr int kMaxTiles = 64;      // key tiles of a sequence: one 64-bit mask
 constexpr int kMaxLen = kTile * kMaxTiles;
 constexpr int kMaxWarps = 8;
 constexpr int kThreads = 32 * kMaxWarps;
-constexpr int kDkdvWarps = 4;
+constexpr int kDkdvWarps = 4;  // warps (key tiles) per fused_dkdv_kernel CTA, at most
 
 // Shared-memory row stride in elements of a D-wide row: 16 bytes of padding put the 8 rows of an
 // ldmatrix in distinct bank groups for every D here.
@@ -1881,13 +1881,12 @@ struct Masks {
   int64_t g0 = 0, groups = 0;
 };
 
-// Key tiles per fused dk/dv CTA, a warp each serving every head of the group (v32): four, so
-// that a CTA of the 198-register D = 64 kernel is 4 warps and two fit an SM (8 warps, as one CTA
-// of 8 (key tile, head) warps before), and the long walks of early key tiles are spread over more
-// CTAs; no more than the longest sequence has.
-constexpr int64_t kDkdvTiles = kDkdvWarps;  // the launch bounds of fused_dkdv_kernel
+// Key tiles per fused dk/dv CTA, a warp each serving every head of the group (v32): kDkdvWarps,
+// no more than the longest sequence has. Small CTAs spread the long walks of early key tiles over
+// more of them, and their register bound is finer (v33: three CTAs of the 168-register D = 64
+// kernel per SM).
 int64_t dkdv_tiles_per_cta(int64_t n_max) {
-  return kDkdvTiles < ceil_div(n_max, kTile) ? kDkdvTiles : ceil_div(n_max, kTile);
+  return kDkdvWarps < ceil_div(n_max, kTile) ? kDkdvWarps : ceil_div(n_max, kTile);
 }
 
 Masks compute_masks(const AttnParams& p, const Dims& d, int64_t max_len, int64_t n_max,
@@ -2176,8 +2175,8 @@ int64_t fused_max_len(at::ScalarType dtype, int64_t head_dim, int64_t select_blo
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major < 8) return 0;  // mma.sync bf16 needs sm_80
   if (backward) {
-    // fused_dkdv_kernel's shared memory (kDkdvTiles warps) must fit one CTA.
-    if (dkdv_smem(kDkdvTiles, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
+    // fused_dkdv_kernel's shared memory (kDkdvWarps warps) must fit one CTA.
+    if (dkdv_smem(kDkdvWarps, int(head_dim), 2, true) > int64_t(prop->sharedMemPerBlockOptin)) return 0;
   }
   // Measured on an H200 (docs/PERF_NOTES.md, v15, v16, v18, v31): the fused kernels win at every
   // length up to kMaxLen and every D, forward and backward (S3, D = 16, v31: the fused forward
