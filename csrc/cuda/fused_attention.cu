@@ -504,6 +504,14 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
 
 // Online softmax of one branch over one S tile (already scaled to base 2): masks it with vis(row,
 // col), rescales the running state and the accumulator, and returns P as an A fragment.
+// A row's running maximum m moves only when a tile's maximum beats it by more than kMaxSlack (v34,
+// docs/PERF_NOTES.md): its probabilities exp2(s - m) stay below 2^kMaxSlack (float32 and bfloat16
+// hold them), the normaliser l is summed against the same m, and lse = m + log2(l) whichever m it
+// is. Where no row with a finite maximum moved in a tile, every corr is exp2(0) = 1 (or multiplies
+// a row's still-zero accumulator) and the accumulator's rescale, D / 2 multiplies per lane, is
+// skipped. A row's m, l and accumulator depend on its own scores only, not on the other rows of
+// the M tile.
+constexpr float kMaxSlack = 8.f;
 template <typename T, int D, typename Vis>
 __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, float (&m)[2],
                                              float (&l)[2], float (&acc)[D / 8][4],
@@ -518,10 +526,17 @@ __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, 
       mx[e >> 1] = fmaxf(mx[e >> 1], x[nt][e]);
     }
   }
+  // At D = 16 the rescale is 8 multiplies per lane, about what the test costs (and the registers
+  // it takes spilled 20 more bytes): the exact running maximum there.
+  constexpr bool kLazy = D >= 32;
   float base[2], corr[2];
+  bool rescale = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(m[r], quad_max(mx[r]));
+    const float mt = quad_max(mx[r]);
+    const bool grow = mt > m[r] + (kLazy ? kMaxSlack : 0.f);  // m = -inf: the first visible key
+    rescale |= grow && m[r] != -INFINITY;
+    const float m_new = grow ? mt : m[r];
     base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
     corr[r] = exp2f(m[r] - base[r]);
     m[r] = m_new;
@@ -535,12 +550,14 @@ __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, 
       l[e >> 1] += x[nt][e];
     }
   }
+  if (!kLazy || __any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    acc[n][0] *= corr[0];
-    acc[n][1] *= corr[0];
-    acc[n][2] *= corr[1];
-    acc[n][3] *= corr[1];
+    for (int n = 0; n < D / 8; ++n) {
+      acc[n][0] *= corr[0];
+      acc[n][1] *= corr[0];
+      acc[n][2] *= corr[1];
+      acc[n][3] *= corr[1];
+    }
   }
   c_to_a<T>(pa, x);
 }
@@ -999,11 +1016,23 @@ constexpr int stage_bytes(int D, int elem) {
 constexpr int kMaxMTiles = kMaxLen / 2;
 // the list's bound: at most 8 heads per group (checks.h), so P = 16 / G >= 2 positions per M tile
 static_assert(kMaxMTiles >= kMaxLen / (kTile / 8) && kMaxMTiles < (1 << 14), "M-tile list size");
+// The 16 rows of an M tile (m_row) as offsets from its first position, in shared memory, written
+// once per dk/dv CTA: a warp stages an M tile per step, and recomputing m_row's divisions by the
+// runtime G and each row's 64-bit addresses there took ~330 instructions per step at D = 64, more
+// than the step's products and softmax (SASS of v33; v34, docs/PERF_NOTES.md).
+struct MTileRows {
+  int64_t q[kTile];  // dp q_sn + hg q_sh: the row's query from the M tile's first position's
+  int32_t d[kTile];  // dp H D + hg D: its dout (and the head's offset)
+  int32_t x[kTile];  // dp aux_heads + hg: its aux row
+  int32_t dp[kTile]; // dp; kMaxLen for an idle row (past P G), so that dp < L - mt P is `valid`
+};
+static_assert(sizeof(MTileRows) % 16 == 0, "the stages after it stay 16-byte aligned");
 // Shared memory of a dk/dv CTA of `warps` warps: two stages per warp; in fused_dkdv_kernel
-// (`fused`) also the tile needs of the sequence's query tiles (2 x kMaxTiles words of 64 bits)
-// and each warp's M-tile list.
+// (`fused`) also the tile needs of the sequence's query tiles (2 x kMaxTiles words of 64 bits),
+// the M tile's row offsets (MTileRows) and each warp's M-tile list.
 constexpr int64_t dkdv_smem(int64_t warps, int D, int elem, bool fused) {
-  return (fused ? 2 * kMaxTiles * 8 : 0) + warps * (2 * stage_bytes(D, elem) + (fused ? 2 * kMaxMTiles : 0));
+  return (fused ? 2 * kMaxTiles * 8 + int64_t(sizeof(MTileRows)) : 0) +
+         warps * (2 * stage_bytes(D, elem) + (fused ? 2 * kMaxMTiles : 0));
 }
 
 // A stage row's sequence position and whether it holds one (else it is zero-filled: no mask sees
@@ -1060,19 +1089,38 @@ __device__ __forceinline__ void stage_q_dout_aux(unsigned char* stage, const Fus
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_m_tile(unsigned char* stage, const FusedArgs& a,
                                              const BwdIn& in, const Aux* aux, const uint32_t* wcol,
-                                             const Unit& u, int64_t g, int P, int mt, int lane) {
-  const int G = int(a.p.G);
-  stage_q_dout_aux<T, D, KS>(stage, a, in, aux, u, g * a.p.G, lane, [&](int r) {
-    const MRow row = m_row(r, G, P);
-    const int i = mt * P + row.dp;
-    return StageRow<int>{row.used && i < u.L, i, row.hg};
-  });
-  if (lane < kTile) {
-    const MRow row = m_row(lane, G, P);
-    const int i = mt * P + row.dp;
-    const bool valid = row.used && i < u.L;
-    Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
-    cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + (valid ? i : 0), valid);
+                                             const Unit& u, int64_t g, const MTileRows& rows, int P,
+                                             int mt, int lane) {
+  const AttnParams& p = a.p;
+  constexpr int kChunks = D / 8;
+  constexpr int kRowsPerPass = 32 / kChunks;
+  static_assert(32 % kChunks == 0 && kTile % kRowsPerPass == 0, "whole rows per pass");
+  T* buf = reinterpret_cast<T*>(stage);
+  Aux* abuf = reinterpret_cast<Aux*>(stage + 2 * kTile * KS * sizeof(T));
+  const int x0 = mt * P, lim = u.L - x0;  // row r holds a position when rows.dp[r] < lim
+  const int64_t n0 = u.s + x0;           // the M tile's first position in the buffer
+  // A lane copies the same 16-byte column c of its rows r0, r0 + kRowsPerPass, ... of Q and dout.
+  const int c = lane % kChunks, r0 = lane / kChunks;
+  const T* qt = static_cast<const T*>(p.q) + u.bq * p.q_sb + g * p.G * p.q_sh + n0 * p.q_sn + c * 8;
+  const T* dt = static_cast<const T*>(in.dout) + ((u.bq * p.seq.N + n0) * p.H + g * p.G) * D + c * 8;
+  T* dst = buf + r0 * KS + c * 8;
+#pragma unroll
+  for (int k = 0; k < kTile / kRowsPerPass; ++k) {
+    const int r = r0 + k * kRowsPerPass;
+    const bool valid = rows.dp[r] < lim;
+    cp_async16(dst + k * kRowsPerPass * KS, qt + (valid ? rows.q[r] : 0), valid);
+    cp_async16(dst + (kTile + k * kRowsPerPass) * KS, dt + (valid ? rows.d[r] : 0), valid);
+  }
+  {  // aux: 32 float4, one per lane (row lane / 2, branch lane % 2)
+    const int r = lane >> 1;
+    const bool valid = rows.dp[r] < lim;
+    const Aux* at = aux + aux_index(a, u.bq * p.seq.N + n0, g * p.G) + (lane & 1);
+    cp_async16(abuf + lane, at + (valid ? rows.x[r] * 2 : 0), valid);
+  }
+  if (lane < kTile) {  // the rows' words of the warp's key tile
+    const bool valid = rows.dp[lane] < lim;
+    cp_async4(reinterpret_cast<uint32_t*>(abuf + 2 * kTile) + lane, wcol + x0 + (valid ? rows.dp[lane] : 0),
+              valid);
   }
   cp_async_commit();
 }
@@ -1206,12 +1254,22 @@ __global__ void __launch_bounds__(32 * kDkdvWarps, FusedTraits<D>::kDkdvMinBlock
   load_key_fragments<T, D>(kf, vf, p, u, g, kt * kTile, lane);
   // Which key tiles each query tile needs ([tile][branch]), in shared memory.
   uint64_t* need = reinterpret_cast<uint64_t*>(smem);
-  unsigned char* bufs = reinterpret_cast<unsigned char*>(need + 2 * kMaxTiles);
+  MTileRows* rows_s = reinterpret_cast<MTileRows*>(need + 2 * kMaxTiles);
+  unsigned char* bufs = reinterpret_cast<unsigned char*>(rows_s + 1);
   const int q_tiles = (u.L + kTile - 1) / kTile;
   for (int t = threadIdx.x; t < q_tiles; t += blockDim.x) {
     cp_async16(need + 2 * t, tile_need(a, u, g, t), true);
   }
   cp_async_commit();
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    const MRow m = m_row(r, int(p.G), P);
+    rows_s->q[r] = m.dp * p.q_sn + m.hg * p.q_sh;
+    rows_s->d[r] = int32_t((m.dp * p.H + m.hg) * D);
+    rows_s->x[r] = int32_t(m.dp * a.aux_heads + m.hg);
+    rows_s->dp[r] = m.used ? m.dp : kMaxLen;
+  }
+  const MTileRows& rows = *rows_s;
   cp_async_wait<0>();
   __syncthreads();
   unsigned char* buf = bufs + warp * (kBuf + 2 * kMaxMTiles);
@@ -1261,11 +1319,11 @@ __global__ void __launch_bounds__(32 * kDkdvWarps, FusedTraits<D>::kDkdvMinBlock
   }
 
   // The M tiles in increasing order, the next one's Q, dout and aux loading while this one runs.
-  if (n_list > 0) stage_m_tile<T, D, KS>(buf, a, in, aux, wcol, u, g, P, list[0] & 0x3fff, lane);
+  if (n_list > 0) stage_m_tile<T, D, KS>(buf, a, in, aux, wcol, u, g, rows, P, list[0] & 0x3fff, lane);
   for (int e = 0; e < n_list; ++e) {
     const int stage = e & 1;
     if (e + 1 < n_list) {
-      stage_m_tile<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, wcol, u, g, P,
+      stage_m_tile<T, D, KS>(buf + (stage ^ 1) * kStage, a, in, aux, wcol, u, g, rows, P,
                              list[e + 1] & 0x3fff, lane);
       cp_async_wait<1>();
     } else {
