@@ -504,14 +504,6 @@ __device__ __forceinline__ RowSmem stage_rows(unsigned char* smem, int64_t kv_by
 
 // Online softmax of one branch over one S tile (already scaled to base 2): masks it with vis(row,
 // col), rescales the running state and the accumulator, and returns P as an A fragment.
-// A row's running maximum m moves only when a tile's maximum beats it by more than kMaxSlack (v34,
-// docs/PERF_NOTES.md): its probabilities exp2(s - m) stay below 2^kMaxSlack (float32 and bfloat16
-// hold them), the normaliser l is summed against the same m, and lse = m + log2(l) whichever m it
-// is. Where no row with a finite maximum moved in a tile, every corr is exp2(0) = 1 (or multiplies
-// a row's still-zero accumulator) and the accumulator's rescale, D / 2 multiplies per lane, is
-// skipped. A row's m, l and accumulator depend on its own scores only, not on the other rows of
-// the M tile.
-constexpr float kMaxSlack = 8.f;
 template <typename T, int D, typename Vis>
 __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, float (&m)[2],
                                              float (&l)[2], float (&acc)[D / 8][4],
@@ -526,17 +518,10 @@ __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, 
       mx[e >> 1] = fmaxf(mx[e >> 1], x[nt][e]);
     }
   }
-  // At D = 16 the rescale is 8 multiplies per lane, about what the test costs (and the registers
-  // it takes spilled 20 more bytes): the exact running maximum there.
-  constexpr bool kLazy = D >= 32;
   float base[2], corr[2];
-  bool rescale = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float mt = quad_max(mx[r]);
-    const bool grow = mt > m[r] + (kLazy ? kMaxSlack : 0.f);  // m = -inf: the first visible key
-    rescale |= grow && m[r] != -INFINITY;
-    const float m_new = grow ? mt : m[r];
+    const float m_new = fmaxf(m[r], quad_max(mx[r]));
     base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
     corr[r] = exp2f(m[r] - base[r]);
     m[r] = m_new;
@@ -550,14 +535,12 @@ __device__ __forceinline__ void softmax_tile(const float (&s)[2][4], Vis&& vis, 
       l[e >> 1] += x[nt][e];
     }
   }
-  if (!kLazy || __any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc[n][0] *= corr[0];
-      acc[n][1] *= corr[0];
-      acc[n][2] *= corr[1];
-      acc[n][3] *= corr[1];
-    }
+  for (int n = 0; n < D / 8; ++n) {
+    acc[n][0] *= corr[0];
+    acc[n][1] *= corr[0];
+    acc[n][2] *= corr[1];
+    acc[n][3] *= corr[1];
   }
   c_to_a<T>(pa, x);
 }
@@ -2043,6 +2026,11 @@ int64_t segment_keys(const Dims& d, int64_t n_max, int rows, int tiles_cap, bool
   const int64_t per_cta = int64_t(prop->sharedMemPerMultiprocessor) / FusedTraits<D>::kFwdMinBlocks -
                           int64_t(prop->reservedSharedMemPerBlock);
   int64_t kv_budget = FusedTraits<D>::kSegmentBudget;
+  static const int64_t budget_kib = [] {  // BLOSSOMREC_SEG_KIB=n: n KiB (measurements only)
+    const char* e = std::getenv("BLOSSOMREC_SEG_KIB");
+    return e != nullptr ? int64_t(std::atoi(e)) : int64_t(0);
+  }();
+  if (budget_kib > 0) kv_budget = budget_kib * 1024;
   if (per_cta - row_state < kv_budget) kv_budget = per_cta - row_state;
   int64_t seg_cap = kv_budget / kv_row / kTile * kTile;
   if (seg_cap < kTile) seg_cap = kTile;
