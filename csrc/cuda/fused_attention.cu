@@ -373,18 +373,38 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 // Keys [seg0, seg1) of the unit's sequence, kv group g, into ks / vs (rows past L zero-filled: a
-// masked probability times a finite value stays 0). All threads; issues and commits the copies
-// (cp_async_wait<0> and a barrier publish them).
+// masked probability times a finite value stays 0); with `tiles`, only the key tiles of that mask
+// (a subset of [seg0, seg1)'s), each at its place in the segment. All threads; issues and commits
+// the copies (cp_async_wait<0> and a barrier publish them).
 template <typename T, int D, int KS>
 __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
-                                         int64_t g, int seg0, int seg1) {
+                                         int64_t g, int seg0, int seg1, uint64_t tiles = ~0ull) {
   constexpr int kChunks = D / 8;
-  const int n = (seg1 - seg0) * kChunks;
+  constexpr int kPerTile = kTile * kChunks;  // (row, 16-byte chunk) steps per key tile
+  tiles = seg1 > seg0 ? tiles & tile_bits(seg0, seg1) : 0ull;
+  if (tiles == 0) {  // an empty sequence (the one-CTA backward's)
+    cp_async_commit();
+    return;
+  }
+  const int lo = __ffsll(static_cast<long long>(tiles)) - 1;  // tiles != 0
+  // A run of whole tiles from lo (the first segment, every D = 16 segment): steps map to keys
+  // directly; else a thread walks the mask to its step's tile (v35: a later segment copies only
+  // the tiles some query tile of the chunk needs, at N = 1024 about half of them).
+  const bool run = ((tiles >> lo) & ((tiles >> lo) + 1)) == 0;
+  const int n = __popcll(tiles) * kPerTile;
   const T* kbase = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
   const T* vbase = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
+  uint64_t rem = tiles;  // the mask from this thread's current tile on
+  int cur = 0;           // its slot among the mask's tiles
   // A (row, 16-byte chunk) of K and the same of V per step: one row position for both (v28b).
   for (int x = threadIdx.x; x < n; x += blockDim.x) {
-    const int r = x / kChunks, c = x - r * kChunks;
+    const int slot = x / kPerTile, e = x - slot * kPerTile;
+    int kt = lo + slot;
+    if (!run) {
+      for (; cur < slot; ++cur) rem &= rem - 1;
+      kt = __ffsll(static_cast<long long>(rem)) - 1;
+    }
+    const int r = kt * kTile - seg0 + e / kChunks, c = e % kChunks;
     const int j = seg0 + r;
     const bool valid = j < u.L;
     const int64_t row = valid ? (u.s + j) : 0;
@@ -394,16 +414,17 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
   cp_async_commit();
 }
 
-// A later segment of keys [seg0, seg1) into ks / vs for the query-outer kernels (forward, dq):
-// all threads, a barrier before (the previous segment is consumed) and after. False, staging
-// nothing, when no query tile of the chunk needs these keys (`all`: CTA-uniform, so every warp
-// skips the segment alike).
+// A later segment of keys [seg0, seg1) into ks / vs for the query-outer kernels (forward, dq): the
+// key tiles that some query tile of the chunk needs (`all`: CTA-uniform), all threads, a barrier
+// before (the previous segment is consumed) and after. False, staging nothing, when no query
+// tile of the chunk needs these keys (every warp skips the segment alike). The tiles left out
+// hold the previous segment's keys: no warp's pending tiles include them.
 template <typename T, int D, int KS>
 __device__ __forceinline__ bool restage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
                                            int64_t g, int seg0, int seg1, uint64_t all) {
   if ((all & tile_bits(seg0, seg1)) == 0) return false;
   __syncthreads();
-  stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1);
+  stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all);
   cp_async_wait<0>();
   __syncthreads();
   return true;
