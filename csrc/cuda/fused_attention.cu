@@ -373,14 +373,15 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 // Keys [seg0, seg1) of the unit's sequence, kv group g, into ks / vs (rows past L zero-filled: a
-// masked probability times a finite value stays 0); with `tiles`, only the key tiles of that mask
-// (a subset of [seg0, seg1)'s), each at its place in the segment. All threads; issues and commits
-// the copies (cp_async_wait<0> and a barrier publish them).
-template <typename T, int D, int KS>
+// masked probability times a finite value stays 0); kMasked: only the key tiles of `tiles` (a
+// subset of [seg0, seg1)'s), each at its place in the segment. All threads; issues and commits the
+// copies (cp_async_wait<0> and a barrier publish them).
+template <typename T, int D, int KS, bool kMasked = false>
 __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
                                          int64_t g, int seg0, int seg1, uint64_t tiles = ~0ull) {
   constexpr int kChunks = D / 8;
   constexpr int kPerTile = kTile * kChunks;  // (row, 16-byte chunk) steps per key tile
+  if (!kMasked) tiles = ~0ull;
   tiles = seg1 > seg0 ? tiles & tile_bits(seg0, seg1) : 0ull;
   if (tiles == 0) {  // an empty sequence (the one-CTA backward's)
     cp_async_commit();
@@ -390,7 +391,7 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
   // A run of whole tiles from lo (the first segment, every D = 16 segment): steps map to keys
   // directly; else a thread walks the mask to its step's tile (v35: a later segment copies only
   // the tiles some query tile of the chunk needs, at N = 1024 about half of them).
-  const bool run = ((tiles >> lo) & ((tiles >> lo) + 1)) == 0;
+  const bool run = !kMasked || ((tiles >> lo) & ((tiles >> lo) + 1)) == 0;
   const int n = __popcll(tiles) * kPerTile;
   const T* kbase = static_cast<const T*>(p.k) + u.bq * p.k_sb + g * p.k_sh;
   const T* vbase = static_cast<const T*>(p.v) + u.bq * p.v_sb + g * p.v_sh;
@@ -414,17 +415,18 @@ __device__ __forceinline__ void stage_kv(T* ks, T* vs, const AttnParams& p, cons
   cp_async_commit();
 }
 
-// A later segment of keys [seg0, seg1) into ks / vs for the query-outer kernels (forward, dq): the
-// key tiles that some query tile of the chunk needs (`all`: CTA-uniform), all threads, a barrier
-// before (the previous segment is consumed) and after. False, staging nothing, when no query
-// tile of the chunk needs these keys (every warp skips the segment alike). The tiles left out
-// hold the previous segment's keys: no warp's pending tiles include them.
-template <typename T, int D, int KS>
+// A later segment of keys [seg0, seg1) into ks / vs for the query-outer kernels (forward, dq), all
+// threads, a barrier before (the previous segment is consumed) and after. False, staging nothing,
+// when no query tile of the chunk needs these keys (`all`: CTA-uniform, so every warp skips the
+// segment alike). kMasked (the forward): only the key tiles in `all`; the others hold the previous
+// segment's keys, and no warp's pending tiles include them. The dq kernel copies whole segments
+// (v35: masked, its time per call rose 2-4% at D = 64).
+template <typename T, int D, int KS, bool kMasked>
 __device__ __forceinline__ bool restage_kv(T* ks, T* vs, const AttnParams& p, const Unit& u,
                                            int64_t g, int seg0, int seg1, uint64_t all) {
   if ((all & tile_bits(seg0, seg1)) == 0) return false;
   __syncthreads();
-  stage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all);
+  stage_kv<T, D, KS, kMasked>(ks, vs, p, u, g, seg0, seg1, all);
   cp_async_wait<0>();
   __syncthreads();
   return true;
@@ -670,7 +672,9 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   const int kend = key_end(a, u);
   const RowSmem rs = stage_rows(smem, 2 * int64_t(a.seg) * KS * sizeof(T), a, u, g, kend, nullptr,
                                 a.tiles_cap);
-  stage_kv<T, D, KS>(ks, vs, p, u, g, 0, min(a.seg, kend));
+  // The masked copy here too (the whole first segment: a run of tiles): so compiled, the D = 64
+  // forward spills 40 bytes instead of 108 (v35; local ptxas, nvcc 13.0).
+  stage_kv<T, D, KS, true>(ks, vs, p, u, g, 0, min(a.seg, kend));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -724,7 +728,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
       const uint64_t seg_mask = tile_bits(seg0, seg1);
       // A later segment, or the first again in a later rep when the keys took several.
       if ((seg0 > 0 || (rep > 0 && kend > a.seg)) &&
-          !restage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all)) {
+          !restage_kv<T, D, KS, true>(ks, vs, p, u, g, seg0, seg1, all)) {
         continue;
       }
       // The lowest pending tile lies in this segment while any does (lower ones are done).
@@ -944,7 +948,7 @@ __global__ void __launch_bounds__(kThreads, FusedTraits<D>::kFwdMinBlocks)
   for (int seg0 = 0; seg0 < kend; seg0 += a.seg) {
     const int seg1 = min(seg0 + a.seg, kend);
     const uint64_t seg_mask = tile_bits(seg0, seg1);
-    if (seg0 > 0 && !restage_kv<T, D, KS>(ks, vs, p, u, g, seg0, seg1, all)) continue;
+    if (seg0 > 0 && !restage_kv<T, D, KS, false>(ks, vs, p, u, g, seg0, seg1, all)) continue;
     // The lowest pending tile lies in this segment while any does (lower ones are done).
     while ((pending & seg_mask) != 0) {
       const int kt = pop_tile(pending);
@@ -2047,11 +2051,6 @@ int64_t segment_keys(const Dims& d, int64_t n_max, int rows, int tiles_cap, bool
   const int64_t per_cta = int64_t(prop->sharedMemPerMultiprocessor) / FusedTraits<D>::kFwdMinBlocks -
                           int64_t(prop->reservedSharedMemPerBlock);
   int64_t kv_budget = FusedTraits<D>::kSegmentBudget;
-  static const int64_t budget_kib = [] {  // BLOSSOMREC_SEG_KIB=n: n KiB (measurements only)
-    const char* e = std::getenv("BLOSSOMREC_SEG_KIB");
-    return e != nullptr ? int64_t(std::atoi(e)) : int64_t(0);
-  }();
-  if (budget_kib > 0) kv_budget = budget_kib * 1024;
   if (per_cta - row_state < kv_budget) kv_budget = per_cta - row_state;
   int64_t seg_cap = kv_budget / kv_row / kTile * kTile;
   if (seg_cap < kTile) seg_cap = kTile;
