@@ -23,7 +23,8 @@
 // a query tile needs is never touched.
 //
 // - Forward (query-outer): K and V of the keys the chunk needs stream through shared memory in
-//   segments (all of them at once up to 672 keys at D = 16, 336 at D = 64); each warp keeps the
+//   segments (all of them at once up to 672 keys at D = 16, 336 at D = 64; a later segment only
+//   the key tiles some query tile of the chunk needs, v35); each warp keeps the
 //   16 x D accumulators of both branches of its M tile in registers. An M tile is P = 16 / G
 //   positions x the G heads of the group (v31): its key tiles are the union over P positions,
 //   computed in the kernel from the staged words (m_tile_needs), not over 16.
@@ -34,7 +35,7 @@
 // - dk/dv (key-outer): a warp per 16 keys of the kv group walks the M tiles (P positions x G
 //   heads, as above; v32) that need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
 //   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q; Q, dout and aux tiles double-buffered
-//   per warp with cp.async; each dK, dV element one warp's sum in a fixed order (deterministic, no
+//   per warp with cp.async from per-CTA row offsets (MTileRows, v34); each dK, dV element one warp's sum in a fixed order (deterministic, no
 //   atomics).
 // Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
 // sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
