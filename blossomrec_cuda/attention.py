@@ -131,16 +131,16 @@ def relative_positions(seq_start: Tensor, N: int) -> Tensor:
     return (j[None, :] - seq_start[:, None]).clamp(min=0)
 
 
-def _to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` without the call where it is ``t`` itself: the eager modules are host-bound
-    at short sequences (docs/PERF_NOTES.md), and a no-op ``to`` still goes through the dispatcher
-    (~1 us of host time each)."""
-    return t if t.dtype == dtype else t.to(dtype)
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, contiguous, with no call where it is already both (the ops' own
+    ``_to_contiguous``): the eager modules are host-bound at short sequences (docs/PERF_NOTES.md),
+    and a no-op ``to`` still goes through the dispatcher (~1 us of host time each)."""
+    return _ops._to_contiguous(t, t.device, dtype)
 
 
 def _int32(t: Tensor) -> Tensor:
     """Bounds as the ops take them (int32), converted only where they are not."""
-    return _to_dtype(t, torch.int32)
+    return _as(t, torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,8 +354,8 @@ class BlossomAttention(_QKVAttention):
     def _compressor_cast(self, k: Tensor) -> Optional[tuple[Tensor, ...]]:
         """Under autocast, in eager mode: the compressor's parameters (``compress_pos`` and the
         MLP's weights, transposed, and biases, in that order) in the autocast dtype, cast once and
-        kept until a parameter changes (its version counter, its identity, the device or the dtype), instead of
-        five cast kernels per forward (the eager module is host-bound at N <= 1024,
+        kept until a parameter changes (its version counter, its identity, the device or the
+        dtype), instead of five cast kernels per forward (the eager module is host-bound at N <= 1024,
         docs/PERF_NOTES.md). The compressor gets no gradient (the class doc) and runs under
         no_grad, so detached copies compute the same values, bitwise, as autocast's own casts.
         None: no autocast, the MLP is not two Linears around a ReLU, or tracing / capturing /
@@ -397,8 +397,8 @@ class BlossomAttention(_QKVAttention):
         logits = self.to_gates(x)
         with torch.no_grad():
             # the selection is discrete, so the compressor gets no gradient (class doc)
-            kc = _to_dtype(self.compress_keys(k, seq_start), q.dtype)
-        gates = _to_dtype(torch.sigmoid(logits).view(B, N, self.heads, 2), q.dtype)
+            kc = _as(self.compress_keys(k, seq_start), q.dtype)
+        gates = _as(torch.sigmoid(logits).view(B, N, self.heads, 2), q.dtype)
         o = self._attend(q, k, v, kc, gates, seq_start, seq_len)
         return self._project_out(o)
 

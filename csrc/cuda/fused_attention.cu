@@ -35,8 +35,8 @@
 // - dk/dv (key-outer): a warp per 16 keys of the kv group walks the M tiles (P positions x G
 //   heads, as above; v32) that need those keys in increasing order: S^T = K Q^T, dP^T = V dout^T,
 //   dV += (g_sel P_sel + g_win P_win)^T dout, dK += dS^T Q; Q, dout and aux tiles double-buffered
-//   per warp with cp.async from per-CTA row offsets (MTileRows, v34); each dK, dV element one warp's sum in a fixed order (deterministic, no
-//   atomics).
+//   per warp with cp.async from per-CTA row offsets (MTileRows, v34); each dK, dV element one
+//   warp's sum in a fixed order (deterministic, no atomics).
 // Padded batches: the kernels zero their chunk's padding rows themselves (position i >= L of
 // sequence b is buffer row (seq_start + i) mod N, a bijection onto the padding rows). Packed batches:
 // the row kernels zero the padding rows and serve the sequences longer than fused_max_len().
@@ -1236,11 +1236,11 @@ template <typename T, int D>
 __global__ void __launch_bounds__(32 * kDkdvWarps, FusedTraits<D>::kDkdvMinBlocks)
     fused_dkdv_kernel(const FusedArgs a, const BwdIn in, const Aux* aux, T* dk_out, T* dv_out) {
   // Launched with dkdv_tiles_per_cta <= kDkdvWarps warps (the bounds' 128 threads x
-  // kDkdvMinBlocks CTAs set the register cap). Warp w: key tile c0 / 16 + w, for every head of the group: its query side is
-  // the M tiles of P positions x G heads (the query-outer kernels' layout, v32) that need the
-  // tile, in increasing order, so that each dK, dV element is one warp's sum in a fixed order
-  // (deterministic, no atomics) over the union of P positions' key sets (not 16 positions' per
-  // head).
+  // kDkdvMinBlocks CTAs set the register cap). Warp w: key tile c0 / 16 + w, for every head of
+  // the group: its query side is the M tiles of P positions x G heads (the query-outer kernels'
+  // layout, v32) that need the tile, in increasing order, so that each dK, dV element is one
+  // warp's sum in a fixed order (deterministic, no atomics) over the union of P positions' key
+  // sets (not 16 positions' per head).
   constexpr int KS = FusedTraits<D>::kStride;
   constexpr int kStage = stage_bytes(D, int(sizeof(T)));
   constexpr int kBuf = 2 * kStage;  // a warp's two stages
